@@ -1,0 +1,30 @@
+"""Shared fixtures: the real SAM2 architecture with seeded random weights, phantoms, shared data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from phantoms import SHARED_DATA  # noqa: E402
+
+TEST_IMAGE_SIZE = 256  # the real sam2.1 tiny architecture, at a reduced input size for CPU speed
+TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+
+
+@pytest.fixture(scope="session")
+def random_predictor():
+    """sam2.1 hiera tiny, random weights seeded with 0, image size 256, on the CPU."""
+    from SAM2FewShotLib.model_build import build_video_predictor
+
+    return build_video_predictor(TEST_CONFIG, image_size=TEST_IMAGE_SIZE, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (it sits beside the repository)")
+    return SHARED_DATA

@@ -1,0 +1,52 @@
+"""Synthetic volumes with known geometry and known objects, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from SAM2FewShotLib.volume import LabelMap, Segment, Volume
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+OBLIQUE = rotation("z", 20) @ rotation("x", 15)
+RAS_FLIP = np.diag([-1.0, -1.0, 1.0])  # a RAS-stored volume seen in LPS
+
+
+def phantom(
+    shape_kji: tuple[int, int, int] = (12, 40, 48),
+    spacing: tuple[float, float, float] = (0.8, 0.9, 2.5),
+    origin: tuple[float, float, float] = (-20.0, 31.5, 7.25),
+    direction: np.ndarray = np.eye(3),
+    n_objects: int = 2,
+    seed: int = 0,
+) -> tuple[Volume, LabelMap]:
+    """An MR-like image with ``n_objects`` bright ellipsoids and the label map that covers them."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=float) for n in shape_kji], indexing="ij")
+    img = 100.0 + 10.0 * rng.standard_normal(shape_kji)
+    labels = np.zeros(shape_kji, dtype=np.uint8)
+    K, J, I = shape_kji
+    segments = []
+    for n in range(n_objects):
+        ck, cj, ci = K / 2, J * (0.3 + 0.4 * n / max(1, n_objects - 1)), I * (0.35 + 0.3 * (n % 2))
+        rk, rj, ri = K * 0.35, J * 0.14, I * 0.13
+        inside = ((k - ck) / rk) ** 2 + ((j - cj) / rj) ** 2 + ((i - ci) / ri) ** 2 <= 1.0
+        labels[inside & (labels == 0)] = n + 1
+        img[inside] += 300.0 + 80.0 * n
+        segments.append(Segment(n + 1, f"structure_{n + 1}", (0.2 + 0.3 * n, 0.8 - 0.2 * n, 0.4)))
+    geo = dict(spacing=spacing, origin=origin, direction=tuple(np.asarray(direction).ravel()))
+    image = Volume(img.astype(np.float32), **geo)
+    return image, LabelMap(Volume(labels, **geo), tuple(segments))
