@@ -50,6 +50,9 @@ def build_video_predictor(
         )
     except Exception as exc:  # hydra raises many types for a bad config name
         raise ModelError(f"cannot build SAM2 from config '{config}': {exc}".splitlines()[0]) from exc
+    # fill_hole_area needs sam2's CUDA extension, which our installs do not build: without it sam2
+    # warns and skips the step on every run, so it is switched off explicitly.
+    predictor.fill_hole_area = 0
     if checkpoint is not None:
         from .checkpoint import load_state_dict
 
