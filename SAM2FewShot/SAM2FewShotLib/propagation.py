@@ -129,6 +129,13 @@ def _add_prompts(predictor, state: dict, prompts: Sequence[Prompt], obj_ids: lis
             )
 
 
+def labels_from_logits(logits: torch.Tensor, obj_ids: Sequence[int]) -> np.ndarray:
+    """(n_obj, H, W) logits -> (H, W) ids: each voxel goes to the highest positive logit, else 0."""
+    best = logits.max(dim=0)
+    ids = torch.tensor(list(obj_ids), dtype=torch.int32)
+    return torch.where(best.values > 0, ids[best.indices], 0).numpy()
+
+
 class _Run:
     """One propagation: two passes, their merge, and the bookkeeping for the report."""
 
@@ -258,9 +265,7 @@ class _Run:
             if (t, o) in self.mask_prompts:  # the user's mask is kept verbatim
                 m = torch.from_numpy(self.mask_prompts[(t, o)])
                 merged[o] = torch.where(m, MASK_LOGIT, -MASK_LOGIT)
-        best = merged.max(dim=0)
-        ids = torch.tensor(self.obj_ids, dtype=torch.int32)
-        self.labels[t] = torch.where(best.values > 0, ids[best.indices], 0).numpy()
+        self.labels[t] = labels_from_logits(merged, self.obj_ids)
 
     def _trim(self, t: int, reverse: bool) -> None:
         """Drop prediction memories that no later slice of this pass can attend to."""

@@ -68,3 +68,20 @@ class VolumePredictor(SAM2VideoPredictor):
         }
         # sam2 returns the input image first; no caller uses it, so none is kept.
         return (None,) + self._prepare_backbone_features(expanded)
+
+    # sam2 stores memories in bfloat16, which only works under CUDA autocast: a memory made of
+    # stored features alone (no object pointer to promote the dtype), as when a slice is tracked
+    # towards a prompt that lies ahead, fails in a float32 linear layer. Elsewhere keep float32.
+    def _run_single_frame_inference(self, *args, **kwargs):
+        out, pred_masks = super()._run_single_frame_inference(*args, **kwargs)
+        out["maskmem_features"] = self._storable(out["maskmem_features"])
+        return out, pred_masks
+
+    def _run_memory_encoder(self, *args, **kwargs):
+        features, pos_enc = super()._run_memory_encoder(*args, **kwargs)
+        return self._storable(features), pos_enc
+
+    def _storable(self, features):
+        if features is None or self.device.type == "cuda":
+            return features
+        return features.float()

@@ -1,0 +1,98 @@
+"""Slicing axis, normalisation and model-input frames."""
+
+import numpy as np
+import pytest
+import torch
+
+from phantoms import OBLIQUE, phantom, rotation
+from SAM2FewShotLib.errors import InputError
+from SAM2FewShotLib.frames import FrameSource, from_slices, model_input, slicing_axis, to_slices
+from SAM2FewShotLib.normalization import CT_PRESETS, Normalization
+from SAM2FewShotLib.volume import Volume
+
+
+def test_auto_axis_is_the_largest_spacing():
+    img, _ = phantom(spacing=(0.8, 0.9, 2.5))
+    assert slicing_axis(img, "auto") == 0  # k has the thick slices
+    img2, _ = phantom(spacing=(3.0, 0.9, 0.9))
+    assert slicing_axis(img2, "auto") == 2  # i is the acquisition axis
+
+
+def test_isotropic_auto_is_axial_and_forced_axes_follow_direction():
+    # I runs along S, J along L, K along P: axial slices are along i.
+    direction = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=float)
+    img, _ = phantom(spacing=(1.0, 1.0, 1.0), direction=direction)
+    assert slicing_axis(img, "auto") == 2
+    assert slicing_axis(img, "axial") == 2
+    assert slicing_axis(img, "sagittal") == 1
+    assert slicing_axis(img, "coronal") == 0
+    oblique, _ = phantom(spacing=(1.0, 1.0, 1.0), direction=OBLIQUE)
+    assert slicing_axis(oblique, "axial") == 0
+    with pytest.raises(InputError, match="unknown slicing axis"):
+        slicing_axis(img, "diagonal")
+
+
+def test_slices_round_trip_exactly():
+    a = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    for axis in range(3):
+        assert np.array_equal(from_slices(to_slices(a, axis), axis), a)
+
+
+def test_ct_windows_and_custom_window():
+    ct = np.array([-1000.0, -150.0, 50.0, 250.0, 3000.0]).reshape(1, 1, 5)
+    n = Normalization.parse("abdomen").apply(ct)
+    c, w = CT_PRESETS["abdomen"]
+    assert np.allclose(n.ravel(), np.clip((ct.ravel() - (c - w / 2)) / w, 0, 1))
+    custom = Normalization.parse("window:0,200").apply(ct)
+    assert np.allclose(custom.ravel(), [0, 0, 0.75, 1, 1])
+    assert Normalization.parse("auto").resolved(ct).window == CT_PRESETS["abdomen"]  # looks like CT
+    with pytest.raises(InputError):
+        Normalization.parse("window:40,-5")
+    with pytest.raises(InputError):
+        Normalization.parse("hounsfield")
+
+
+def test_mr_percentiles_per_volume_and_per_slice():
+    rng = np.random.default_rng(0)
+    mr = np.stack([rng.uniform(0, 100, (8, 8)), rng.uniform(0, 10000, (8, 8))])
+    whole = Normalization.parse("percentile:1,99").apply(mr)
+    per = Normalization.parse("percentile:1,99", per_slice=True).apply(mr, axis=0)
+    assert whole.dtype == np.float32 and whole.min() == 0 and whole.max() == 1
+    assert whole[0].max() < 0.05  # volume-wide scaling keeps the dim slice dim
+    assert per[0].max() == 1.0 and per[1].max() == 1.0
+    assert Normalization.parse("auto").resolved(mr).mode == "percentile"
+
+
+def test_display_windowing_never_changes_voxels():
+    img, _ = phantom()
+    before = img.array.copy()
+    FrameSource.from_volume(img, 0, 256, Normalization.parse("window:100,50"))
+    assert np.array_equal(img.array, before)
+
+
+def test_model_input_is_resized_three_channel_imagenet_normalised():
+    x = torch.rand(3, 40, 48)
+    m = model_input(x, 256)
+    assert m.shape == (3, 3, 256, 256) and m.dtype == torch.float32
+    assert torch.allclose(m[:, 0] * 0.229 + 0.485, m[:, 1] * 0.224 + 0.456, atol=1e-5)
+    const = model_input(torch.full((1, 10, 10), 0.5), 64)
+    assert torch.allclose(const[0, 2], torch.full((64, 64), (0.5 - 0.406) / 0.225), atol=1e-5)
+
+
+def test_frame_source_batches_lazily_and_keeps_native_slices():
+    img, _ = phantom()
+    src = FrameSource.from_volume(img, 0, 256)
+    assert len(src) == img.array.shape[0] and (src.height, src.width) == img.array.shape[1:]
+    b = src.batch([0, 5])
+    assert b.shape == (2, 3, 256, 256)
+    assert src.slices01.min() >= 0 and src.slices01.max() <= 1
+    with pytest.raises(InputError):
+        FrameSource(np.zeros((4, 4)), 256)
+
+
+def test_volume_rejects_wrong_dimensionality():
+    with pytest.raises(InputError, match="3D"):
+        Volume(np.zeros((4, 4)), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(InputError, match="3D"):
+        Volume(np.zeros((2, 4, 4, 4)), (1, 1, 1), (0, 0, 0))
+    assert np.allclose(rotation("z", 90) @ [1, 0, 0], [0, 1, 0])
