@@ -102,3 +102,45 @@ class FeatureCache:
         self.encoded_frames += len(indices)
         while len(self._features) > self.capacity:
             self._features.popitem(last=False)
+
+
+class StackedCache:
+    """Several caches seen as one video: the query's frames, then support frames after them.
+
+    Support images enter SAM2 as extra frames of the same inference state, so the query's warm
+    cache is reused as it is and the supports' features are computed once, in batches, too.
+    """
+
+    def __init__(self, caches: list[FeatureCache]):
+        self.caches = caches
+        self.offsets = []
+        total = 0
+        for c in caches:
+            self.offsets.append(total)
+            total += len(c)
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _locate(self, idx: int) -> tuple[FeatureCache, int]:
+        for cache, off in zip(reversed(self.caches), reversed(self.offsets)):
+            if idx >= off:
+                return cache, idx - off
+        raise IndexError(idx)
+
+    def get(self, idx: int) -> dict:
+        cache, local = self._locate(idx)
+        return cache.get(local)
+
+    @property
+    def direction(self) -> int:
+        return self.caches[0].direction
+
+    @direction.setter
+    def direction(self, value: int) -> None:
+        self.caches[0].direction = value
+
+    @property
+    def encoded_frames(self) -> int:
+        return sum(c.encoded_frames for c in self.caches)

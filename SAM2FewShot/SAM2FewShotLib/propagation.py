@@ -51,9 +51,10 @@ class MemoryPolicy:
     """
 
     temporal = True  # use the memory of neighbouring slices' predictions
+    obj_ids: tuple[int, ...] = ()  # objects conditioned by the policy's own memories, not by prompts
 
     def prepare(self, predictor, state: dict) -> None:
-        """Hook run once the prompts are encoded, before the passes."""
+        """Hook run once the prompts are added, before the passes: add conditioning outputs here."""
 
     def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
         return prompts
@@ -86,9 +87,9 @@ def propagate(
     frame_range: Optional[tuple[int, int]] = None,
 ) -> PropagationResult:
     """Segment every slice of ``frames`` (or ``frame_range``, inclusive) from the prompts."""
-    if not prompts:
-        raise InputError("no prompt was given: nothing to propagate")
     policy = policy or MemoryPolicy()
+    if not prompts and not policy.obj_ids:
+        raise InputError("no prompt was given: nothing to propagate")
     n = len(frames)
     lo, hi = frame_range if frame_range is not None else (0, n - 1)
     for p in prompts:
@@ -97,10 +98,10 @@ def propagate(
     device = predictor.device
     with torch.inference_mode(), autocast(device):
         state = predictor.init_volume_state(frames, cache=cache)
-        obj_ids = sorted({p.obj_id for p in prompts})
+        obj_ids = sorted({p.obj_id for p in prompts} | set(policy.obj_ids))
         _add_prompts(predictor, state, prompts, obj_ids)
-        predictor.propagate_in_video_preflight(state)
         policy.prepare(predictor, state)
+        predictor.propagate_in_video_preflight(state)
         run = _Run(predictor, state, prompts, obj_ids, policy, progress, should_cancel, (lo, hi))
         return run.execute()
 
@@ -144,7 +145,7 @@ class _Run:
         self.obj_ids = obj_ids
         self.progress, self.should_cancel = progress, should_cancel
         self.lo, self.hi = frame_range
-        self.n, self.h, self.w = state["num_frames"], state["video_height"], state["video_width"]
+        self.n, self.h, self.w = len(state["images"]), state["video_height"], state["video_width"]
         n_obj = len(obj_ids)
         self.prompt_frames = [sorted({q.frame for q in prompts if q.obj_id == o}) for o in obj_ids]
         self.mask_prompts = {(q.frame, obj_ids.index(q.obj_id)): np.asarray(q.mask, bool)
@@ -158,8 +159,11 @@ class _Run:
         self.details: list[dict] = [dict() for _ in range(self.n)]
         self.pending: dict[int, torch.Tensor] = {}  # forward logits awaiting the backward pass
         self.prompt_model_masks: dict[int, np.ndarray] = {}
-        first = min(f for fr in self.prompt_frames for f in fr)
-        last = max(f for fr in self.prompt_frames for f in fr)
+        if prompts:  # from the first prompt forward, from the last one backward
+            first = min(q.frame for q in prompts)
+            last = max(q.frame for q in prompts)
+        else:  # conditioned by memories alone: every slice, once or both ways
+            first, last = self.lo, (self.hi if policy.temporal else self.lo - 1)
         self.forward = list(range(max(first, self.lo), self.hi + 1)) if first <= self.hi else []
         self.backward = list(range(min(last, self.hi), self.lo - 1, -1)) if last >= self.lo else []
         self.window = max(predictor.num_maskmem * predictor.memory_temporal_stride_for_eval,
@@ -242,30 +246,37 @@ class _Run:
         merged = torch.empty((len(self.obj_ids), self.h, self.w))
         for o, obj_id in enumerate(self.obj_ids):
             before, after = self._source_frames(o, t)
-            df = t - before if (before is not None and fwd is not None) else np.inf
-            db = after - t if (after is not None and bwd is not None) else np.inf
+            choice = self._choose(t, before, after, fwd, bwd)
             if (t, o) in self.prompt_kind:
                 merged[o] = (fwd if fwd is not None else bwd)[o]
                 self.sources[t][obj_id] = f"{self.prompt_kind[(t, o)]} prompt"
                 self.prompt_model_masks.setdefault(t, np.zeros((len(self.obj_ids), self.h, self.w), bool))[o] = (
                     merged[o].numpy() > 0)
-            elif df < db or (db == np.inf and fwd is not None):
+            elif choice == "forward":
                 merged[o] = fwd[o]
                 self.sources[t][obj_id] = f"forward from slice {before}" if before is not None else "forward pass"
-            elif db < df or fwd is None:
+            elif choice == "backward":
                 merged[o] = bwd[o]
-                if bwd_scores is not None:
-                    self.scores[t, o] = bwd_scores[o]
+                self.scores[t, o] = bwd_scores[o]
                 self.sources[t][obj_id] = f"backward from slice {after}" if after is not None else "backward pass"
             else:
                 merged[o] = 0.5 * (fwd[o] + bwd[o])
-                if bwd_scores is not None:
-                    self.scores[t, o] = 0.5 * (self.scores[t, o] + bwd_scores[o])
-                self.sources[t][obj_id] = f"forward from slice {before} + backward from slice {after}"
+                self.scores[t, o] = 0.5 * (self.scores[t, o] + bwd_scores[o])
+                self.sources[t][obj_id] = (f"forward from slice {before} + backward from slice {after}"
+                                           if before is not None else "forward + backward passes")
             if (t, o) in self.mask_prompts:  # the user's mask is kept verbatim
                 m = torch.from_numpy(self.mask_prompts[(t, o)])
                 merged[o] = torch.where(m, MASK_LOGIT, -MASK_LOGIT)
         self.labels[t] = labels_from_logits(merged, self.obj_ids)
+
+    @staticmethod
+    def _choose(t: int, before: Optional[int], after: Optional[int], fwd, bwd) -> str:
+        """The pass whose source prompt is nearer; both (averaged) at equal distance or no prompt."""
+        if fwd is None or bwd is None:
+            return "forward" if bwd is None else "backward"
+        df = t - before if before is not None else np.inf
+        db = after - t if after is not None else np.inf
+        return "forward" if df < db else "backward" if db < df else "both"
 
     def _trim(self, t: int, reverse: bool) -> None:
         """Drop prediction memories that no later slice of this pass can attend to."""

@@ -28,18 +28,17 @@ class VolumePredictor(SAM2VideoPredictor):
     ) -> dict:
         """An inference state over ``frames`` (same keys as sam2's init_state, no files read).
 
-        Passing the ``cache`` of an earlier state over the same frames reuses its encoder features.
+        Passing the ``cache`` of an earlier state over the same frames reuses its encoder features; a
+        StackedCache adds support frames after the query's (their indices follow the query's).
         """
         device = self.device
         if cache is None:
             cache = FeatureCache(self, frames, device)
-        elif cache.frames is not frames:
-            raise ValueError("the feature cache belongs to other frames")
         storage = torch.device("cpu") if offload_state_to_cpu else device
         state = {
             "images": frames,
             "feature_cache": cache,
-            "num_frames": len(frames),
+            "num_frames": len(cache),
             "offload_video_to_cpu": True,
             "offload_state_to_cpu": offload_state_to_cpu,
             "video_height": frames.height,
