@@ -34,6 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_frame_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     g = p.add_argument_group("frames")
     g.add_argument("--axis", default="auto", help="slicing axis: auto (the acquisition axis), axial, coronal, sagittal")
     g.add_argument("--normalization", default="auto",
@@ -58,12 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="propagate mode: label file on the query's grid with masks on some slices")
     seg.add_argument("--labels", help="comma-separated label values to use from --prompt-labels (default all)")
     seg.add_argument("--prompts", type=Path, help="propagate mode: JSON file with boxes/points in voxel coordinates")
+    fs = seg.add_argument_group("matched support (few-shot)")
+    fs.add_argument("--support", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
+                    help="a labelled support case; repeat for several")
+    fs.add_argument("--scheme", default="video+memory", choices=["pair", "video", "video+memory"],
+                    help="how matched supports condition SAM2 (default video+memory)")
+    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice (default 4)")
+    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure (default 8)")
+    fs.add_argument("--features", default="sam2", choices=["sam2", "intensity"], help="similarity features")
+    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice (default 3)")
+    fs.add_argument("--extent", default="largest-run", choices=["largest-run", "score"],
+                    help="where each structure starts and ends: its longest run of slices SAM2 accepts "
+                         "(default), or every slice its object score accepts")
+    fs.add_argument("--position-weight", type=float, default=0.0,
+                    help="penalty on relative slice position difference in matching (default 0)")
     add_model_args(seg)
     add_frame_args(seg)
 
     from .cli_models import add_models_parser
+    from .demo import add_demo_parser
 
     add_models_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
@@ -73,6 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "segment":
             return run_segment(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
         if args.command == "models":
             from .cli_models import run_models
 
@@ -135,47 +156,69 @@ def load_model(args):
 def run_segment(args) -> int:
     from .console import ConsoleProgress
     from .normalization import Normalization
-    from .prompts_file import read_prompts_file
     from .report import write_json_atomic
-    from .segment_propagate import prompts_from_labels, segment_propagate
     from .session import VolumeSession
-    from .volume import default_segments
     from .volume_io import read_labels, read_volume, write_labels
 
     report_path = args.report or default_report_path(args.out)
     check_writable(args.out)
     check_writable(report_path)
-    if args.prompt_labels is None and args.prompts is None:
-        raise InputError("nothing to segment from: give --prompt-labels and/or --prompts")
+    if args.support and (args.prompt_labels or args.prompts):
+        raise InputError("give either --support (matched support) or --prompt-labels/--prompts (propagate)")
+    if not args.support and args.prompt_labels is None and args.prompts is None:
+        raise InputError("nothing to segment from: give --support, --prompt-labels or --prompts")
     normalization = Normalization.parse(args.normalization, per_slice=args.per_slice_normalization)
     query = read_volume(args.query)
     prompt_labels = read_labels(args.prompt_labels, reference=query) if args.prompt_labels else None
     values = [int(v) for v in args.labels.split(",")] if args.labels else None
 
+    supports = [(read_volume(i), read_labels(lab, reference=None)) for i, lab in (args.support or [])]
+
     predictor, model_info = load_model(args)
     session = VolumeSession(predictor, query, args.axis, normalization)
-    prompts, segments = [], []
-    if prompt_labels is not None:
-        prompts += prompts_from_labels(session, prompt_labels, values)
-        segments = list(prompt_labels.segments)
-    if args.prompts is not None:
-        prompts += read_prompts_file(args.prompts, session.axis, query.array.shape)
-    known = {s.value for s in segments}
-    segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        labels, report = segment_propagate(session, prompts, segments, progress=progress,
-                                           frame_range=_frame_range(args, session))
+        if supports:
+            labels, report = run_fewshot(args, session, supports, progress)
+        else:
+            labels, report = run_propagate(args, session, prompt_labels, values, progress)
     finally:
         progress.close()
     report["model"] = model_info
     report["inputs"] = {"query": str(args.query), "prompt_labels": str(args.prompt_labels or ""),
-                        "prompts": str(args.prompts or "")}
+                        "prompts": str(args.prompts or ""),
+                        "supports": [[str(i), str(lab)] for i, lab in (args.support or [])]}
     write_labels(labels, args.out)
     write_json_atomic(report, report_path)
     print(f"wrote {args.out} and {report_path} ({report['timing']['total_s']:.1f} s, "
           f"{report['timing']['per_slice_s']:.3f} s per slice)")
     return 0
+
+
+def run_fewshot(args, session, supports, progress):
+    from .segment_fewshot import FewShotParams, segment_fewshot
+
+    params = FewShotParams(scheme=args.scheme, augmentations=args.augmentations,
+                           slices_per_structure=args.slices_per_structure, features=args.features,
+                           top_k=args.top_k, extent=args.extent, position_weight=args.position_weight,
+                           seed=args.seed)
+    return segment_fewshot(session, supports, params, progress=progress, frame_range=_frame_range(args, session))
+
+
+def run_propagate(args, session, prompt_labels, values, progress):
+    from .prompts_file import read_prompts_file
+    from .segment_propagate import prompts_from_labels, segment_propagate
+    from .volume import default_segments
+
+    prompts, segments = [], []
+    if prompt_labels is not None:
+        prompts += prompts_from_labels(session, prompt_labels, values)
+        segments = list(prompt_labels.segments)
+    if args.prompts is not None:
+        prompts += read_prompts_file(args.prompts, session.axis, session.volume.array.shape)
+    known = {s.value for s in segments}
+    segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
+    return segment_propagate(session, prompts, segments, progress=progress, frame_range=_frame_range(args, session))
 
 
 def _frame_range(args, session) -> Optional[tuple[int, int]]:
