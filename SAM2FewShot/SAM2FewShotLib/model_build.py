@@ -48,8 +48,12 @@ def build_video_predictor(
         predictor = build_sam2_video_predictor(
             config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
         )
-    except Exception as exc:  # hydra raises many types for a bad config name
-        raise ModelError(f"cannot build SAM2 from config '{config}': {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # hydra wraps the real cause (bad config name, out of memory, ...)
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        reason = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise ModelError(f"cannot build SAM2 from config '{config}': {reason}") from exc
     # fill_hole_area needs sam2's CUDA extension, which our installs do not build: without it sam2
     # warns and skips the step on every run, so it is switched off explicitly.
     predictor.fill_hole_area = 0

@@ -7,6 +7,7 @@ memories (support_memory). The query's own labels are never read here.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -163,8 +164,9 @@ def segment_fewshot(
     segments = merged_segments(supports)
     predictor = session.predictor
     entries = support_entries(supports, session, segments, params, predictor.device)
-    support_cache = FeatureCache(predictor, FrameSource(entries.images01, predictor.image_size), predictor.device,
-                                 batch_size=session.cache.batch_size)
+    key = hashlib.sha1(entries.images01.numpy().tobytes() + entries.masks.numpy().tobytes()).hexdigest()
+    support_cache = session.support_cache(key, FrameSource(entries.images01, predictor.image_size))
+    support_encoded_before = support_cache.encoded_frames
     matches = match_entries(session, entries, support_cache, params, progress, frame_range)
     policy = SupportMemoryPolicy(entries, matches, session.num_slices, params.scheme, params.neighbours,
                                  max_memories=params.top_k)
@@ -175,7 +177,8 @@ def segment_fewshot(
             result.labels = largest_run(result.labels, seg.value)
     labels = session.to_labelmap(result.labels, segments)
     report = build_report("matched-support", session, result, segments, time.perf_counter() - start,
-                          session.cache.encoded_frames + support_cache.encoded_frames - encoded_before)
+                          session.cache.encoded_frames - encoded_before
+                          + support_cache.encoded_frames - support_encoded_before)
     report["fewshot"] = {"scheme": params.scheme, "augmentations": params.augmentations,
                          "slices_per_structure": params.slices_per_structure, "features": params.features,
                          "top_k": params.top_k, "extent": params.extent, "support_entries": len(entries),

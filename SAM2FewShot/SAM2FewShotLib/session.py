@@ -6,6 +6,7 @@ method on the same volume) does not encode the volume again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -37,6 +38,17 @@ class VolumeSession:
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
                                   max_bytes=feature_budget_bytes)
+        self.support_caches: "OrderedDict[str, FeatureCache]" = OrderedDict()  # by support content
+
+    def support_cache(self, key: str, frames: FrameSource, keep: int = 2) -> FeatureCache:
+        """Encoder features of support frames, kept for the next run with the same supports."""
+        if key not in self.support_caches:
+            self.support_caches[key] = FeatureCache(self.predictor, frames, self.predictor.device,
+                                                    batch_size=self.cache.batch_size)
+            while len(self.support_caches) > keep:
+                self.support_caches.popitem(last=False)
+        self.support_caches.move_to_end(key)
+        return self.support_caches[key]
 
     @property
     def num_slices(self) -> int:
