@@ -73,14 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default), or every slice its object score accepts")
     fs.add_argument("--position-weight", type=float, default=0.0,
                     help="penalty on relative slice position difference in matching (default 0)")
+    from .cli_library import add_library_parser, add_retrieval_args
+
+    add_retrieval_args(fs)
     add_model_args(seg)
     add_frame_args(seg)
 
+    from .cli_bench import add_bench_parser
     from .cli_models import add_models_parser
     from .demo import add_demo_parser
 
     add_models_parser(sub)
     add_demo_parser(sub)
+    add_bench_parser(sub)
+    add_library_parser(sub)
     return parser
 
 
@@ -94,10 +100,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
+        if args.command == "bench":
+            from .cli_bench import run_bench
+
+            return run_bench(args)
         if args.command == "models":
             from .cli_models import run_models
 
             return run_models(args)
+        if args.command == "library":
+            from .cli_library import run_library
+
+            return run_library(args)
         raise InputError(f"unknown command {args.command}")
     except SAM2FewShotError as exc:
         print(f"sam2fewshot: error: {exc}", file=sys.stderr)
@@ -163,10 +177,11 @@ def run_segment(args) -> int:
     report_path = args.report or default_report_path(args.out)
     check_writable(args.out)
     check_writable(report_path)
-    if args.support and (args.prompt_labels or args.prompts):
-        raise InputError("give either --support (matched support) or --prompt-labels/--prompts (propagate)")
-    if not args.support and args.prompt_labels is None and args.prompts is None:
-        raise InputError("nothing to segment from: give --support, --prompt-labels or --prompts")
+    if sum(map(bool, (args.support, args.library, args.prompt_labels or args.prompts))) > 1:
+        raise InputError("give one of --support (matched support), --library (retrieval) or "
+                         "--prompt-labels/--prompts (propagate)")
+    if not args.support and not args.library and args.prompt_labels is None and args.prompts is None:
+        raise InputError("nothing to segment from: give --support, --library, --prompt-labels or --prompts")
     normalization = Normalization.parse(args.normalization, per_slice=args.per_slice_normalization)
     query = read_volume(args.query)
     prompt_labels = read_labels(args.prompt_labels, reference=query) if args.prompt_labels else None
@@ -178,7 +193,11 @@ def run_segment(args) -> int:
     session = VolumeSession(predictor, query, args.axis, normalization)
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        if supports:
+        if args.library:
+            from .cli_library import run_retrieval
+
+            labels, report = run_retrieval(args, session, progress)
+        elif supports:
             labels, report = run_fewshot(args, session, supports, progress)
         else:
             labels, report = run_propagate(args, session, prompt_labels, values, progress)
@@ -186,7 +205,7 @@ def run_segment(args) -> int:
         progress.close()
     report["model"] = model_info
     report["inputs"] = {"query": str(args.query), "prompt_labels": str(args.prompt_labels or ""),
-                        "prompts": str(args.prompts or ""),
+                        "prompts": str(args.prompts or ""), "library": str(args.library or ""),
                         "supports": [[str(i), str(lab)] for i, lab in (args.support or [])]}
     write_labels(labels, args.out)
     write_json_atomic(report, report_path)
