@@ -1,0 +1,115 @@
+"""First use in Slicer: pinned packages, install commands, consent wording, GPU advice, weight download."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from SAM2FewShotLib import models, slicer_setup
+from SAM2FewShotLib.errors import ModelError
+from SAM2FewShotLib.slicer_setup import REQUIREMENTS, plan_install
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_dependencies() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = {}
+    for requirement in data["project"]["dependencies"]:
+        name, specifier = re.match(r"([A-Za-z0-9_.-]+)(.*)", requirement).groups()
+        pins[name.lower()] = specifier.strip()
+    return pins
+
+
+def test_pins_are_pyprojects_and_sam2_comes_without_its_dependencies():
+    pins = pyproject_dependencies()
+    ours = {r.distribution.lower(): r.specifier for r in REQUIREMENTS if r.distribution != "sam2"}
+    assert ours == pins
+    sam2 = next(r for r in REQUIREMENTS if r.distribution == "sam2")
+    assert sam2.specifier == "==1.1.0" and sam2.no_deps
+    setup_script = (ROOT / "scripts" / "setup_env.sh").read_text(encoding="utf-8")
+    assert "SAM2_VERSION=1.1.0" in setup_script and "--no-deps" in setup_script
+    assert all(r.distribution != "torch" for r in REQUIREMENTS)  # torch comes from the PyTorch extension
+
+
+def test_pip_commands_put_sam2_alone_and_never_touch_slicers_own_packages():
+    commands = slicer_setup.pip_commands(REQUIREMENTS)
+    assert commands[0] == ["sam2==1.1.0", "--no-deps", "--no-build-isolation"]
+    assert all("--no-deps" not in c for c in commands[1:]) and len(commands) == 2
+    flat = [a for c in commands for a in c]
+    for own in ("numpy", "SimpleITK", "pillow"):
+        assert not any(a.startswith(own) for a in flat)
+    assert "huggingface_hub==2.4.0" in commands[1] and "hydra-core==1.3.2" in commands[1]
+    assert slicer_setup.pip_commands([]) == []
+    assert slicer_setup.PIP_ENVIRONMENT == {"SAM2_BUILD_CUDA": "0"}
+
+
+def test_the_plan_installs_what_is_missing_or_too_old():
+    installed = {r.distribution: r.specifier.lstrip("=<>").split(",")[0] for r in REQUIREMENTS}
+    assert not plan_install(installed).needed
+    old = {**installed, "hydra-core": None, "tqdm": "4.60.0", "huggingface_hub": "2.4.0"}
+    plan = plan_install(old)
+    assert [r.distribution for r in plan.install] == ["hydra-core", "tqdm"] and not plan.unfixable
+    broken = plan_install({**installed, "numpy": None, "SimpleITK": "2.0.0"})
+    assert not broken.install and len(broken.unfixable) == 2 and "reinstall Slicer" in broken.unfixable[0]
+    without_sam2 = plan_install({}, requirements=slicer_setup.requirements_for(needs_model=False))
+    assert "sam2" not in [r.distribution for r in without_sam2.install]
+
+
+def test_this_environment_needs_nothing(monkeypatch):
+    assert not plan_install().needed  # the test venv has every pinned package
+    assert slicer_setup.torch_problem(slicer_setup.torch_version()) is None
+
+    def must_not_ask(question):
+        raise AssertionError(f"asked although nothing is missing: {question}")
+
+    assert slicer_setup.ensure_installed(True, must_not_ask, must_not_ask, must_not_ask)
+
+
+def test_versions_and_torch_checks():
+    assert slicer_setup.version_tuple("2.5.1+cu121") == (2, 5, 1)
+    assert slicer_setup.version_tuple("1.1.0rc2") == (1, 1, 0)
+    assert slicer_setup.version_tuple("0.1.10") > slicer_setup.version_tuple("0.1.9")
+    assert slicer_setup.at_least("1.26", "1.26.0") and not slicer_setup.at_least("1.25.9", "1.26")
+    assert slicer_setup.torch_problem(None) == "PyTorch is not installed"
+    assert "too old" in slicer_setup.torch_problem("2.1.2")
+    assert slicer_setup.torch_problem("2.5.1") is None
+
+
+def test_consent_names_everything_that_will_be_installed():
+    plan = plan_install({})
+    text = slicer_setup.consent_text(plan, "PyTorch is not installed")
+    assert "PyTorch >=2.5.1 through the PyTorch extension" in text
+    for requirement in plan.install:
+        assert requirement.pip_argument in text
+    assert "numpy" not in text and text.rstrip().endswith("Install now?")
+
+
+def test_gpu_advice_suggests_a_smaller_model_of_the_same_family_or_the_cpu():
+    gib = 2 ** 30
+    for name in models.REGISTRY:
+        assert slicer_setup.gpu_advice(name, 80 * gib) is None
+    advice = slicer_setup.gpu_advice("sam2.1-large", 5 * gib)
+    assert "sam2.1-small" in advice and "5.0 GiB is free" in advice
+    assert "sam2-small" in slicer_setup.gpu_advice("sam2-large", 5 * gib)
+    assert "CPU" in slicer_setup.gpu_advice("sam2.1-tiny", 1 * gib)
+    sizes = [slicer_setup.gpu_gib_needed(n) for n in ("sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")]
+    assert sizes == sorted(sizes)
+    assert slicer_setup.gpu_advice_for("sam2.1-large", "cpu") is None
+
+
+def test_a_download_that_cannot_happen_ends_with_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    download = slicer_setup.BackgroundDownload("sam2.1-tiny", offline=True)
+    download.join(30)
+    assert download.finished and isinstance(download.error, ModelError) and download.path is None
+    assert "offline" in str(download.error) and download.fraction == 0.0
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_setup_helpers_need_no_gui():
+    assert "qt" not in sys.modules and "slicer.util" not in sys.modules
