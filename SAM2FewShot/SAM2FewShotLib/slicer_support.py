@@ -119,7 +119,7 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
 PARAMETER_DEFAULTS = {
     "Method": "propagate", "Model": DEFAULT_MODEL, "Device": "auto", "Axis": "auto", "Normalization": "auto",
     "Scheme": "video+memory", "Augmentations": "4", "TopK": "3", "SliceRange": "", "SupportSource": "scene",
-    "LibraryFolder": "", "SupportSegments": "", "ExistingPolicy": "keep",
+    "LibraryFolder": "", "ExcludedSegments": "", "ExistingPolicy": "keep",
 }
 REMEMBERED = ("Method", "Model", "Device", "Axis", "Normalization", "Scheme", "Augmentations", "TopK",
               "SupportSource", "LibraryFolder", "ExistingPolicy")
