@@ -1,0 +1,278 @@
+"""Static checks of the Slicer module (3D Slicer cannot run here): code, panel, packaging, engine purity.
+
+The module file must compile for Python 3.11; every widget its code touches must exist in the .ui
+with a class that has the attributes and signals the code uses; the CMake lists must name every
+script and resource; the engine package must never import Qt or Slicer's GUI helpers.
+"""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "SAM2FewShot"
+MODULE_FILE = MODULE_DIR / "SAM2FewShot.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "SAM2FewShot.ui"
+ENGINE = MODULE_DIR / "SAM2FewShotLib"
+BRIDGE_FILES = {"mrml_bridge.py", "mrml_volume.py", "mrml_segments.py"}  # may import Slicer's MRML classes
+
+# Widget-name suffix -> the class the panel must use for it (longest suffix first).
+SUFFIX_CLASSES = (
+    ("CollapsibleButton", "ctkCollapsibleButton"), ("RadioButton", "QRadioButton"), ("CheckBox", "QCheckBox"),
+    ("Button", "QPushButton"), ("Selector", "qMRMLNodeComboBox"), ("ComboBox", "QComboBox"),
+    ("SpinBox", "QSpinBox"), ("LineEdit", "ctkPathLineEdit"), ("TextEdit", "QPlainTextEdit"),
+    ("ProgressBar", "QProgressBar"), ("TableWidget", "QTableWidget"), ("ListWidget", "QListWidget"),
+    ("Label", "QLabel"), ("Widget", "QWidget"),
+)
+WIDGET_NAME = re.compile(r"^[a-z][A-Za-z0-9]*(" + "|".join(s for s, _ in SUFFIX_CLASSES) + r")$")
+COMMON = {"connect", "enabled", "visible", "toolTip", "setEnabled", "setVisible", "blockSignals", "show", "hide"}
+# What the module may use on each class (PythonQt properties and methods that exist on it).
+API = {
+    "QPushButton": {"text", "checked", "click"},
+    "QRadioButton": {"text", "checked"},
+    "QCheckBox": {"text", "checked"},
+    "QLabel": {"text", "wordWrap"},
+    "QComboBox": {"addItem", "addItems", "setItemData", "model", "findData", "currentIndex", "currentData",
+                  "currentText", "setCurrentText", "count", "clear", "itemData"},
+    "QSpinBox": {"value", "minimum", "maximum", "setRange"},
+    "QProgressBar": {"value", "setValue", "maximum", "minimum", "format"},
+    "QPlainTextEdit": {"appendPlainText", "plainText", "clear", "setPlainText"},
+    "QTableWidget": {"setColumnCount", "setHorizontalHeaderLabels", "setRowCount", "setItem", "item",
+                     "setSortingEnabled", "resizeColumnsToContents", "clearContents", "rowCount"},
+    "QListWidget": {"clear", "addItem", "item", "count"},
+    "qMRMLNodeComboBox": {"currentNode", "setCurrentNode", "currentNodeID", "baseName", "setMRMLScene", "addNode"},
+    "ctkPathLineEdit": {"currentPath", "filters"},
+    "ctkCollapsibleButton": {"collapsed", "text"},
+    "QWidget": set(),
+}
+SIGNALS = {
+    "clicked(bool)": {"QPushButton"}, "toggled(bool)": {"QCheckBox", "QRadioButton", "QPushButton"},
+    "currentIndexChanged(int)": {"QComboBox"}, "editTextChanged(QString)": {"QComboBox"},
+    "valueChanged(int)": {"QSpinBox"}, "currentNodeChanged(vtkMRMLNode*)": {"qMRMLNodeComboBox"},
+    "currentPathChanged(QString)": {"ctkPathLineEdit"}, "itemChanged(QListWidgetItem*)": {"QListWidget"},
+    "cellClicked(int,int)": {"QTableWidget"},
+}
+KNOWN_CUSTOM_WIDGETS = {  # Slicer and CTK widget classes a scripted module's .ui may use
+    "qMRMLWidget", "qMRMLNodeComboBox", "qMRMLSegmentsTableView", "qMRMLSegmentSelectorWidget",
+    "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLSegmentationShow3DButton", "qMRMLCheckableNodeComboBox",
+    "ctkCollapsibleButton", "ctkCollapsibleGroupBox", "ctkPathLineEdit", "ctkDirectoryButton", "ctkSliderWidget",
+    "ctkRangeWidget", "ctkMenuButton", "ctkCheckBox", "ctkComboBox", "ctkFittedTextBrowser", "ctkDoubleSpinBox",
+}
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def ui_widgets() -> dict[str, str]:
+    """Widget name -> class, from the .ui (names must be unique)."""
+    names: dict[str, str] = {}
+    for w in ET.parse(UI_FILE).getroot().iter("widget"):
+        assert w.get("name") not in names, f"widget name {w.get('name')} appears twice in the .ui"
+        names[w.get("name")] = w.get("class")
+    return names
+
+
+def expected_class(name: str) -> str:
+    return next(cls for suffix, cls in SUFFIX_CLASSES if name.lower().endswith(suffix.lower()))
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+
+
+def ui_attribute_uses(tree: ast.Module) -> list[tuple[str, str]]:
+    """(widget, attribute) for every ``self.ui.W.attr``, also through a local alias ``x = self.ui.W``."""
+    def widget_of(node) -> str | None:
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            return node.attr
+        return None
+
+    uses = []
+    for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        aliases = {t.id: widget_of(a.value) for a in ast.walk(function) if isinstance(a, ast.Assign)
+                   for t in a.targets if isinstance(t, ast.Name) and widget_of(a.value)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Attribute):
+                widget = widget_of(node.value) or (aliases.get(node.value.id) if isinstance(node.value, ast.Name) else None)
+                if widget:
+                    uses.append((widget, node.attr))
+    return uses
+
+
+def module_constant(tree: ast.Module, name: str):
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{MODULE_FILE.name} defines no constant {name}")
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert match, f"no set({variable} ...) in the CMake file"
+    return match.group(1).split()
+
+
+def cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\(\s*{variable}\s+"([^"]*)"\s*\)', text)
+    assert match, f"no set({variable} \"...\") in the top-level CMakeLists.txt"
+    return match.group(1)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+# --- the module file -------------------------------------------------------------------------------
+
+
+def test_module_file_compiles_for_python_311_and_parses(tmp_path):
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    ast.parse(source, feature_version=(3, 11))
+    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "module.pyc"), doraise=True)
+    names = {n.name for n in module_tree().body if isinstance(n, ast.ClassDef)}
+    assert {"SAM2FewShot", "SAM2FewShotWidget", "SAM2FewShotLogic", "SAM2FewShotTest"} <= names
+
+
+def test_module_file_stays_small():
+    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) <= 650
+
+
+def test_every_widget_the_code_uses_exists_with_the_expected_class():
+    widgets, tree = ui_widgets(), module_tree()
+    used = {w for w, _ in ui_attribute_uses(tree)}
+    used |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and WIDGET_NAME.match(n.value)}
+    assert len(used) >= 35  # the whole panel is checked, not a handful
+    missing = sorted(used - set(widgets))
+    assert not missing, f"the code uses widgets the .ui lacks: {missing}"
+    wrong = {n: (widgets[n], expected_class(n)) for n in used if widgets[n] != expected_class(n)}
+    assert not wrong, f"widgets with another class than their name says (has, expected): {wrong}"
+
+
+def test_the_code_uses_only_attributes_its_widgets_have():
+    widgets = ui_widgets()
+    bad = sorted({(w, a) for w, a in ui_attribute_uses(module_tree())
+                  if a not in COMMON | API[widgets[w]]})
+    assert not bad, f"attributes used on widgets whose class lacks them: {bad}"
+
+
+def test_parameter_widget_tables_and_their_signals_match_the_ui():
+    widgets, tree = ui_widgets(), module_tree()
+    for table, cls in (("NODE_SELECTORS", "qMRMLNodeComboBox"), ("COMBO_BOXES", "QComboBox"), ("SPIN_BOXES", "QSpinBox")):
+        for name in module_constant(tree, table).values():
+            assert widgets.get(name) == cls, f"{table}: {name} is {widgets.get(name)}, expected {cls}"
+    for name, signal in module_constant(tree, "PARAMETER_SIGNALS"):
+        assert widgets[name] in SIGNALS[signal], f"{name} ({widgets[name]}) has no signal {signal}"
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
+        target = call.func.value
+        if call.func.attr == "connect" and isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) \
+                and target.value.attr == "ui":
+            signal = call.args[0].value
+            assert widgets[target.attr] in SIGNALS[signal], f"{target.attr} ({widgets[target.attr]}) has no {signal}"
+
+
+# --- the panel ------------------------------------------------------------------------------------
+
+
+def test_ui_is_well_formed_and_uses_known_slicer_and_ctk_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.findtext("class") == "SAM2FewShot"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "SAM2FewShot"
+    custom = {c.findtext("class") for c in root.iter("customwidget")}
+    assert custom <= KNOWN_CUSTOM_WIDGETS, f"unknown custom widgets: {custom - KNOWN_CUSTOM_WIDGETS}"
+    widgets = ui_widgets()
+    undeclared = {c for c in widgets.values() if not c.startswith("Q") and c not in custom}
+    assert not undeclared, f"widget classes neither Qt's nor declared as custom widgets: {undeclared}"
+    sections = [w.findtext("property[@name='text']/string") for w in top.iter("widget")
+                if w.get("class") == "ctkCollapsibleButton" and w.get("name") != "advancedCollapsibleButton"]
+    assert sections == ["Query", "Support", "Method", "Run", "Results", "Refine"]
+
+
+def test_every_node_selector_gets_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    fed = {c.findtext("receiver") for c in root.iter("connection")
+           if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    selectors = {n for n, c in ui_widgets().items() if c == "qMRMLNodeComboBox"}
+    assert selectors and selectors == fed, f"node selectors without a scene: {selectors - fed}"
+    for widget in root.iter("widget"):
+        if widget.get("class") == "qMRMLNodeComboBox":
+            types = [s.text for s in widget.findall("property[@name='nodeTypes']/stringlist/string")]
+            assert types in (["vtkMRMLScalarVolumeNode"], ["vtkMRMLSegmentationNode"]), (widget.get("name"), types)
+
+
+# --- packaging -------------------------------------------------------------------------------------
+
+
+def test_module_cmakelists_names_every_script_and_resource():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
+    listed = {p.replace("${MODULE_NAME}", name) for p in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    scripts = {"SAM2FewShot.py"} | {f"SAM2FewShotLib/{p.name}" for p in ENGINE.glob("*.py")}
+    block = "\n".join(f"  {p.replace('SAM2FewShot', '${MODULE_NAME}', 1)}" for p in sorted(scripts))
+    assert listed == scripts, (f"missing from CMakeLists: {sorted(scripts - listed)}; listed but absent: "
+                               f"{sorted(listed - scripts)}. The list to paste:\n{block}")
+    resources = {p.replace("${MODULE_NAME}", name) for p in cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    assert resources == on_disk
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_top_level_cmakelists_carries_the_extension_metadata():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation"
+    assert "PyTorch" in cmake_value(text, "EXTENSION_DEPENDS").split()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert cmake_value(text, variable).startswith("https://")
+    assert len(cmake_value(text, "EXTENSION_DESCRIPTION")) > 40 and cmake_value(text, "EXTENSION_CONTRIBUTORS")
+    assert cmake_value(text, "EXTENSION_ICONURL").endswith("Resources/Icons/SAM2FewShot.png")
+    assert "find_package(Slicer REQUIRED)" in text and "add_subdirectory(SAM2FewShot)" in text
+
+
+def test_icons_are_128_pixel_pngs_and_the_same_picture():
+    module_icon, extension_icon = MODULE_DIR / "Resources/Icons/SAM2FewShot.png", ROOT / "Resources/Icons/SAM2FewShot.png"
+    assert png_size(module_icon) == (128, 128) == png_size(extension_icon)
+    assert module_icon.read_bytes() == extension_icon.read_bytes()
+
+
+# --- the engine stays free of Qt -------------------------------------------------------------------
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(ENGINE.glob("*.py")), ids=lambda p: p.name)
+def test_engine_never_imports_qt_ctk_or_slicer_gui(path):
+    gui = {m for m in imported_modules(path) if m.split(".")[0] in {"qt", "ctk", "PythonQt", "PyQt5", "PySide2"}
+           or m.startswith(("slicer.util", "slicer.ScriptedLoadableModule", "slicer.app"))}
+    assert not gui, f"{path.name} imports GUI modules: {gui}"
+    if path.name not in BRIDGE_FILES:
+        slicer = {m for m in imported_modules(path) if m.split(".")[0] in {"slicer", "vtk", "vtkmodules"}}
+        assert not slicer, f"{path.name} imports Slicer/VTK; only the MRML bridge may: {slicer}"
+
+
+def test_panel_helpers_import_neither_torch_nor_qt():
+    """What the panel imports before first-use setup must load in a Slicer without torch."""
+    code = ("import sys; import SAM2FewShotLib.slicer_runs, SAM2FewShotLib.slicer_setup; "
+            "print(sorted(m for m in ('torch', 'sam2', 'qt', 'slicer', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
