@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +109,3 @@ def test_a_download_that_cannot_happen_ends_with_one_clear_error(tmp_path, monke
     assert "offline" in str(download.error) and download.fraction == 0.0
     assert not any(tmp_path.rglob("*.pt"))
 
-
-def test_setup_helpers_need_no_gui():
-    assert "qt" not in sys.modules and "slicer.util" not in sys.modules
