@@ -170,7 +170,7 @@ def load_model(args):
 def run_segment(args) -> int:
     from .console import ConsoleProgress
     from .normalization import Normalization
-    from .report import write_json_atomic
+    from .json_io import write_json_atomic
     from .session import VolumeSession
     from .volume_io import read_labels, read_volume, write_labels
 

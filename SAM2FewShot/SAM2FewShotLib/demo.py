@@ -29,7 +29,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .cli import load_model
     from .example_data import example_cases
     from .metrics import dice_per_label
-    from .report import write_json_atomic
+    from .json_io import write_json_atomic
     from .segment_fewshot import FewShotParams, segment_fewshot
     from .session import VolumeSession
     from .console import ConsoleProgress

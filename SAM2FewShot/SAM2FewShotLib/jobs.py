@@ -241,7 +241,7 @@ def check_outputs(job: Job) -> None:
 
 def write_outputs(labels, report: dict, job: Job) -> None:
     """Labels, then the report; both are atomic and a failed report removes the labels again."""
-    from .report import write_json_atomic
+    from .json_io import write_json_atomic
     from .volume_io import SEG_NRRD, image_suffix, sidecar_path, write_labels
 
     write_labels(labels, job.out)

@@ -127,7 +127,7 @@ def read_manifest() -> dict[str, dict]:
 
 def _record(name: str, path: Path, sha256: str, source: Optional[str] = None) -> None:
     """Note in the manifest that this file, as it is now, has this verified hash."""
-    from .report import write_json_atomic
+    from .json_io import write_json_atomic
 
     stat = path.stat()
     data = read_manifest()

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .json_io import write_json_atomic  # noqa: F401  (re-exported for older imports)
 from .propagation import PropagationResult
 from .session import VolumeSession
 
@@ -38,22 +39,3 @@ def build_report(method: str, session: VolumeSession, result: PropagationResult,
                    "per_slice_s": round(seconds / max(1, len(result.labels)), 4)},
         "slices": slices,
     }
-
-
-def write_json_atomic(data: dict, path) -> None:
-    """Write JSON next to its final place, then rename: a reader never sees half a report."""
-    import json
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
