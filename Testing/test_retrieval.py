@@ -28,6 +28,7 @@ INDEX_LOGGER = "SAM2FewShotLib.embedding_index"
 @pytest.fixture(scope="module")
 def dino():
     """DINOv2-small's real layer shape, one layer, seeded random weights (fast on a CPU)."""
+    pytest.importorskip("transformers", reason="DINOv2 features need transformers (the retrieval extra)")
     return random_dinov2("dinov2-small", seed=0, num_hidden_layers=1)
 
 
@@ -68,7 +69,7 @@ def _sync(folder, features, counting=None):
     return index, data, stats, embed
 
 
-def _phantom_library(folder, seeds=(2, 3), shape=(8, 32, 32)):
+def _phantom_library(folder, seeds=(2, 3), shape=(6, 32, 32)):
     """Phantom cases saved as a Slicer .seg.nrrd pair and as a NIfTI pair with its sidecar."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = [phantom(shape_kji=shape, n_objects=1, seed=s) for s in seeds]
@@ -290,6 +291,7 @@ def test_dinov2_weights_come_verified_from_the_model_cache(monkeypatch, tmp_path
 
 
 def test_cli_library_build_and_info(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers", reason="DINOv2 features need transformers (the retrieval extra)")
     folder = tmp_path / "lib"
     [(_, labels)] = _phantom_library(folder, seeds=(2,))
     labelled = int(labels.volume.array.any(axis=(1, 2)).sum())
@@ -330,20 +332,17 @@ def test_retrieval_segmentation_end_to_end(tmp_path, random_predictor):
             assert (hit["case"], hit["slice"]) == ("beta0_label.nii.gz", entry["slice"]) and hit["similarity"] > 0.999
     # the query was encoded once, for retrieval and propagation alike, plus each retrieved slice once
     assert report["timing"]["frames_encoded"] == session.num_slices + r["support_entries"]
-    _, again = segment_retrieval(session, open_library(tmp_path / "lib"), RetrievalParams(top_k=1), features,
-                                 frame_range=(3, 4))
-    assert again["retrieval"]["index"]["embedded"] == 0 and again["retrieval"]["support_entries"] <= 4
-    assert again["timing"]["frames_encoded"] == again["retrieval"]["support_entries"]
 
 
 def test_cli_segment_with_a_library(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers", reason="DINOv2 features need transformers (the retrieval extra)")
     _phantom_library(tmp_path / "lib", seeds=(2,))
     monkeypatch.setitem(dinov2_features.VARIANTS, "dinov2-small", (384, 1, 6))
-    query, _ = phantom(shape_kji=(8, 32, 32), n_objects=1, seed=5)
+    query, _ = phantom(shape_kji=(6, 32, 32), n_objects=1, seed=5)
     write_volume(query, tmp_path / "q.nrrd")
     out = tmp_path / "out.seg.nrrd"
     argv = ["-q", "segment", "--query", str(tmp_path / "q.nrrd"), "--library", str(tmp_path / "lib"), "--top-k", "1",
-            "--out", str(out), "--random-weights", "--image-size", "256", "--slice-range", "3", "4",
+            "--out", str(out), "--random-weights", "--image-size", "256", "--slice-range", "2", "3",
             "--library-features", "dinov2-small", "--position-window", "0.3"]
     assert cli.main(argv) == 0
     result = read_labels(out)
@@ -352,7 +351,7 @@ def test_cli_segment_with_a_library(tmp_path, capsys, monkeypatch):
     assert report["method"] == "retrieval" and report["inputs"]["library"] == str(tmp_path / "lib")
     r = report["retrieval"]
     assert r["top_k"] == 1 and r["window"] == 0.3 and r["features"].startswith("dinov2-small-random")
-    assert r["support_entries"] <= 4 and report["timing"]["frames_encoded"] <= 8 + r["support_entries"]
+    assert r["support_entries"] <= 4 and report["timing"]["frames_encoded"] <= 6 + r["support_entries"]
     bad = ["segment", "--query", str(tmp_path / "q.nrrd"), "--library", str(tmp_path / "lib"), "--support",
            str(tmp_path / "q.nrrd"), str(tmp_path / "q.nrrd"), "--out", str(tmp_path / "x.nrrd"), "--random-weights"]
     assert cli.main(bad) == cli.EXIT_ERROR and not (tmp_path / "x.nrrd").exists()

@@ -360,6 +360,7 @@ class IndexData:
     case_of_row: np.ndarray  # (M,) index into case_ids
     case_ids: list[str]
     segments: dict[int, Segment]
+    _keys: dict = field(default_factory=dict, repr=False)  # cached: label values; per value its rows and keys
 
     @classmethod
     def from_shards(cls, parts: Sequence[tuple[str, dict, tuple[np.ndarray, np.ndarray]]]) -> "IndexData":
@@ -390,7 +391,9 @@ class IndexData:
 
     @property
     def structures(self) -> list[int]:
-        return sorted(int(v) for v in np.unique(self.rows["value"]))
+        if "values" not in self._keys:
+            self._keys["values"] = sorted(int(v) for v in np.unique(self.rows["value"]))
+        return list(self._keys["values"])
 
     def search(self, query: torch.Tensor, k: int, structures: Optional[Sequence[int]] = None,
                query_positions: Optional[np.ndarray] = None, window: Optional[float] = None,
@@ -407,18 +410,27 @@ class IndexData:
         values = self.structures if structures is None else [int(v) for v in structures]
         out = {}
         for v in values:
-            row_ids = np.flatnonzero(self.rows["value"] == v)
-            if row_ids.size == 0:
-                raise InputError(f"the library has no slice of label {v}")
-            out[v] = self._top_k(q, row_ids, k, query_positions, window, position_field)
+            out[v] = self._top_k(q, v, k, query_positions, window, position_field)
         return out
 
-    def _top_k(self, q, row_ids, k, query_positions, window, position_field) -> TopK:
-        cols = torch.from_numpy(self.rows["emb"][row_ids])
-        keys = self.matrix if len(cols) == len(self.matrix) and bool((cols == torch.arange(len(cols))).all()) \
-            else self.matrix.index_select(0, cols)
-        lib_pos = torch.from_numpy(self.rows[position_field][row_ids].astype(np.float32))
+    def _structure(self, value: int) -> tuple[np.ndarray, torch.Tensor]:
+        """A structure's row ids and its (n, D) key matrix (the full matrix itself when it covers it)."""
+        cached = self._keys.get(value)
+        if cached is None:
+            row_ids = np.flatnonzero(self.rows["value"] == value)
+            if row_ids.size == 0:
+                raise InputError(f"the library has no slice of label {value}")
+            cols = self.rows["emb"][row_ids]
+            whole = len(cols) == len(self.matrix) and np.array_equal(cols, np.arange(len(cols)))
+            keys = self.matrix if whole else self.matrix.index_select(0, torch.from_numpy(cols))
+            cached = self._keys[value] = (row_ids, keys)
+        return cached
+
+    def _top_k(self, q, value, k, query_positions, window, position_field) -> TopK:
+        row_ids, keys = self._structure(value)
         k = min(k, len(row_ids))
+        if window is not None:
+            lib_pos = torch.from_numpy(self.rows[position_field][row_ids].astype(np.float32))
         idx, sims, inside = [], [], []
         for start in range(0, q.shape[0], QUERY_CHUNK):
             sim = q[start : start + QUERY_CHUNK] @ keys.T
@@ -430,8 +442,7 @@ class IndexData:
             idx.append(top.indices)
             sims.append(torch.gather(sim, 1, top.indices))
             inside.append(top.values > -1.0 - 1e-6)
-        cols_idx = torch.cat(idx).numpy()
-        return TopK(row_ids[cols_idx], torch.cat(sims).numpy(), torch.cat(inside).numpy())
+        return TopK(row_ids[torch.cat(idx).numpy()], torch.cat(sims).numpy(), torch.cat(inside).numpy())
 
 
 def merge_segments(per_case: Sequence[Sequence[dict]]) -> dict[int, Segment]:
