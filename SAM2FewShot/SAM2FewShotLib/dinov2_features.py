@@ -14,7 +14,6 @@ patch-level iBOT loss for dense tasks. ``pooling="mean"`` is there for compariso
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Union
 
 import torch
@@ -73,8 +72,8 @@ def load_dinov2(name: str, offline: bool = False, progress=True) -> torch.nn.Mod
 
     from .checkpoint import check_fits
 
-    with _known_to_models(weight_spec(name)):
-        path = models.download(name, offline=offline, progress=progress)
+    models.register_weights(weight_spec(name))
+    path = models.download(name, offline=offline, progress=progress)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -84,23 +83,6 @@ def load_dinov2(name: str, offline: bool = False, progress=True) -> torch.nn.Mod
     check_fits(model.state_dict(), state, path.name)
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-@contextlib.contextmanager
-def _known_to_models(spec: models.ModelSpec):
-    """Let models.download find a DINOv2 spec by name for the duration of one call.
-
-    Stop-gap until models.py accepts a ModelSpec wherever it takes a name; the registry is left
-    exactly as it was, so `models list` and SAM2's resolve() never see DINOv2.
-    """
-    added = spec.name not in models.REGISTRY
-    if added:
-        models.REGISTRY[spec.name] = spec
-    try:
-        yield
-    finally:
-        if added:
-            models.REGISTRY.pop(spec.name, None)
 
 
 class DINOv2Features:

@@ -82,11 +82,23 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in (
 )}
 
 
+# Weights of other networks (e.g. DINOv2 for retrieval) that share the cache, download and checksum
+# rules but are no SAM2 model: never listed, never resolved as one.
+OTHER_WEIGHTS: dict[str, ModelSpec] = {}
+
+
+def register_weights(spec: ModelSpec) -> None:
+    """Let download/verify/import serve a non-SAM2 weights file under its own name."""
+    if spec.name in REGISTRY:
+        raise ModelError(f"'{spec.name}' is already a SAM2 model name")
+    OTHER_WEIGHTS[spec.name] = spec
+
+
 def get_spec(name: str) -> ModelSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ModelError(f"unknown model '{name}': known models are {', '.join(REGISTRY)}") from None
+    spec = REGISTRY.get(name) or OTHER_WEIGHTS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model '{name}': known models are {', '.join(REGISTRY)}")
+    return spec
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -358,6 +370,8 @@ def resolve(model: Optional[str], checkpoint: Optional[Path], config: Optional[s
     With a checkpoint the config is ``config`` or the named model's; without one the registered
     weights are taken from the cache or downloaded.
     """
+    if model and model not in REGISTRY:
+        raise ModelError(f"unknown model '{model}': known models are {', '.join(REGISTRY)}")
     spec = get_spec(model) if model else None
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser()
