@@ -18,7 +18,6 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .frames import slicing_axis
 from .normalization import Normalization
 from .volume import LabelMap, Volume
 from .volume_io import READ_SUFFIXES, SEG_NRRD, image_suffix, read_labels, read_volume, sidecar_path
@@ -235,6 +234,8 @@ class CaseSlices:
 def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: Normalization) -> CaseSlices:
     """Every slice along ``plane`` that holds a structure, normalised as the query is."""
     image.require_same_grid(labels.volume, "library labels")
+    from .frames import slicing_axis  # frames needs torch; listing a library in the panel must not
+
     axis = slicing_axis(image, plane)
     lab = np.moveaxis(labels.volume.array, axis, 0)
     n = lab.shape[0]
