@@ -35,12 +35,14 @@ class Prompt:
     box: Optional[Sequence[float]] = None  # x0, y0, x1, y1
     points: Optional[np.ndarray] = None  # (P, 2) x, y
     point_labels: Optional[np.ndarray] = None  # 1 positive, 0 negative
+    mask_hint: Optional[np.ndarray] = None  # with box/points (or alone): a dense hint SAM2 refines, never kept
 
     @property
     def kind(self) -> str:
         if self.mask is not None:
             return "mask"
-        parts = [p for p, v in (("box", self.box), ("points", self.points)) if v is not None]
+        parts = [p for p, v in (("box", self.box), ("points", self.points), ("mask-hint", self.mask_hint))
+                 if v is not None]
         return "+".join(parts)
 
 
@@ -119,14 +121,18 @@ def _add_prompts(predictor, state: dict, prompts: Sequence[Prompt], obj_ids: lis
                 raise InputError(f"the mask prompt for label {p.obj_id} on slice {p.frame} is empty")
             predictor.add_new_mask(state, p.frame, p.obj_id, torch.from_numpy(mask))
         else:
-            if p.box is None and p.points is None:
+            if p.box is None and p.points is None and p.mask_hint is None:
                 raise InputError(f"prompt for label {p.obj_id} on slice {p.frame} has no mask, box or points")
+            if p.mask_hint is not None and np.shape(p.mask_hint) != (state["video_height"], state["video_width"]):
+                raise InputError(f"mask hint on slice {p.frame} has shape {np.shape(p.mask_hint)}, slices are "
+                                 f"{(state['video_height'], state['video_width'])}")
             labels = None if p.points is None else np.asarray(p.point_labels, dtype=np.int32)
-            predictor.add_new_points_or_box(
+            predictor.add_box_with_mask_hint(
                 state, p.frame, p.obj_id,
                 points=None if p.points is None else np.asarray(p.points, dtype=np.float32),
                 labels=labels,
                 box=None if p.box is None else np.asarray(p.box, dtype=np.float32),
+                mask_hint=p.mask_hint,
             )
 
 
