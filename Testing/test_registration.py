@@ -204,6 +204,8 @@ def test_bad_input(hippocampus):
         registration_segment(query, [cases["184"], (image, renamed)])
     with pytest.raises(InputError, match="different grids"):
         register_support(query, cases["195"][0], labels)
+    with pytest.raises(InputError, match="too small to register"):
+        register_support(Volume(np.zeros((3, 40, 40), np.float32), (1, 1, 1), (0, 0, 0)), image, labels)
     with pytest.raises(InputError, match="unknown registration transform"):
         register_support(query, image, labels, "rigid")
     with pytest.raises(InputError, match="unknown fusion"):

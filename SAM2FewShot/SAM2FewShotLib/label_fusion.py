@@ -69,23 +69,19 @@ def registration_segment(
     supports = _checked_supports(supports)
     start = time.perf_counter()
     n = len(supports)
-    warped, entries = [], []
+    warped, similarities, entries = [], [], []
     for index, (image, labels) in enumerate(supports):
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled by the user")
-
-        def stage_progress(stage: str, done: int, total: int, _base: int = index) -> None:
-            if progress is not None:
-                progress("register", _base * total + done, n * total)
-
-        reg = register_support(query, image, labels, transform, progress=stage_progress)
+        reg = register_support(query, image, labels, transform, progress=_support_progress(progress, index, n))
         warped.append(reg.labels)
+        similarities.append(reg.similarity)
         entries.append({"support": index, "similarity": round(reg.similarity, 4),
                         "time_s": round(reg.seconds, 3)})
     if progress is not None:
         progress("fuse", 0, 1)
     fusion_start = time.perf_counter()
-    weights = similarity_weights([e["similarity"] for e in entries]) if fusion == "weighted" else None
+    weights = similarity_weights(similarities) if fusion == "weighted" else None
     method = fusion if n > 1 else "none"
     result = fuse_labels(warped, fusion, weights) if n > 1 else warped[0]
     if weights is not None:
@@ -105,6 +101,17 @@ def registration_segment(
                    "fusion_s": round(time.perf_counter() - fusion_start, 3)},
     }
     return result, report
+
+
+def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Optional[ProgressFn]:
+    """One support's registration stages as a stretch of one bar over all supports."""
+    if progress is None:
+        return None
+
+    def report(stage: str, done: int, total: int) -> None:
+        progress("register", index * total + done, n * total)
+
+    return report
 
 
 def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]]) -> list[tuple[Volume, LabelMap]]:

@@ -32,6 +32,7 @@ PERCENTILES = (1.0, 99.0)  # the MSD hippocampus cases differ in scale by orders
 MASK_MARGIN_MM = 4.0  # how far around the support's structures the affine and B-spline stages look
 MAX_SAMPLES = 60_000  # full sampling below this many voxels (hippocampus), random above (CT)
 SHRINK = (2, 1)
+MIN_SIZE = 4 * SHRINK[0]  # ITK's pyramid smoothing needs 4 voxels per axis at the coarsest level
 SIGMAS_VOXELS = (1.0, 0.0)
 BSPLINE_SPACING_MM = 12.0  # control-point spacing over the masked region
 BSPLINE_ITERATIONS = 15
@@ -68,6 +69,10 @@ def register_support(
     support_image.require_same_grid(support_labels.volume, "support labels")
     if not np.any(support_labels.volume.array > 0):
         raise InputError("the support label map has no labelled voxel")
+    for name, volume in (("query", query), ("support", support_image)):
+        if min(volume.shape_ijk) < MIN_SIZE:
+            raise InputError(f"the {name} volume {volume.shape_ijk} is too small to register: "
+                             f"at least {MIN_SIZE} voxels along each axis")
     start = time.perf_counter()
     with _itk_threads(THREADS):
         result, fixed, moving, labels, region = _fit(query, support_image, support_labels, transform, progress, seed)
@@ -100,7 +105,7 @@ def _fit(query: Volume, support_image: Volume, support_labels: LabelMap, transfo
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    _optimise(fixed, moving, affine, sampling, fixed_mask=_warp(region, fixed, affine))
+    _optimise(fixed, moving, affine, sampling, fixed_mask=_nonempty(_warp(region, fixed, affine)))
     _report(progress, 2, stages)
     result: sitk.Transform = affine
     if transform == "affine_bspline":
@@ -150,6 +155,11 @@ def _warp(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) 
     return sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0)
 
 
+def _nonempty(mask: sitk.Image) -> Optional[sitk.Image]:
+    """The mask, or None when the support's structures landed outside the query (fit everything)."""
+    return mask if np.any(sitk.GetArrayViewFromImage(mask)) else None
+
+
 def _method(sampling: tuple[float, int], fixed_mask: Optional[sitk.Image],
             shrink: tuple[int, ...] = SHRINK) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
@@ -174,7 +184,7 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200, relaxationFactor=0.5)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed, moving)
+    _execute(reg, fixed, moving)
 
 
 def _bspline(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_mask: sitk.Image,
@@ -196,8 +206,18 @@ def _bspline(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixe
                              costFunctionConvergenceFactor=1e7)
     reg.SetMovingInitialTransform(affine)
     reg.SetInitialTransform(bspline, inPlace=True)
-    reg.Execute(fixed, moving)
+    _execute(reg, fixed, moving)
     return sitk.CompositeTransform([affine, bspline])
+
+
+def _execute(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image) -> None:
+    """ITK's failures (no overlap left between the images) as one line the user can act on."""
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"registration of the support to the query failed ({detail}): do the two images "
+                         "show the same anatomy, with overlapping fields of view?") from None
 
 
 def _report(progress: Optional[ProgressFn], done: int, total: int) -> None:
