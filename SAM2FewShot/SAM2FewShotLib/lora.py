@@ -107,8 +107,17 @@ def training_slices(session: VolumeSession, supports: Sequence[SupportCase], set
     return images_t[keep], masks_t[keep]
 
 
+def require_peft() -> None:
+    """LoRA is an optional extra: say how to get it rather than fail on an import."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ModelError("LoRA needs the 'peft' package: pip install 'sam2fewshot[lora]'")
+
+
 def with_adapters(predictor, settings: LoraSettings):
     """A copy of the predictor with fresh (seeded) adapters; only the adapters are trainable."""
+    require_peft()
     from peft import inject_adapter_in_model
 
     model = copy.deepcopy(predictor)
@@ -129,9 +138,10 @@ def fit_lora(
     should_cancel: Optional[Callable[[], bool]] = None,
 ) -> LoraAdapters:
     """Adapters fitted for ``settings.steps`` AdamW steps on the supports' augmented slices (seeded)."""
+    settings.check()
+    require_peft()
     from peft import get_peft_model_state_dict
 
-    settings.check()
     if not supports:
         raise InputError("no support case was given to fit LoRA adapters on")
     images, masks = training_slices(session, supports, settings, predictor.image_size)
