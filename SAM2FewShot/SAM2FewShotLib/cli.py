@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_library import add_library_parser, add_retrieval_args
 
     add_retrieval_args(fs)
+    from .cli_guided import add_guided_args
+
+    add_guided_args(seg.add_argument_group("support-guided prompts, registration, LoRA (with --support)"))
     add_model_args(seg)
     add_frame_args(seg)
 
@@ -189,14 +192,22 @@ def run_segment(args) -> int:
 
     supports = [(read_volume(i), read_labels(lab, reference=None)) for i, lab in (args.support or [])]
 
-    predictor, model_info = load_model(args)
-    session = VolumeSession(predictor, query, args.axis, normalization)
+    from .cli_guided import NO_MODEL, run_guided, run_registration, support_method
+
+    method = support_method(args, supports)
+    # the registration method is CPU only and weight-free: it never loads a model
+    predictor, model_info = load_model(args) if method != "registration" else (None, NO_MODEL)
+    session = VolumeSession(predictor, query, args.axis, normalization) if predictor is not None else None
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
         if args.library:
             from .cli_library import run_retrieval
 
             labels, report = run_retrieval(args, session, progress)
+        elif method == "registration":
+            labels, report = run_registration(args, query, supports, progress)
+        elif method == "guided":
+            labels, report = run_guided(args, session, supports, progress)
         elif supports:
             labels, report = run_fewshot(args, session, supports, progress)
         else:
