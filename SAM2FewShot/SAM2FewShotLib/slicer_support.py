@@ -51,7 +51,7 @@ METHODS: tuple[MethodInfo, ...] = (
                "The most similar labelled slices of a support library condition SAM2."),
     MethodInfo("registration", "Registration", "label_fusion", False, True,
                "Support cases registered to the query and fused: CPU only, no model weights."),
-    MethodInfo("guided", "Guided", "guided_prompts", True, True,
+    MethodInfo("guided", "Guided", "guided", True, True,
                "A registration or memory pseudo-mask per slice becomes the prompt SAM2 refines."),
 )
 NOT_AVAILABLE = "Not available yet in this version of the engine."
