@@ -255,3 +255,25 @@ def test_kill_tree_takes_the_children_too():
     kill_tree(proc.pid)
     assert time.perf_counter() - start < 1.0 and all(gone(p) for p in tree)
     proc.wait(timeout=1)
+
+
+def test_guided_and_retrieval_jobs_on_one_warm_worker(client, data, tmp_path):
+    """Every engine method the panel offers runs through the worker protocol."""
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "case1.nrrd").symlink_to(data["support"])
+    (library / "case1.seg.nrrd").symlink_to(data["support_labels"])
+    with JobFolder() as folder:
+        guided = {**fewshot_job(data, folder), "method": "guided",
+                  "params": {"prior": "registration", "prompt_type": "box", "box_margin": 2}}
+        labels, report = read_result(client.wait(client.submit(guided), timeout=180))
+        assert labels.volume.same_grid(data["image"]) and report["method"] == "guided"
+        retrieval = {"method": "retrieval", "query": data["query"], "library": str(library), "out": str(folder.labels),
+                     "report": str(folder.report), "model": MODEL, "params": {"top_k": 1, "features": "sam2"}}
+        labels, report = read_result(client.wait(client.submit(retrieval), timeout=180))
+    assert labels.volume.same_grid(data["image"])
+    assert [s.name for s in labels.segments] == ["structure_1", "structure_2"]
+    assert report["inputs"]["library"] == str(library)
+    with pytest.raises(ProtocolError, match="needs 'library'"):
+        parse_request(encode({"type": "job", "id": "r", "method": "retrieval", "query": "q", "out": "o",
+                              "report": "r", "supports": [["a", "b"]]}))

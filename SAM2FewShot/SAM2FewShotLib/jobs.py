@@ -52,13 +52,12 @@ class JobRunner:
             predictor = self._predictor_for(job.model, progress)
             session, reused = self._session_for(job, predictor, normalization)
             frame_range = checked_frame_range(job, session.num_slices)
-            if job.method == "propagate":
-                labels, report = run_propagate(job, session, progress, frame_range)
-            else:
-                labels, report = run_matched_support(job, session, progress, frame_range)
+            run = {"propagate": run_propagate, "matched-support": run_matched_support, "guided": run_guided,
+                   "retrieval": run_retrieval}[job.method]
+            labels, report = run(job, session, progress, frame_range)
             report["model"] = dict(self._model_info)
         report["inputs"] = {"query": job.query, "prompt_labels": job.prompt_labels or "",
-                            "supports": [list(pair) for pair in job.supports]}
+                            "supports": [list(pair) for pair in job.supports], "library": job.library or ""}
         report["worker"] = {"session_reused": reused, "job_id": job.id}
         write_outputs(labels, report, job)
         encoded = int(report.get("timing", {}).get("frames_encoded", 0))
@@ -163,6 +162,26 @@ def run_matched_support(job: Job, session, progress: ProgressFn, frame_range):
     return segment_fewshot(session, read_supports(job), params, progress=progress, frame_range=frame_range)
 
 
+def run_guided(job: Job, session, progress: ProgressFn, frame_range):
+    from .guided import GuidedParams, segment_guided
+
+    params = dataclass_params(GuidedParams, job.params, exclude=("fewshot",))
+    return segment_guided(session, read_supports(job), params, progress=progress, frame_range=frame_range)
+
+
+def run_retrieval(job: Job, session, progress: ProgressFn, frame_range):
+    from .library import open_library
+    from .segment_retrieval import RetrievalParams, library_features, segment_retrieval
+
+    params = dataclass_params(RetrievalParams, job.params, exclude=("normalization",))
+    params = dataclasses.replace(params, normalization=session.normalization)
+    predictor = session.predictor
+    features = library_features(params.features, predictor, predictor.device, offline=job.model.offline,
+                                random_weights=job.model.random_weights, seed=job.model.seed, progress=False)
+    return segment_retrieval(session, open_library(job.library), params, features, progress=progress,
+                             frame_range=frame_range)
+
+
 def run_registration(job: Job, progress: ProgressFn):
     """The weight-free registration prior (multi-atlas fusion); needs no model."""
     import inspect
@@ -192,14 +211,19 @@ def read_supports(job: Job) -> list:
     return supports
 
 
-def dataclass_params(cls, params: dict):
-    """``cls(**params)`` with unknown keys and wrong value types refused in one clear line."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+def dataclass_params(cls, params: dict, exclude: tuple[str, ...] = ()):
+    """``cls(**params)`` with unknown keys and wrong value types refused in one clear line.
+
+    ``exclude`` names fields that are no plain JSON values (nested options): they keep their defaults.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise InputError(f"unknown parameter(s) {', '.join(unknown)}: known are {', '.join(defaults)}")
     for name, value in params.items():
-        want = type(defaults[name])
+        want = float if defaults[name] is None else type(defaults[name])  # optional numbers default to None
+        if value is None and defaults[name] is None:
+            continue
         ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
         if not ok and not (want is float and isinstance(value, int) and not isinstance(value, bool)):
             raise InputError(f"parameter {name} must be a {want.__name__}, got {value!r}")

@@ -7,10 +7,12 @@ Data travel as files in a folder the client owns; the messages carry their paths
 
 Requests (stdin)::
 
-    {"type": "job", "id": "j1", "method": "propagate" | "matched-support" | "registration",
+    {"type": "job", "id": "j1",
+     "method": "propagate" | "matched-support" | "registration" | "guided" | "retrieval",
      "query": "/tmp/x/query.nrrd",
      "prompt_labels": "/tmp/x/prompt.nrrd", "values": [1, 2],        # propagate (values optional)
-     "supports": [["/tmp/x/s0.nrrd", "/tmp/x/s0_labels.nrrd"], ...],  # matched-support, registration
+     "supports": [["/tmp/x/s0.nrrd", "/tmp/x/s0_labels.nrrd"], ...],  # matched-support, registration, guided
+     "library": "/data/labelled_cases",                                # retrieval
      "out": "/tmp/x/result.seg.nrrd", "report": "/tmp/x/report.json",
      "model": {"name": "sam2.1-tiny", "checkpoint": null, "config": null, "image_size": null,
                "device": "auto", "offline": false, "random_weights": false, "seed": 0},
@@ -20,8 +22,9 @@ Requests (stdin)::
     {"type": "shutdown"}
 
 ``model``, ``frames`` and ``params`` and every key inside them are optional (defaults above);
-``params`` holds segment_fewshot.FewShotParams fields for matched-support and label_fusion
-options (``transform``, ``fusion``) for registration.
+``params`` holds segment_fewshot.FewShotParams fields for matched-support, label_fusion options
+(``transform``, ``fusion``) for registration, guided.GuidedParams' plain fields for guided, and
+segment_retrieval.RetrievalParams' plain fields for retrieval.
 
 Events (stdout)::
 
@@ -46,7 +49,7 @@ from typing import Any, Optional, Union
 from .errors import InputError
 from .seg_nrrd import one_line
 
-METHODS = ("propagate", "matched-support", "registration")
+METHODS = ("propagate", "matched-support", "registration", "guided", "retrieval")
 EVENTS = ("ready", "progress", "log", "result", "error")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -98,6 +101,7 @@ class Job:
     prompt_labels: Optional[str] = None
     values: Optional[tuple[int, ...]] = None
     supports: tuple[tuple[str, str], ...] = ()
+    library: Optional[str] = None
     model: ModelOptions = field(default_factory=ModelOptions)
     frames: FrameOptions = field(default_factory=FrameOptions)
     params: dict = field(default_factory=dict)
@@ -165,6 +169,7 @@ def job_from_message(data: dict) -> Job:
         prompt_labels=_get(data, "prompt_labels", (str, _NONE), "job", None),
         values=None if values is None else tuple(_int_list(values, "values")),
         supports=tuple(_support_pair(p, n) for n, p in enumerate(supports)),
+        library=_get(data, "library", (str, _NONE), "job", None),
         model=_options(ModelOptions, _get(data, "model", (dict,), "job", {}), "model"),
         frames=_frame_options(_get(data, "frames", (dict,), "job", {})),
         params=_get(data, "params", (dict,), "job", {}),
@@ -177,8 +182,13 @@ def _check_method_inputs(job: Job) -> None:
     if job.method == "propagate":
         if job.prompt_labels is None:
             raise ProtocolError("a propagate job needs 'prompt_labels' (a label file on the query's grid)")
-        if job.supports:
-            raise ProtocolError("a propagate job takes no 'supports'")
+        if job.supports or job.library:
+            raise ProtocolError("a propagate job takes no 'supports' or 'library'")
+    elif job.method == "retrieval":
+        if not job.library or job.supports:
+            raise ProtocolError("a retrieval job needs 'library' (a folder of labelled cases) and no 'supports'")
+    elif job.library:
+        raise ProtocolError(f"a {job.method} job takes 'supports', not 'library'")
     elif not job.supports:
         raise ProtocolError(f"a {job.method} job needs 'supports': a list of [image, labels] paths")
 

@@ -77,7 +77,7 @@ class RunController:
         try:
             query, prompts, supports = slicer_scene.write_inputs(inputs, folder.path)
             job_id = f"job-{time.time_ns()}"
-            job = slicer_support.build_job(job_id, choices, folder.path, query, prompts, supports)
+            job = slicer_support.build_job(job_id, choices, folder.path, query, prompts, supports, inputs.library)
             self.client = self.client or self.client_factory()
             self.client.submit(job)
         except BaseException:

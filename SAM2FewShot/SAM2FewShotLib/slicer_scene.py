@@ -29,6 +29,7 @@ class RunInputs:
     query: Volume
     prompts: Optional[LabelMap] = None
     supports: list = field(default_factory=list)  # (Volume, LabelMap) from the scene or (Path, Path) from a library
+    library: Optional[str] = None  # retrieval: the library folder itself, indexed by the worker
 
 
 @dataclass
@@ -71,6 +72,9 @@ def gather_inputs(method: MethodInfo, query_node, segmentation_node=None, segmen
         if not prompts.volume.array.any():
             raise InputError("the chosen segments have no voxel on the query: draw masks on a few slices first")
         return RunInputs(query, prompts=prompts)
+    if library_folder and method.key == "retrieval":
+        library_cases(Path(library_folder))  # a clear error now for a folder without labelled cases
+        return RunInputs(query, library=str(library_folder))
     if library_folder:
         return RunInputs(query, supports=list(library_cases(Path(library_folder))))
     image = volume_from_node(_required(support_volume_node, "support volume"))

@@ -97,13 +97,16 @@ class PanelChoices:
 
 
 def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
-              prompt_labels: Optional[Path] = None, supports: Sequence[tuple[Path, Path]] = ()) -> Job:
+              prompt_labels: Optional[Path] = None, supports: Sequence[tuple[Path, Path]] = (),
+              library: Optional[str] = None) -> Job:
     """The worker job for a run whose inputs were written into ``folder``."""
     method = method_info(choices.method)
     folder = Path(folder)
     params: dict = {}
     if method.key == "matched-support":
         params = {"scheme": choices.scheme, "augmentations": int(choices.augmentations), "top_k": int(choices.top_k)}
+    elif method.key == "retrieval":
+        params = {"top_k": int(choices.top_k)}
     model = ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
                          device=choices.device,
                          offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))
@@ -112,7 +115,7 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
                report=str(folder / "report.json"),
                prompt_labels=str(prompt_labels) if prompt_labels is not None else None,
                supports=tuple((str(image), str(labels)) for image, labels in supports),
-               model=model, frames=frames, params=params)
+               library=str(library) if library else None, model=model, frames=frames, params=params)
 
 
 # Parameter-node values (strings) behind the panel; the remembered ones are also the QSettings "last choices".
