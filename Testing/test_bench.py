@@ -227,8 +227,8 @@ def test_bench_command_end_to_end(shared_data, tmp_path, capsys):
     threads = torch.get_num_threads()
     code = main(["bench", "--data", str(data), "--out", str(out), "--random-weights", "--image-size", "128",
                  "--max-cases", "2", "--augmentations", "1", "--slices-per-structure", "2", "--threads", "1",
-                 "--peer-speed", "3", "--peer-structures", "2", "--memory-scaling", "4,8", "--synthetic-size", "48",
-                 "-q"])
+                 "--peer-speed", "3", "--synthetic-structures", "2", "--memory-scaling", "4,8",
+                 "--synthetic-size", "48", "-q"])
     assert code == 0, capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     methods = [m.name for m in choose_methods()]

@@ -57,6 +57,7 @@ class MethodContext:
     session: object = None  # VolumeSession for model methods
     truth: Optional[LabelMap] = None
     progress: Optional[ProgressFn] = None
+    support_paths: list[CasePaths] = field(default_factory=list)  # the supports' files, same order
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,19 @@ def _matched_support(ctx: MethodContext, scheme: str) -> tuple[LabelMap, dict]:
     return segment_fewshot(ctx.session, ctx.supports, params, progress=ctx.progress)
 
 
+def _retrieval(ctx: MethodContext) -> tuple[LabelMap, dict]:
+    """A library of this query's supports, indexed afresh in a temporary folder (its time counts)."""
+    import tempfile
+
+    from .library import library_from_pairs
+    from .segment_retrieval import RetrievalParams, segment_retrieval
+
+    params = RetrievalParams(top_k=ctx.settings.fewshot.top_k, normalization=ctx.settings.normalization)
+    with tempfile.TemporaryDirectory(prefix="sam2fewshot_bench_library_") as root:
+        library = library_from_pairs(ctx.support_paths, root)
+        return segment_retrieval(ctx.session, library, params, progress=ctx.progress)
+
+
 def _registration(ctx: MethodContext) -> tuple[LabelMap, dict]:
     from .label_fusion import registration_segment
 
@@ -127,6 +141,9 @@ register_method(BenchMethod(
 for _scheme in ("pair", "video", "video+memory"):
     register_method(BenchMethod(f"matched-support:{_scheme}", f"matched support slices, scheme {_scheme}",
                                 partial(_matched_support, scheme=_scheme)))
+register_method(BenchMethod("retrieval", "the supports as a library: top-k most similar labelled slices per query "
+                            "slice as memories (index built per query)", _retrieval,
+                            requires_module="SAM2FewShotLib.segment_retrieval"))
 register_method(BenchMethod("registration", "support cases registered to the query, labels fused (no model)",
                             _registration, needs_model=False, requires_module="SAM2FewShotLib.label_fusion"))
 
@@ -232,13 +249,15 @@ def run_leave_one_out(cases: dict[str, CasePaths], methods: Sequence[BenchMethod
         session, encode = None, {"encode_s": 0.0}
         if any(m.needs_model for m in methods) and not settings.cold_sessions:
             session, encode = _warm_session(predictor, query, settings, progress)
+        inputs = MethodContext(query, supports, settings, progress=progress,
+                               support_paths=[cases[n] for n in support_names])
         for method in methods:
             if progress:
                 progress.start(query_name, method.name)
             record = {"case": query_name, "method": method.name, "supports": support_names,
                       "uses_query_truth": method.uses_query_truth}
-            record.update(_run_one(method, predictor, query, truth, supports, settings, session,
-                                   encode if method.needs_model else {"encode_s": 0.0}, progress))
+            record.update(_run_one(method, predictor, inputs, truth, session,
+                                   encode if method.needs_model else {"encode_s": 0.0}))
             if record["status"] != "ok" and progress:
                 progress.write(f"{query_name} {method.name}: {record['error']}")
             runs.append(record)
@@ -262,16 +281,19 @@ def _warm_session(predictor, query: Volume, settings: BenchSettings, progress):
     return session, {"encode_s": round(seconds, 3), "encode_memory": mem.as_json()}
 
 
-def _run_one(method: BenchMethod, predictor, query: Volume, truth: LabelMap, supports: list[SupportCase],
-             settings: BenchSettings, session, encode: dict, progress) -> dict:
+def _run_one(method: BenchMethod, predictor, inputs: MethodContext, truth: LabelMap, session, encode: dict) -> dict:
+    """One method on one query, timed and watched; ``inputs`` gets the session and, if declared, the truth."""
+    from dataclasses import replace
+
+    query, settings = inputs.query, inputs.settings
     device = getattr(predictor, "device", None) if method.needs_model else None
     try:
         with PeakMemory(device) as mem:
             start = time.perf_counter()
             if method.needs_model and session is None:
                 session = _new_session(predictor, query, settings)
-            ctx = MethodContext(query, supports, settings, session if method.needs_model else None,
-                                truth if method.uses_query_truth else None, progress)
+            ctx = replace(inputs, session=session if method.needs_model else None,
+                          truth=truth if method.uses_query_truth else None)
             labels, report = method.run(ctx)
             seconds = time.perf_counter() - start
     except (KeyboardInterrupt, Cancelled):

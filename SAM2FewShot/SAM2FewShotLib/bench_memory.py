@@ -31,6 +31,18 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def release_free_memory() -> None:
+    """Hand memory the allocator keeps after frees back to the system (glibc), so that a block's
+    peak above its start is its own working set, not what an earlier block left behind."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the start may then include cached free memory
+
+
 def _reset_kernel_peak() -> bool:
     try:
         _CLEAR_REFS.write_text("5")
@@ -62,6 +74,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
+        release_free_memory()
         self.start_bytes = self.peak_bytes = current_rss()
         if _reset_kernel_peak() and _kernel_peak() is not None:
             self.method = "VmHWM"

@@ -126,7 +126,8 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def score_labels(result: LabelMap, truth: LabelMap, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> dict[str, StructureScores]:
+def score_labels(result: LabelMap, truth: LabelMap,
+                 tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> dict[str, StructureScores]:
     """Scores per ground-truth structure (by name); the result's structure is found by name, else value."""
     truth.volume.require_same_grid(result.volume, "result")
     by_name = {s.name: s.value for s in result.segments}

@@ -145,7 +145,10 @@ def _memory_section(m: dict) -> list[str]:
     slopes = m.get("per_slice_mb", {})
     lines += ["", "Growth per extra slice (least squares, MB): " +
               ", ".join(f"{k} {v:.3f}" for k, v in slopes.items() if v is not None) + ".",
-              f"Feature cache budget: {m.get('feature_budget_mb') or 'the session default'} MB."]
+              "Encoder-feature cache budget: " + (f"{m['feature_budget_mb']:g} MB." if m.get("feature_budget_mb")
+                                                  else "the session's default."),
+              "Each count runs in a fresh process; 'rest' is what the frames, the features held and the "
+              "outputs do not explain (transient encoder activations, allocator slack)."]
     return lines
 
 

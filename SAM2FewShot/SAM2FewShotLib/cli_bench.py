@@ -39,7 +39,8 @@ def add_bench_parser(sub) -> None:
     sy = p.add_argument_group("speed and memory (synthetic volumes)")
     sy.add_argument("--peer-speed", type=int, default=0, metavar="SLICES",
                     help="compare with a JPEG-folder + stock sam2 pipeline on this many slices")
-    sy.add_argument("--peer-structures", type=int, default=3, help="structures in the speed volume (default 3)")
+    sy.add_argument("--synthetic-structures", type=int, default=3,
+                    help="structures in the synthetic volumes (default 3)")
     sy.add_argument("--memory-scaling", metavar="N,N,...", help="peak memory for these slice counts, e.g. 50,200,800")
     sy.add_argument("--memory-feature-budget-mb", type=float,
                     help="feature-cache budget of the memory runs (default: the session's)")
@@ -114,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
         _say(args, f"peer-style speed comparison on {args.peer_speed} synthetic slices ...")
         results["peer_speed"] = peer_speed(predictor, model_info["config"], args.peer_speed, args.synthetic_size,
-                                           args.peer_structures, seed=args.seed)
+                                           args.synthetic_structures, seed=args.seed)
     if counts:
         results["memory_scaling"] = _memory_scaling(args, model_info, counts)
     paths = write_results(results, args.out)
@@ -133,7 +134,8 @@ def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
     recipe = ModelRecipe(model_info["config"], None if args.random_weights else model_info["weights"],
                          int(model_info["image_size"]), args.seed, model_info["device"], args.threads)
     _say(args, f"memory against slice count {counts}, one fresh process each ...")
-    points = memory_scaling(recipe, counts, args.synthetic_size, args.peer_structures, args.memory_feature_budget_mb,
+    points = memory_scaling(recipe, counts, args.synthetic_size, args.synthetic_structures,
+                            args.memory_feature_budget_mb,
                             on_point=lambda p: _say(args, f"  {p['slices']} slices: peak "
                                                           f"{p['peak_rss_above_start_mb']} MB above start"))
     keys = ("peak_rss_above_start_mb", "frames_mb", "above_frames_mb", "features_held_mb", "outputs_mb",
