@@ -129,6 +129,15 @@ def _retrieval(ctx: MethodContext) -> tuple[LabelMap, dict]:
         return segment_retrieval(ctx.session, library, params, progress=ctx.progress)
 
 
+def _guided(ctx: MethodContext, prior: str) -> tuple[LabelMap, dict]:
+    from dataclasses import replace
+
+    from .guided import GuidedParams, segment_guided
+
+    params = GuidedParams(prior=prior, fewshot=replace(ctx.settings.fewshot, scheme="video"))
+    return segment_guided(ctx.session, ctx.supports, params, progress=ctx.progress)
+
+
 def _registration(ctx: MethodContext) -> tuple[LabelMap, dict]:
     from .label_fusion import registration_segment
 
@@ -146,6 +155,10 @@ register_method(BenchMethod("retrieval", "the supports as a library: top-k most 
                             requires_module="SAM2FewShotLib.segment_retrieval"))
 register_method(BenchMethod("registration", "support cases registered to the query, labels fused (no model)",
                             _registration, needs_model=False, requires_module="SAM2FewShotLib.label_fusion"))
+for _prior in ("registration", "sam2"):
+    register_method(BenchMethod(f"guided:{_prior}", f"pseudo-masks from the {_prior} prior as box+mask prompts "
+                                "that SAM2 refines", partial(_guided, prior=_prior),
+                                requires_module="SAM2FewShotLib.guided"))
 
 
 def choose_methods(names: Optional[Sequence[str]] = None) -> list[BenchMethod]:

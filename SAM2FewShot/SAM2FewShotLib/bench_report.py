@@ -99,8 +99,9 @@ def _accuracy_table(results: dict, summary: dict) -> list[str]:
         for name, m in s["structures"].items():
             n = m["dice"]["n"]
             lines.append(f"| {label} | {name} | {_fmt(m['dice'])} | {_fmt(m['hd95_mm'], 2)} | {_fmt(m['nsd'])} | {n} |")
-    lines += ["", "\\* reads the query's ground truth (a mask on each structure's largest slice): "
-              "the interactive upper bound, not a few-shot result."]
+    if any(s["uses_query_truth"] for s in summary.values()):
+        lines += ["", "\\* reads the query's ground truth (a mask on each structure's largest slice): "
+                  "the interactive upper bound, not a few-shot result."]
     return lines
 
 
