@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -188,6 +189,7 @@ def test_scaling_point_accounts_for_frames_and_features(one_thread):
     assert point["slices"] == 6 and point["frames_mb"] == round(6 * 32 * 32 * 4 / MB, 1)
     assert point["features_held_mb"] > 0 and point["peak_rss_above_start_mb"] > 0
     assert point["rss_method"] in ("VmHWM", "sampled")
+    assert 0 < point["live_at_end_mb"] <= point["peak_rss_above_start_mb"]
 
 
 # ---------------------------------------------------------------- the peer-style pipeline
@@ -228,7 +230,7 @@ def test_bench_command_end_to_end(shared_data, tmp_path, capsys):
     code = main(["bench", "--data", str(data), "--out", str(out), "--random-weights", "--image-size", "128",
                  "--max-cases", "2", "--augmentations", "1", "--slices-per-structure", "2", "--threads", "1",
                  "--peer-speed", "3", "--synthetic-structures", "2", "--memory-scaling", "4,8",
-                 "--synthetic-size", "48", "-q"])
+                 "--synthetic-size", "48", "--memory-mmap-threshold", "65536", "-q"])
     assert code == 0, capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     methods = [m.name for m in choose_methods()]
@@ -244,7 +246,9 @@ def test_bench_command_end_to_end(shared_data, tmp_path, capsys):
         assert r["uses_query_truth"] == (r["method"] == "propagate")
     assert set(results["summary"]) == set(methods)
     assert results["peer_speed"]["ratio_reference_over_ours"] > 0
-    assert [p["slices"] for p in results["memory_scaling"]["points"]] == [4, 8]
+    assert [(p["slices"], p["mmap_threshold"]) for p in results["memory_scaling"]["points"]] == [(4, 65536),
+                                                                                              (8, 65536)]
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # set for the measuring processes only
     md = (out / "results.md").read_text()
     for m in methods:
         assert f"| {m} |" in md or f"| {m} * |" in md

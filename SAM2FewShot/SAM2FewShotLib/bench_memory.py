@@ -12,6 +12,7 @@ no count inherits memory an earlier one left in the allocator.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import threading
@@ -149,19 +150,45 @@ def memory_scaling(
     n_structures: int = 3,
     feature_budget_mb: Optional[float] = None,
     on_point: Optional[Callable[[dict], None]] = None,
+    mmap_threshold: Optional[int] = None,
 ) -> list[dict]:
-    """Propagate mode from the middle slice of synthetic volumes of each slice count, one process each."""
+    """Propagate mode from the middle slice of synthetic volumes of each slice count, one process each.
+
+    ``mmap_threshold`` fixes glibc's M_MMAP_THRESHOLD in those processes: large blocks are then
+    mapped and unmapped one by one, so freed memory goes back to the system at once instead of
+    staying in the heap (glibc raises the threshold as a program frees large blocks).
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     points = []
+    env = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(int(mmap_threshold))}
     for n in counts:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _environment(env), ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             point = pool.submit(scaling_point, recipe, int(n), size, n_structures, feature_budget_mb).result()
+        point["mmap_threshold"] = mmap_threshold
         points.append(point)
         if on_point:
             on_point(point)
     return points
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """Environment variables set for the processes started inside the block, restored after."""
+    import os
+
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: int,
@@ -184,6 +211,9 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
         seconds = time.perf_counter() - start
         frames = session.frames.slices01.numel() * session.frames.slices01.element_size()
         features = held_feature_bytes(session.cache)
+    gc.collect()
+    release_free_memory()
+    live = current_rss() - mem.start_bytes  # what is still held, the session and result alive
     h, w = session.frames.height, session.frames.width
     # propagation's working labels are int32 per voxel; the result label map is one byte per voxel
     outputs = n_slices * h * w * 4 + labels.volume.array.nbytes
@@ -195,7 +225,7 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
         "seconds": round(seconds, 2), "per_slice_s": round(seconds / n_slices, 4),
         "frames_mb": round(frames / MB, 1), "features_held_mb": round(features / MB, 1),
         "outputs_mb": round(outputs / MB, 1), "above_frames_mb": round(excess / MB, 1),
-        "unexplained_mb": round((excess - features - outputs) / MB, 1),
+        "rest_mb": round((excess - features - outputs) / MB, 1), "live_at_end_mb": round(live / MB, 1),
         **mem.as_json(),
     }
 
