@@ -239,7 +239,8 @@ def _plot_memory(plt, results: dict):
     xs = [p["slices"] for p in pts]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, label in (("peak_rss_above_start_mb", "peak above start"), ("frames_mb", "frames"),
-                       ("features_held_mb", "encoder features held"), ("above_frames_mb", "peak above the frames")):
+                       ("features_held_mb", "encoder features held"), ("above_frames_mb", "peak above the frames"),
+                       ("live_at_end_mb", "held at the end")):
         ax.plot(xs, [p[key] for p in pts], marker="o", label=label)
     ax.set_xlabel("slices")
     ax.set_ylabel("MB")
