@@ -24,6 +24,14 @@ def random_predictor():
 
 
 @pytest.fixture(scope="session")
+def small_predictor():
+    """The same architecture at 128 px: for end-to-end runs on real volumes, where only mechanics are checked."""
+    from SAM2FewShotLib.model_build import build_video_predictor
+
+    return build_video_predictor(TEST_CONFIG, image_size=128, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (it sits beside the repository)")

@@ -14,10 +14,10 @@ FAST = dict(augmentations=2, slices_per_structure=3, top_k=2)
 
 
 @pytest.mark.parametrize("scheme", ["pair", "video", "video+memory"])
-def test_each_scheme_segments_every_structure_with_a_report(random_predictor, scheme):
+def test_each_scheme_segments_every_structure_with_a_report(small_predictor, scheme):
     query, _ = phantom(seed=1)
     support = phantom(seed=2, shape_kji=(14, 44, 40))
-    s = VolumeSession(random_predictor, query)
+    s = VolumeSession(small_predictor, query)
     out, rep = segment_fewshot(s, [support], FewShotParams(scheme=scheme, features="intensity", **FAST))
     assert out.volume.same_grid(query, tol=0)
     assert [(g.value, g.name) for g in out.segments] == [(1, "structure_1"), (2, "structure_2")]
@@ -34,10 +34,10 @@ def test_each_scheme_segments_every_structure_with_a_report(random_predictor, sc
     assert all(both) == (scheme == "video+memory")
 
 
-def test_sam2_features_reuse_the_query_encoding(random_predictor):
+def test_sam2_features_reuse_the_query_encoding(small_predictor):
     query, _ = phantom(seed=1)
     support = phantom(seed=2)
-    s = VolumeSession(random_predictor, query)
+    s = VolumeSession(small_predictor, query)
     _, rep = segment_fewshot(s, [support], FewShotParams(scheme="video", features="sam2", **FAST))
     n_entries = rep["fewshot"]["support_entries"]
     # every query slice and every support entry went through the encoder exactly once
@@ -46,9 +46,9 @@ def test_sam2_features_reuse_the_query_encoding(random_predictor):
     assert again["timing"]["frames_encoded"] == 0  # the query and the same supports stay warm
 
 
-def test_query_identical_to_support_matches_its_own_slices(random_predictor):
+def test_query_identical_to_support_matches_its_own_slices(small_predictor):
     image, labels = phantom(seed=4)
-    s = VolumeSession(random_predictor, image)
+    s = VolumeSession(small_predictor, image)
     _, rep = segment_fewshot(s, [(image, labels)], FewShotParams(
         scheme="pair", features="intensity", augmentations=1, slices_per_structure=50, top_k=1))
     for e in rep["slices"]:
@@ -65,18 +65,18 @@ def test_largest_run_keeps_the_longest_contiguous_extent():
     assert out[:, 0, 0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0] and (out[:, 1, 1] == 2).all()
 
 
-def test_hippocampus_two_structures(random_predictor, shared_data):
+def test_hippocampus_two_structures(small_predictor, shared_data):
     d = shared_data / "msd_hippocampus"
     query = read_volume(d / "hippocampus_015_img.nii.gz")
     support = (read_volume(d / "hippocampus_184_img.nii.gz"), read_labels(d / "hippocampus_184_label.nii.gz"))
-    s = VolumeSession(random_predictor, query)
+    s = VolumeSession(small_predictor, query)
     out, rep = segment_fewshot(s, [support], FewShotParams(scheme="video+memory", features="sam2", **FAST))
     assert out.volume.same_grid(query, tol=0) and out.volume.array.shape == query.array.shape
     assert [(g.value, g.name) for g in out.segments] == [(1, "label_1"), (2, "label_2")]
     assert len(rep["slices"]) == s.num_slices
 
 
-def test_totalsegmentator_ct_several_organs(random_predictor, shared_data):
+def test_totalsegmentator_ct_several_organs(small_predictor, shared_data):
     d = shared_data / "totalsegmentator_examples"
     image = read_volume(d / "example_ct_sm.nii.gz")
     full = read_labels(d / "example_ct_sm_seg.nii.gz", reference=image)
@@ -85,7 +85,7 @@ def test_totalsegmentator_ct_several_organs(random_predictor, shared_data):
     support = LabelMap(image.with_array(arr),
                        tuple(Segment(v, n, (0.1 * v, 0.5, 0.5)) for v, n in organs.items()))
     query = Volume(np.roll(image.array, 3, axis=2), image.spacing, image.origin, image.direction)
-    s = VolumeSession(random_predictor, query)
+    s = VolumeSession(small_predictor, query)
     out, rep = segment_fewshot(s, [(image, support)], FewShotParams(scheme="video", features="intensity", **FAST))
     assert s.normalization.mode == "window"  # CT detected: a HU window feeds the model
     assert out.volume.same_grid(query, tol=0)
@@ -94,10 +94,10 @@ def test_totalsegmentator_ct_several_organs(random_predictor, shared_data):
     assert set(rep["slices"][len(rep["slices"]) // 2]["objects"]) == set(organs.values())
 
 
-def test_bad_supports_are_clear_errors(random_predictor):
+def test_bad_supports_are_clear_errors(small_predictor):
     query, _ = phantom(seed=1)
     image, labels = phantom(seed=2)
-    s = VolumeSession(random_predictor, query)
+    s = VolumeSession(small_predictor, query)
     empty = labels.with_array(np.zeros_like(labels.volume.array))
     with pytest.raises(InputError, match="no labelled voxel"):
         segment_fewshot(s, [(image, empty)], FewShotParams(**FAST))

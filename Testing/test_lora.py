@@ -109,8 +109,8 @@ def test_cli_guided_with_lora(tmp_path, monkeypatch, capsys):
     from SAM2FewShotLib.volume_io import read_labels, write_labels, write_volume
 
     monkeypatch.setenv("SAM2FEWSHOT_CACHE", str(tmp_path / "cache"))
-    query, _ = phantom(shape_kji=(6, 32, 40), seed=1)
-    support, support_labels = phantom(shape_kji=(6, 32, 40), seed=0)
+    query, _ = phantom(shape_kji=(8, 32, 40), seed=1)
+    support, support_labels = phantom(shape_kji=(8, 32, 40), seed=0)
     write_volume(query, tmp_path / "q.nrrd")
     write_volume(support, tmp_path / "s.nrrd")
     write_labels(support_labels, tmp_path / "s.seg.nrrd")
