@@ -15,6 +15,9 @@ def write_json_atomic(data: dict, path) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the report the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
