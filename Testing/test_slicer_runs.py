@@ -172,7 +172,7 @@ def test_bad_input_is_one_error_before_anything_starts(world):
         controller.start_run(CHOICES, None, world["prompts"], world["ids"])
     with pytest.raises(InputError, match="support volume"):
         controller.start_run(PanelChoices(method="matched-support"), world["query"], world["prompts"], world["ids"])
-    with pytest.raises(InputError, match="Not available yet"):
+    with pytest.raises(InputError, match="support volume"):  # guided needs a labelled support too
         controller.start_run(PanelChoices(method="guided"), world["query"], world["prompts"], world["ids"])
     assert not controller.is_running and scene.GetNumberOfNodes() == nodes and job_folders() == folders
 
