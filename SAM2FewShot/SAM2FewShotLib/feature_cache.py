@@ -8,13 +8,13 @@ embedding is kept for every frame even after the full feature maps are evicted.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from .frames import FrameSource
 
-ProgressFn = Callable[[str, int, int], None]
+from .progress import ProgressFn  # noqa: F401 (re-exported)
 
 
 def pooled_embedding(backbone_out: dict) -> torch.Tensor:

@@ -15,14 +15,14 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import InputError
 from .normalization import Normalization
 from .protocol import Job, ModelOptions
 from .protocol import result as result_event
 
-ProgressFn = Callable[[str, int, int], None]
+from .progress import ProgressFn  # noqa: F401 (re-exported)
 MAX_SESSIONS = 3
 _CHUNK = 8 << 20
 

@@ -16,11 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from .errors import ModelError
 
-ProgressFn = Callable[[str, int, int], None]
+from .progress import ProgressFn  # noqa: F401 (re-exported)
 
 CACHE_ENV = "SAM2FEWSHOT_CACHE"
 DEFAULT_MODEL = "sam2.1-tiny"

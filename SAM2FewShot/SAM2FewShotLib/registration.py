@@ -13,7 +13,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,7 +22,7 @@ from .errors import InputError
 from .normalization import Normalization
 from .volume import LabelMap, Volume
 
-ProgressFn = Callable[[str, int, int], None]
+from .progress import ProgressFn  # noqa: F401 (re-exported)
 
 TRANSFORMS = ("affine", "affine_bspline")
 
