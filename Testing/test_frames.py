@@ -63,6 +63,33 @@ def test_mr_percentiles_per_volume_and_per_slice():
     assert Normalization.parse("auto").resolved(mr).mode == "percentile"
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_normalisation_a_few_slices_at_a_time_is_the_whole_volume_formula(monkeypatch, axis):
+    from SAM2FewShotLib import normalization
+
+    rng = np.random.default_rng(2)
+    mr = rng.gamma(2.0, 50.0, (9, 10, 11)).astype(np.float32)
+    lo, hi = np.percentile(mr, (1, 99))
+    expected = np.moveaxis(np.clip((mr.astype(np.float64) - lo) / (hi - lo), 0, 1), axis, 0)
+    monkeypatch.setattr(normalization, "CHUNK_VOXELS", 150)  # one or two slices per step
+    got = Normalization.parse("percentile:1,99").slices(mr, axis)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == expected.shape
+    assert np.allclose(got, expected, atol=1e-6)
+    ct = rng.integers(-1024, 2000, (6, 7, 8)).astype(np.int16)
+    window = Normalization.parse("window:40,400").slices(ct, axis)
+    assert np.allclose(window, np.moveaxis(np.clip((ct - (40 - 200)) / 400.0, 0, 1), axis, 0), atol=1e-6)
+
+
+def test_percentiles_of_a_large_volume_come_from_a_subsample(monkeypatch):
+    from SAM2FewShotLib import normalization
+
+    mr = np.random.default_rng(3).normal(100.0, 20.0, (40, 64, 64)).astype(np.float32)
+    monkeypatch.setattr(normalization, "PERCENTILE_SAMPLES", 20000)  # stride 9 here
+    lo, hi = normalization._percentiles(mr, (0.5, 99.5))
+    exact = np.percentile(mr, (0.5, 99.5))
+    assert abs(lo - exact[0]) < 2.0 and abs(hi - exact[1]) < 2.0  # within 0.1 standard deviation
+
+
 def test_display_windowing_never_changes_voxels():
     img, _ = phantom()
     before = img.array.copy()

@@ -210,13 +210,14 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
         labels, _ = segment_propagate(session, prompts, truth.segments)
         seconds = time.perf_counter() - start
         frames = session.frames.slices01.numel() * session.frames.slices01.element_size()
-        features = held_feature_bytes(session.cache)
+        features = session.cache.held_bytes
+        spilled = session.cache.spill.nbytes
     gc.collect()
     release_free_memory()
     live = current_rss() - mem.start_bytes  # what is still held, the session and result alive
     h, w = session.frames.height, session.frames.width
-    # propagation's working labels are int32 per voxel; the result label map is one byte per voxel
-    outputs = n_slices * h * w * 4 + labels.volume.array.nbytes
+    # propagation's working labels become the result label map (one byte per voxel, sliced along k)
+    outputs = labels.volume.array.nbytes
     excess = mem.above_start_bytes - frames
     return {
         "slices": n_slices, "slice_shape": [h, w], "structures": n_structures,
@@ -224,16 +225,11 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
         "feature_budget_mb": None if feature_budget_mb is None else float(feature_budget_mb),
         "seconds": round(seconds, 2), "per_slice_s": round(seconds / n_slices, 4),
         "frames_mb": round(frames / MB, 1), "features_held_mb": round(features / MB, 1),
+        "features_on_disk_mb": round(spilled / MB, 1),
         "outputs_mb": round(outputs / MB, 1), "above_frames_mb": round(excess / MB, 1),
         "rest_mb": round((excess - features - outputs) / MB, 1), "live_at_end_mb": round(live / MB, 1),
         **mem.as_json(),
     }
-
-
-def held_feature_bytes(cache) -> int:
-    """Bytes of encoder features a FeatureCache holds now (its LRU keeps them for reuse)."""
-    held = getattr(cache, "_features", {})  # FeatureCache has no public size yet
-    return int(sum(t.numel() * t.element_size() for feats in held.values() for t in feats))
 
 
 def fit_per_slice(points: Sequence[dict], key: str) -> Optional[float]:

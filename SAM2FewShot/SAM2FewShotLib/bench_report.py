@@ -138,19 +138,22 @@ def _peer_section(p: dict) -> list[str]:
 
 def _memory_section(m: dict) -> list[str]:
     lines = ["## Peak memory against slice count (propagate from the middle slice)", "",
-             "| slices | frames (MB) | peak above start (MB) | above the frames (MB) | encoder features held (MB) "
-             "| outputs (MB) | rest (MB) | held at the end (MB) | s / slice |", "|---|---|---|---|---|---|---|---|---|"]
+             "| slices | frames (MB) | peak above start (MB) | above the frames (MB) | encoder features in memory (MB) "
+             "| features on disk (MB) | outputs (MB) | rest (MB) | held at the end (MB) | s / slice |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in m["points"]:
         lines.append(f"| {p['slices']} | {p['frames_mb']} | {p['peak_rss_above_start_mb']} | {p['above_frames_mb']} "
-                     f"| {p['features_held_mb']} | {p['outputs_mb']} | {p['rest_mb']} | {p['live_at_end_mb']} "
+                     f"| {p['features_held_mb']} | {p.get('features_on_disk_mb', 0)} | {p['outputs_mb']} | {p['rest_mb']} | {p['live_at_end_mb']} "
                      f"| {p['per_slice_s']} |")
     slopes = m.get("per_slice_mb", {})
     budget = m.get("feature_budget_mb")
     lines += ["", "Growth per extra slice (least squares, MB): " +
               ", ".join(f"{k} {v:.3f}" for k, v in slopes.items() if v is not None) + ".",
-              "Encoder-feature cache budget: " + (f"{budget:g} MB." if budget else "the session's default.") +
+              "Encoder features kept in memory: " + (f"{budget:g} MB" if budget else "the session's default") +
+              " at most; the rest are offloaded to a scratch file on disk." +
               (f" glibc M_MMAP_THRESHOLD fixed at {m['mmap_threshold']} bytes." if m.get("mmap_threshold") else ""),
-              "Each count runs in a fresh process. Outputs: propagation's int32 labels and the result. Rest: the "
+              "Each count runs in a fresh process. Outputs: the result label map, one byte per voxel, which "
+              "propagation writes straight into. Rest: the "
               "peak that frames, features and outputs do not explain (transient activations, allocator slack). "
               "Held at the end: resident memory after freeing what the allocator kept, session and result alive."]
     return lines

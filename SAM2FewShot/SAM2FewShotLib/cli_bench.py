@@ -43,7 +43,7 @@ def add_bench_parser(sub) -> None:
                     help="structures in the synthetic volumes (default 3)")
     sy.add_argument("--memory-scaling", metavar="N,N,...", help="peak memory for these slice counts, e.g. 50,200,800")
     sy.add_argument("--memory-feature-budget-mb", type=float,
-                    help="feature-cache budget of the memory runs (default: the session's)")
+                    help="encoder features kept in memory in the memory runs (default: the session's, 64 MB)")
     sy.add_argument("--memory-mmap-threshold", type=int, metavar="BYTES",
                     help="fix glibc's M_MMAP_THRESHOLD in the memory runs (e.g. 65536) to tell data from "
                          "allocator slack")
@@ -141,8 +141,8 @@ def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
                             args.memory_feature_budget_mb, mmap_threshold=args.memory_mmap_threshold,
                             on_point=lambda p: _say(args, f"  {p['slices']} slices: peak "
                                                           f"{p['peak_rss_above_start_mb']} MB above start"))
-    keys = ("peak_rss_above_start_mb", "frames_mb", "above_frames_mb", "features_held_mb", "outputs_mb",
-            "rest_mb", "live_at_end_mb")
+    keys = ("peak_rss_above_start_mb", "frames_mb", "above_frames_mb", "features_held_mb", "features_on_disk_mb",
+            "outputs_mb", "rest_mb", "live_at_end_mb")
     return {"points": points, "feature_budget_mb": args.memory_feature_budget_mb,
             "mmap_threshold": args.memory_mmap_threshold,
             "per_slice_mb": {k: fit_per_slice(points, k) for k in keys}}

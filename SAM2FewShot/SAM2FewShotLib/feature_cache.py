@@ -1,8 +1,11 @@
-"""Image-encoder features computed in batches, kept within a memory budget, reused by every stage.
+"""Image-encoder features computed in batches, reused by every stage, in memory that does not grow.
 
 Propagation, matching and retrieval all need the encoder's output for the same frames; the encoder
 is by far the most expensive part of SAM2, so it runs once per frame, in batches, and its pooled
-embedding is kept for every frame even after the full feature maps are evicted.
+embedding is kept for every frame. Only a small window of full feature maps stays in memory: the
+passes sweep the volume, so a larger in-memory cache would not be hit unless it held the whole
+volume, and memory would grow with the slices. Evicted frames go to a scratch file on disk
+(scratch) and come back with a read instead of another encoder pass.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .scratch import DEFAULT_SPILL_BYTES, SpillFile
 from .frames import FrameSource
 
 from .progress import ProgressFn  # noqa: F401 (re-exported)
@@ -22,8 +26,12 @@ def pooled_embedding(backbone_out: dict) -> torch.Tensor:
     return backbone_out["vision_features"].float().mean(dim=(-2, -1))
 
 
+DEFAULT_MEMORY_BYTES = 64 << 20  # in-memory window; at least two batches of frames are kept whatever it is
+
+
 class FeatureCache:
-    """LRU cache of per-frame backbone outputs of one FrameSource, filled in batches."""
+    """Per-frame backbone outputs of one FrameSource, filled in batches: an LRU window in memory,
+    the rest offloaded to disk (up to ``spill_bytes``; 0 disables it, beyond it frames are re-encoded)."""
 
     def __init__(
         self,
@@ -31,8 +39,9 @@ class FeatureCache:
         frames: FrameSource,
         device: torch.device,
         batch_size: int = 4,
-        max_bytes: int = 2 << 30,
+        max_bytes: int = DEFAULT_MEMORY_BYTES,
         storage_device: Optional[torch.device] = None,
+        spill_bytes: int = DEFAULT_SPILL_BYTES,
     ):
         self.predictor = predictor
         self.frames = frames
@@ -44,6 +53,7 @@ class FeatureCache:
         self._features: "OrderedDict[int, list[torch.Tensor]]" = OrderedDict()
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._frame_bytes = 0
+        self.spill = SpillFile(spill_bytes)
         self.embeddings: dict[int, torch.Tensor] = {}
         self.encoded_frames = 0  # how many frames went through the encoder (reuse shows here)
 
@@ -56,11 +66,24 @@ class FeatureCache:
             return self.batch_size
         return max(2 * self.batch_size, self.max_bytes // self._frame_bytes)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of feature maps held in memory now (the offloaded ones are on disk)."""
+        return len(self._features) * self._frame_bytes
+
+    def close(self) -> None:
+        """Free the in-memory features and the scratch file now rather than at garbage collection."""
+        self._features.clear()
+        self.spill.close()
+
     def get(self, idx: int) -> dict:
         """The backbone output of one frame, batch dimension 1, as sam2's forward_image returns it."""
-        if idx not in self._features:
+        if idx in self._features:
+            self._features.move_to_end(idx)
+        elif idx in self.spill:
+            self._keep(idx, [f.to(self.storage_device, non_blocking=True) for f in self.spill.get(idx)])
+        else:
             self._encode(self._batch_from(idx))
-        self._features.move_to_end(idx)
         fpn = [f.to(self.device, non_blocking=True) for f in self._features[idx]]
         return {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc), "vision_features": fpn[-1]}
 
@@ -78,7 +101,7 @@ class FeatureCache:
         """The next frames in the prefetch direction that are not cached yet, starting at idx."""
         out, i = [], idx
         while len(out) < self.batch_size and 0 <= i < len(self.frames):
-            if i == idx or i not in self._features:
+            if i == idx or (i not in self._features and i not in self.spill):
                 out.append(i)
             i += self.direction
         return out
@@ -93,15 +116,19 @@ class FeatureCache:
             self._pos_enc = [p[:1].clone() for p in out["vision_pos_enc"]]
         pooled = pooled_embedding(out).cpu()
         for n, i in enumerate(indices):
-            feats = [f[n : n + 1].to(self.storage_device).clone() for f in out["backbone_fpn"]]
-            self._features[i] = feats
-            self._features.move_to_end(i)
             self.embeddings[i] = pooled[n]
-            if self._frame_bytes == 0:
-                self._frame_bytes = sum(f.numel() * f.element_size() for f in feats)
+            self._keep(i, [f[n : n + 1].to(self.storage_device).clone() for f in out["backbone_fpn"]])
         self.encoded_frames += len(indices)
+
+    def _keep(self, idx: int, feats: list[torch.Tensor]) -> None:
+        """Put a frame in the in-memory window; the least recently used ones move to disk."""
+        if self._frame_bytes == 0:
+            self._frame_bytes = sum(f.numel() * f.element_size() for f in feats)
+        self._features[idx] = feats
+        self._features.move_to_end(idx)
         while len(self._features) > self.capacity:
-            self._features.popitem(last=False)
+            old, old_feats = self._features.popitem(last=False)
+            self.spill.put(old, old_feats)
 
 
 class StackedCache:

@@ -66,8 +66,7 @@ class FrameSource:
     def from_volume(
         cls, volume: Volume, axis: int, image_size: int, normalization: Normalization = Normalization()
     ) -> "FrameSource":
-        normalised = normalization.apply(volume.array, axis=axis)
-        return cls(np.ascontiguousarray(to_slices(normalised, axis)), image_size)
+        return cls(normalization.slices(volume.array, axis), image_size)
 
     def __len__(self) -> int:
         return int(self.slices01.shape[0])

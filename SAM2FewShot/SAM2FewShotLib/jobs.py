@@ -67,6 +67,8 @@ class JobRunner:
         """Drop the model and all sessions (after an out-of-memory error), freeing what can be freed."""
         import gc
 
+        for session in self._sessions.values():
+            session.close()
         self._sessions.clear()
         self._predictor, self._model_key, self._model_info = None, None, {}
         gc.collect()
@@ -103,7 +105,7 @@ class JobRunner:
         session = VolumeSession(predictor, read_volume(job.query), job.frames.axis, normalization)
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._sessions.popitem(last=False)[1].close()
         return session, False
 
     def _digest(self, path: Path) -> str:

@@ -77,22 +77,53 @@ class Normalization:
         return Normalization("percentile", None, self.percentiles, self.per_slice)
 
     def apply(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
-        """float32 in [0, 1]; with per_slice, percentiles are taken per slice along ``axis``."""
+        """float32 in [0, 1], laid out like ``array``; with per_slice, percentiles are taken per slice
+        along ``axis``. (A view of ``slices``' result: moving ``axis`` first again costs no copy.)"""
+        return np.moveaxis(self.slices(array, axis), 0, axis)
+
+    def slices(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
+        """(N, H, W) contiguous float32 in [0, 1] with ``axis`` first: the frames, made in one buffer
+        a few slices at a time, so no temporary copy of the volume is ever made."""
         norm = self.resolved(array)
-        data = np.asarray(array, dtype=np.float32)
+        src = np.moveaxis(np.asarray(array), axis, 0)
+        out = np.empty(src.shape, dtype=np.float32)
         if norm.mode == "window":
             c, w = norm.window
-            lo, hi = c - w / 2.0, c + w / 2.0
-            return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-        if norm.per_slice:
-            moved = np.moveaxis(data, axis, 0)
-            out = np.stack([_percentile_scale(s, norm.percentiles) for s in moved])
-            return np.moveaxis(out, 0, axis)
-        return _percentile_scale(data, norm.percentiles)
+            bounds = (c - w / 2.0, c + w / 2.0)
+        elif not norm.per_slice:
+            bounds = _percentiles(np.asarray(array), norm.percentiles)
+        step = max(1, CHUNK_VOXELS // max(1, int(np.prod(src.shape[1:]))))
+        for start in range(0, len(src), step):
+            stop = min(len(src), start + step)
+            if norm.mode != "window" and norm.per_slice:
+                for t in range(start, stop):
+                    _scale_into(src[t], _percentiles(src[t], norm.percentiles), out[t])
+            else:
+                _scale_into(src[start:stop], bounds, out[start:stop])
+        return out
 
 
-def _percentile_scale(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    lo, hi = np.percentile(data, percentiles)
+CHUNK_VOXELS = 1 << 22  # voxels normalised per step: bounds the float temporaries
+PERCENTILE_SAMPLES = 1 << 24  # beyond this many voxels, percentiles come from a regular subsample
+
+
+def _percentiles(data: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """Low and high percentiles; a large volume is subsampled with an odd stride (which cannot
+    alias with power-of-two rows) so that no copy of the whole volume is made."""
+    flat = data.reshape(-1)
+    stride = -(-flat.size // PERCENTILE_SAMPLES)
+    if stride > 1:
+        flat = flat[:: stride | 1]
+    lo, hi = np.percentile(flat, percentiles)
+    return float(lo), float(hi)
+
+
+def _scale_into(src: np.ndarray, bounds: tuple[float, float], out: np.ndarray) -> None:
+    """out = clip((src - lo) / (hi - lo), 0, 1) in float32, in place; all zeros for a flat range."""
+    lo, hi = bounds
     if hi <= lo:
-        return np.zeros_like(data, dtype=np.float32)
-    return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        out[...] = 0.0
+        return
+    np.subtract(src, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+    np.divide(out, np.float32(hi - lo), out=out)
+    np.clip(out, 0.0, 1.0, out=out)

@@ -4,7 +4,9 @@ sam2's ``propagate_in_video`` goes one way from one start frame. Here every prom
 propagates both ways: a forward pass from the first prompted slice to the end, a backward pass
 from the last one to the start, each from the prompts alone; per object, a slice takes the pass
 whose source prompt is nearer (both, averaged, at equal distance). Memory outputs far behind the
-current slice are dropped as the pass goes, so memory does not grow with the number of slices.
+current slice are dropped as the pass goes, a slice the backward pass cannot change is final after
+the forward pass, and forward logits that must wait for the backward pass beyond a small budget go
+to a scratch file: memory does not grow with the number of slices.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .devices import autocast
 from .errors import Cancelled, InputError
 from .feature_cache import FeatureCache, ProgressFn
 from .frames import FrameSource
+from .scratch import OffloadedDict
 
 MASK_LOGIT = 1.0e4  # a mask prompt's own slice: certain inside, certain outside
 
@@ -136,6 +139,11 @@ def _add_prompts(predictor, state: dict, prompts: Sequence[Prompt], obj_ids: lis
             )
 
 
+def label_dtype(max_id: int) -> np.dtype:
+    """The smallest unsigned type that holds these label values: one byte per voxel for most maps."""
+    return np.dtype(np.uint8 if max_id < 256 else np.uint16 if max_id < 65536 else np.int32)
+
+
 def labels_from_logits(logits: torch.Tensor, obj_ids: Sequence[int]) -> np.ndarray:
     """(n_obj, H, W) logits -> (H, W) ids: each voxel goes to the highest positive logit, else 0."""
     best = logits.max(dim=0)
@@ -160,10 +168,11 @@ class _Run:
         self.scores = np.full((self.n, n_obj), np.nan, dtype=np.float32)
         self.seconds = np.zeros(self.n)
         self.visited = np.zeros((self.n, 2), dtype=bool)
-        self.labels = np.zeros((self.n, self.h, self.w), dtype=np.int32)
+        self.labels = np.zeros((self.n, self.h, self.w), dtype=label_dtype(max(obj_ids, default=0)))
+        self.final = np.zeros(self.n, dtype=bool)  # slices whose labels no later pass changes
         self.sources: list[dict[int, str]] = [dict() for _ in range(self.n)]
         self.details: list[dict] = [dict() for _ in range(self.n)]
-        self.pending: dict[int, torch.Tensor] = {}  # forward logits awaiting the backward pass
+        self.pending = OffloadedDict()  # forward logits awaiting the backward pass
         self.prompt_model_masks: dict[int, np.ndarray] = {}
         if prompts:  # from the first prompt forward, from the last one backward
             first = min(q.frame for q in prompts)
@@ -180,8 +189,9 @@ class _Run:
         self._pass(self.forward, reverse=False)
         self._reset_temporal_memory()
         self._pass(self.backward, reverse=True)
-        for t in list(self.pending):  # frames no backward pass reached
+        for t in self.pending.keys():  # frames no backward pass reached
             self._finalize(t, self.pending.pop(t), None)
+        self.pending.close()
         return PropagationResult(self.labels, self.obj_ids, self.scores, self.sources, self.seconds,
                                  self.visited, self.prompt_model_masks, self.details)
 
@@ -238,13 +248,23 @@ class _Run:
     def _merge(self, t: int, logits: torch.Tensor, scores: np.ndarray, reverse: bool) -> None:
         if not reverse:
             self.scores[t] = scores
-            if self.backward and t <= self.backward[0]:
+            if self._waits_for_backward(t):
                 self.pending[t] = logits
             else:
                 self._finalize(t, logits, None)
             return
-        forward = self.pending.pop(t, None)
-        self._finalize(t, forward, logits, scores)
+        if not self.final[t]:
+            self._finalize(t, self.pending.pop(t, None), logits, scores)
+
+    def _waits_for_backward(self, t: int) -> bool:
+        """Whether some object of slice t will take (or average in) the backward pass's result."""
+        if not self.backward or not self.lo <= t <= self.backward[0]:
+            return False
+        for o in range(len(self.obj_ids)):
+            before, after = self._source_frames(o, t)
+            if (t, o) not in self.prompt_kind and self._choose(t, before, after, True, True) != "forward":
+                return True
+        return False
 
     def _finalize(self, t: int, fwd: Optional[torch.Tensor], bwd: Optional[torch.Tensor],
                   bwd_scores: Optional[np.ndarray] = None) -> None:
@@ -274,6 +294,7 @@ class _Run:
                 m = torch.from_numpy(self.mask_prompts[(t, o)])
                 merged[o] = torch.where(m, MASK_LOGIT, -MASK_LOGIT)
         self.labels[t] = labels_from_logits(merged, self.obj_ids)
+        self.final[t] = True
 
     @staticmethod
     def _choose(t: int, before: Optional[int], after: Optional[int], fwd, bwd) -> str:

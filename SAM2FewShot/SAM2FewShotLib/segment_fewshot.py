@@ -130,8 +130,9 @@ def match_entries(session: VolumeSession, entries: SupportEntries, support_cache
 
 
 def largest_run(slice_labels: np.ndarray, value: int) -> np.ndarray:
-    """Keep a structure only on its longest run of consecutive non-empty slices."""
-    present = (slice_labels == value).any(axis=(1, 2))
+    """Keep a structure only on its longest run of consecutive non-empty slices (in place, slice by
+    slice: no temporary the size of the volume)."""
+    present = np.array([bool((s == value).any()) for s in slice_labels], dtype=bool)
     best, start, best_span = 0, None, (0, -1)
     for t, p in enumerate(np.append(present, False)):
         if p and start is None:
@@ -140,11 +141,10 @@ def largest_run(slice_labels: np.ndarray, value: int) -> np.ndarray:
             if t - start > best:
                 best, best_span = t - start, (start, t - 1)
             start = None
-    out = slice_labels.copy()
-    keep = np.zeros(len(present), bool)
-    keep[best_span[0]:best_span[1] + 1] = True
-    out[~keep] = np.where(out[~keep] == value, 0, out[~keep])
-    return out
+    for t in np.flatnonzero(present):
+        if not best_span[0] <= t <= best_span[1]:
+            slice_labels[t][slice_labels[t] == value] = 0
+    return slice_labels
 
 
 def segment_fewshot(

@@ -11,7 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from .feature_cache import FeatureCache
+from .feature_cache import DEFAULT_MEMORY_BYTES, FeatureCache
+from .scratch import DEFAULT_SPILL_BYTES
 from .frames import FrameSource, from_slices, slicing_axis, to_slices
 from .normalization import Normalization
 from .volume import LabelMap, Volume
@@ -29,7 +30,8 @@ class VolumeSession:
         axis: str | int = "auto",
         normalization: Normalization = Normalization(),
         batch_size: int = 4,
-        feature_budget_bytes: int = 2 << 30,
+        feature_budget_bytes: int = DEFAULT_MEMORY_BYTES,
+        spill_bytes: int = DEFAULT_SPILL_BYTES,
     ):
         self.predictor = predictor
         self.volume = volume
@@ -37,18 +39,26 @@ class VolumeSession:
         self.normalization = normalization.resolved(volume.array)
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
-                                  max_bytes=feature_budget_bytes)
+                                  max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
         self.support_caches: "OrderedDict[str, FeatureCache]" = OrderedDict()  # by support content
 
     def support_cache(self, key: str, frames: FrameSource, keep: int = 2) -> FeatureCache:
         """Encoder features of support frames, kept for the next run with the same supports."""
         if key not in self.support_caches:
             self.support_caches[key] = FeatureCache(self.predictor, frames, self.predictor.device,
-                                                    batch_size=self.cache.batch_size)
+                                                    batch_size=self.cache.batch_size, max_bytes=self.cache.max_bytes,
+                                                    spill_bytes=self.cache.spill.max_bytes)
             while len(self.support_caches) > keep:
-                self.support_caches.popitem(last=False)
+                self.support_caches.popitem(last=False)[1].close()
         self.support_caches.move_to_end(key)
         return self.support_caches[key]
+
+    def close(self) -> None:
+        """Release the features (memory and scratch file) of the volume and its supports."""
+        self.cache.close()
+        for cache in self.support_caches.values():
+            cache.close()
+        self.support_caches.clear()
 
     @property
     def num_slices(self) -> int:
@@ -62,7 +72,7 @@ class VolumeSession:
         """Slice-ordered labels back onto the volume's exact grid."""
         arr = from_slices(slice_labels, self.axis)
         dtype = np.uint8 if arr.max(initial=0) < 256 else np.uint16
-        return LabelMap(self.volume.with_array(arr.astype(dtype)), tuple(segments))
+        return LabelMap(self.volume.with_array(arr.astype(dtype, copy=False)), tuple(segments))
 
     def describe(self) -> dict:
         norm = self.normalization
