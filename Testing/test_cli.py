@@ -16,7 +16,7 @@ from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
 from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.cli import main
 from SAM2FewShotLib.model_build import build_video_predictor
-from SAM2FewShotLib.volume_io import read_labels, read_volume, write_labels, write_volume
+from SAM2FewShotLib.volume_io import read_labels, write_labels, write_volume
 
 RANDOM = ["--random-weights", "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu", "-q"]
 

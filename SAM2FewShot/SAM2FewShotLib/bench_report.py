@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .atomic_write import replacing
 from .bench_metrics import summarize
 from .json_io import write_json_atomic
 
@@ -175,10 +176,11 @@ def plot_all(results: dict, out_dir: Path) -> list[Path]:
         fig = draw(plt, results)
         if fig is not None:
             fig.tight_layout()
-            tmp = out_dir / f".{name}.tmp"
-            fig.savefig(tmp, dpi=110, format="png")
-            plt.close(fig)
-            tmp.replace(out_dir / name)
+            try:
+                with replacing(out_dir / name) as tmp:
+                    fig.savefig(tmp, dpi=110, format="png")
+            finally:
+                plt.close(fig)
             paths.append(out_dir / name)
     return paths
 
@@ -285,8 +287,7 @@ def write_results(results: dict, out_dir: Path) -> list[Path]:
     results = finite_json(results)
     plots = plot_all(results, out_dir)
     md = out_dir / "results.md"
-    tmp = md.with_name(".results.md.tmp")
-    tmp.write_text(markdown(results) + "\n")
-    tmp.replace(md)
+    with replacing(md) as tmp:
+        tmp.write_text(markdown(results) + "\n")
     write_json_atomic(results, out_dir / "results.json")
     return [out_dir / "results.json", md, *plots]

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic_write import replacing
 from .errors import Cancelled, InputError, SAM2FewShotError
 from .feature_cache import ProgressFn
 from .library import ROW_DTYPE, LibraryCase
 from .models import sha256_of
-from .report import write_json_atomic
+from .json_io import write_json_atomic
 from .volume import Segment, default_segments
 
 log = logging.getLogger(__name__)
@@ -327,14 +327,8 @@ def _valid_entry(entry) -> bool:
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
     """Atomically: a reader (or a crash) never sees half a shard."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
     st = path.stat()
     return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_of(path)}
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .atomic_write import replacing
 from .devices import autocast
 from .errors import Cancelled, InputError, ModelError
 from .feature_cache import ProgressFn
@@ -268,15 +267,8 @@ def save_adapters(adapters: LoraAdapters, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "settings": json.dumps(asdict(adapters.settings)), "losses": json.dumps(adapters.losses)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(adapters.weights, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp:
+        save_file(adapters.weights, str(tmp), metadata=meta)
     return path
 
 

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Union
 
+from .atomic_write import replacing
 from .errors import ModelError
 
 from .progress import ProgressFn  # noqa: F401 (re-exported)
@@ -341,13 +341,10 @@ def import_checkpoint(name: str, file: Path) -> Path:
         sha256, source = sha256_of(file), f"imported from {file} (no published SHA-256; recorded as is)"
     target = weights_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-    os.close(fd)
     try:
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, target)
+        with replacing(target) as tmp:
+            shutil.copyfile(file, tmp)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ModelError(f"cannot copy {file} into the cache {target.parent}: {exc.strerror or exc}") from exc
     _record(name, target, sha256, source)
     return target

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-from .json_io import write_json_atomic  # noqa: F401  (re-exported for older imports)
 from .propagation import PropagationResult
 from .session import VolumeSession
 

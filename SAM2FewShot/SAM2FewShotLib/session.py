@@ -7,7 +7,6 @@ method on the same volume) does not encode the volume again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 
