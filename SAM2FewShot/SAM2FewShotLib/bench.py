@@ -7,7 +7,8 @@ that structure's largest slice, the interactive upper bound.
 
 By default a query's frames are encoded once (timed as the case's ``encode_s``) and every model
 method reuses that warm session, as the Slicer worker does; ``cold_sessions`` gives each method
-its own session instead. A method joins the benchmark by one ``register_method`` call.
+its own session instead. Support features are never carried from one method to the next: each
+method encodes its own supports, so no scheme's time depends on the order the methods run in. A method joins the benchmark by one ``register_method`` call.
 """
 
 from __future__ import annotations
@@ -305,6 +306,8 @@ def _run_one(method: BenchMethod, predictor, inputs: MethodContext, truth: Label
             start = time.perf_counter()
             if method.needs_model and session is None:
                 session = _new_session(predictor, query, settings)
+            elif session is not None:
+                session.drop_supports()
             ctx = replace(inputs, session=session if method.needs_model else None,
                           truth=truth if method.uses_query_truth else None)
             labels, report = method.run(ctx)

@@ -115,7 +115,8 @@ def _speed_table(summary: dict) -> list[str]:
                      f"| {_num(s['peak_rss_mb'])} | {_num(s['peak_rss_above_start_mb'])} | {_num(s['peak_gpu_mb'])} "
                      f"| {s['failed']}/{s['runs']} |")
     lines += ["", "A query's frames are encoded once and the model methods share them (the worker keeps "
-              "sessions warm); end-to-end time counts that encoding in every method."]
+              "sessions warm); end-to-end time counts that encoding in every method. Each method encodes its "
+              "own support slices (within its s / case), whatever ran before it."]
     return lines
 
 
@@ -243,10 +244,13 @@ def _plot_memory(plt, results: dict):
     pts = m["points"]
     xs = [p["slices"] for p in pts]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for key, label in (("peak_rss_above_start_mb", "peak above start"), ("frames_mb", "frames"),
-                       ("features_held_mb", "encoder features held"), ("above_frames_mb", "peak above the frames"),
-                       ("live_at_end_mb", "held at the end")):
-        ax.plot(xs, [p[key] for p in pts], marker="o", label=label)
+    for key, label, style in (("peak_rss_above_start_mb", "peak above start", "-"), ("frames_mb", "frames", "-"),
+                              ("above_frames_mb", "peak above the frames", "-"),
+                              ("features_held_mb", "encoder features in memory", "-"),
+                              ("features_on_disk_mb", "encoder features on disk (not memory)", ":"),
+                              ("live_at_end_mb", "held at the end", "-")):
+        if all(key in p for p in pts):
+            ax.plot(xs, [p[key] for p in pts], style, marker="o", label=label)
     ax.set_xlabel("slices")
     ax.set_ylabel("MB")
     ax.set_title("Peak memory against slice count")

@@ -52,12 +52,16 @@ class VolumeSession:
         self.support_caches.move_to_end(key)
         return self.support_caches[key]
 
-    def close(self) -> None:
-        """Release the features (memory and scratch file) of the volume and its supports."""
-        self.cache.close()
+    def drop_supports(self) -> None:
+        """Forget the supports' features (the next run encodes its supports again)."""
         for cache in self.support_caches.values():
             cache.close()
         self.support_caches.clear()
+
+    def close(self) -> None:
+        """Release the features (memory and scratch file) of the volume and its supports."""
+        self.cache.close()
+        self.drop_supports()
 
     @property
     def num_slices(self) -> int:
