@@ -5,7 +5,7 @@ is by far the most expensive part of SAM2, so it runs once per frame, in batches
 embedding is kept for every frame. Only a small window of full feature maps stays in memory: the
 passes sweep the volume, so a larger in-memory cache would not be hit unless it held the whole
 volume, and memory would grow with the slices. Evicted frames go to a scratch file on disk
-(scratch) and come back with a read instead of another encoder pass.
+(scratch.py) and come back with a read instead of another encoder pass.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from .scratch import DEFAULT_SPILL_BYTES, SpillFile
 from .frames import FrameSource
+from .scratch import DEFAULT_SPILL_BYTES, SpillFile
 
 from .progress import ProgressFn  # noqa: F401 (re-exported)
 
