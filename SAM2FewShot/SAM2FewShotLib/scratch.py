@@ -54,6 +54,9 @@ class SpillFile:
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def __iter__(self):
+        return iter(self._offsets)
+
     @property
     def nbytes(self) -> int:
         """Bytes written to disk so far."""
@@ -143,12 +146,12 @@ class OffloadedDict:
         return len(self._memory) + len(self._disk)
 
     def keys(self) -> list[int]:
-        return sorted(set(self._memory) | set(self._disk._offsets))
+        return sorted(set(self._memory) | set(self._disk))
 
     def __setitem__(self, key: int, value: torch.Tensor) -> None:
         self.pop(key)
         self._memory[key] = value
-        self._memory_bytes += value.numel() * value.element_size()
+        self._memory_bytes += self._nbytes(value)
         for old in list(self._memory):
             if self._memory_bytes <= self.max_bytes or old == key:
                 break

@@ -37,6 +37,7 @@ class VolumeSession:
         self.axis = axis if isinstance(axis, int) else slicing_axis(volume, axis)
         self.normalization = normalization.resolved(volume.array)
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
+        self.spill_bytes = spill_bytes  # each cache's own file may shrink it (free space, a full disk)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
                                   max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
         self.support_caches: "OrderedDict[str, FeatureCache]" = OrderedDict()  # by support content
@@ -46,7 +47,7 @@ class VolumeSession:
         if key not in self.support_caches:
             self.support_caches[key] = FeatureCache(self.predictor, frames, self.predictor.device,
                                                     batch_size=self.cache.batch_size, max_bytes=self.cache.max_bytes,
-                                                    spill_bytes=self.cache.spill.max_bytes)
+                                                    spill_bytes=self.spill_bytes)
             while len(self.support_caches) > keep:
                 self.support_caches.popitem(last=False)[1].close()
         self.support_caches.move_to_end(key)
