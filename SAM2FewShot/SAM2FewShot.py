@@ -23,9 +23,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SAM2FewShotLib import models, slicer_runs, slicer_scene, slicer_setup, slicer_support
-from SAM2FewShotLib.errors import InputError, SAM2FewShotError
-from SAM2FewShotLib.slicer_support import PanelChoices, method_info
+from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
+from SAM2FewShotLib.common.errors import InputError, SAM2FewShotError
+from SAM2FewShotLib.methods.registry import METHODS, get_method
+from SAM2FewShotLib.sam2 import registry, weights
+from SAM2FewShotLib.slicer import install, panel, runs, scene_io
+from SAM2FewShotLib.slicer.panel import PanelChoices
 
 SETTINGS = "SAM2FewShot/"
 TITLE = "SAM2FewShot"
@@ -111,21 +114,21 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def fillChoices(self):
-        availability = slicer_support.method_availability()
-        for index, method in enumerate(slicer_support.METHODS):
+        availability = panel.method_availability()
+        for index, method in enumerate(METHODS.values()):
             self.ui.methodComboBox.addItem(method.label, method.key)
             self.ui.methodComboBox.setItemData(index, availability[method.key] or method.summary, qt.Qt.ToolTipRole)
             if availability[method.key]:  # shown, disabled, the tooltip says why
                 self.ui.methodComboBox.model().item(index).setEnabled(False)
-        for index, spec in enumerate(models.REGISTRY.values()):
+        for index, spec in enumerate(registry.REGISTRY.values()):
             self.ui.modelComboBox.addItem(spec.name, spec.name)
             self.ui.modelComboBox.setItemData(index, spec.description, qt.Qt.ToolTipRole)
-        for combo, values in ((self.ui.deviceComboBox, slicer_support.DEVICES), (self.ui.axisComboBox, slicer_support.AXES),
-                              (self.ui.schemeComboBox, slicer_support.SCHEMES),
-                              (self.ui.existingPolicyComboBox, slicer_support.POLICIES)):
+        for combo, values in ((self.ui.deviceComboBox, panel.DEVICES), (self.ui.axisComboBox, panel.AXES),
+                              (self.ui.schemeComboBox, panel.SCHEMES),
+                              (self.ui.existingPolicyComboBox, panel.POLICIES)):
             for value in values:
                 combo.addItem(value, value)
-        self.ui.normalizationComboBox.addItems(list(slicer_support.NORMALIZATIONS))
+        self.ui.normalizationComboBox.addItems(list(panel.NORMALIZATIONS))
         self.ui.lowConfidenceTableWidget.setColumnCount(4)
         self.ui.lowConfidenceTableWidget.setHorizontalHeaderLabels(["Slice", "Segment", "Confidence", "Source"])
         self.ui.cacheFolderPathLineEdit.currentPath = self.logic.cacheFolder()
@@ -233,7 +236,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = widget.blockSignals(True)
         widget.clear()
         excluded = self._parameterNode.GetParameter("ExcludedSegments").split(",") if self._parameterNode else []
-        for segmentId, name, color in slicer_scene.segment_entries(self.ui.supportSegmentationSelector.currentNode()):
+        for segmentId, name, color in scene_io.segment_entries(self.ui.supportSegmentationSelector.currentNode()):
             item = qt.QListWidgetItem(name)
             item.setData(qt.Qt.UserRole, segmentId)
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
@@ -258,7 +261,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         choices = self.logic.choices(self._parameterNode)
-        method, running = method_info(choices.method), self.logic.isRunning
+        method, running = get_method(choices.method), self.logic.isRunning
         library = self.ui.supportLibraryRadioButton.checked and method.uses_support_volume
         self.ui.supportLibraryRadioButton.enabled = method.uses_support_volume
         self.setWidgets(("supportVolumeLabel", "supportVolumeSelector"), visible=method.uses_support_volume and not library)
@@ -320,7 +323,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureReady(self, choices, then):
         """Packages, weights and GPU memory, asking first; False stops (a download resumes with ``then``)."""
-        method = method_info(choices.method)
+        method = get_method(choices.method)
         confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=f"{TITLE} setup")  # noqa: E731
         if not self.logic.ensureDependencies(method.needs_model, confirm):
             return False
@@ -340,13 +343,13 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         dialog = qt.QProgressDialog(f"Downloading {name} weights...", "Cancel", 0, 100, slicer.util.mainWindow())
         dialog.setWindowModality(qt.Qt.WindowModal)
         dialog.minimumDuration = 0
-        download, timer = slicer_setup.BackgroundDownload(name), qt.QTimer()
+        download, timer = install.BackgroundDownload(name), qt.QTimer()
 
         def poll():
             if dialog.wasCanceled:
                 download.cancel()
             dialog.setValue(int(100 * download.fraction))
-            dialog.setLabelText(slicer_support.progress_text("download", download.done, download.total))
+            dialog.setLabelText(panel.progress_text("download", download.done, download.total))
             if download.finished:
                 timer.stop()
                 dialog.close()
@@ -379,14 +382,14 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- run feedback --------------------------------------------------------------------------------
 
     def onProgress(self, stage, done, total):
-        self.ui.progressBar.value = slicer_support.progress_percent(done, total)
-        self.ui.statusLabel.text = slicer_support.progress_text(stage, done, total)
+        self.ui.progressBar.value = panel.progress_percent(done, total)
+        self.ui.statusLabel.text = panel.progress_text(stage, done, total)
 
     def addLog(self, text):
         self.ui.logTextEdit.appendPlainText(text)
 
     def updateElapsed(self):
-        self.ui.elapsedLabel.text = slicer_support.format_elapsed(self.logic.elapsed())
+        self.ui.elapsedLabel.text = panel.format_elapsed(self.logic.elapsed())
 
     def onFinished(self, success, message):
         self._elapsedTimer.stop()
@@ -422,50 +425,50 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
-    """Settings, first-use setup, and runs on the background worker (slicer_runs.RunController)."""
+    """Settings, first-use setup, and runs on the background worker (runs.RunController)."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.progressCallback = lambda stage, done, total: None
         self.logCallback = logging.info
         self.finishedCallback = lambda success, message: None
-        self.runs = slicer_runs.RunController(
+        self.runs = runs.RunController(
             slicer.mrmlScene, self._workerClient, lambda *a: self.progressCallback(*a), lambda t: self.logCallback(t),
             self._onFinished, self._saveEditorUndoState)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.poll)
-        os.environ.setdefault(models.CACHE_ENV, self.cacheFolder())
+        os.environ.setdefault(CACHE_ENV, self.cacheFolder())
 
     # --- parameters and settings ---------------------------------------------------------------
 
     def setDefaultParameters(self, parameterNode):
         """Unset parameters get the last choices (QSettings), else the built-in defaults."""
         settings = qt.QSettings()
-        for name, default in slicer_support.PARAMETER_DEFAULTS.items():
+        for name, default in panel.PARAMETER_DEFAULTS.items():
             if not parameterNode.GetParameter(name):
-                remembered = settings.value(SETTINGS + name) if name in slicer_support.REMEMBERED else None
+                remembered = settings.value(SETTINGS + name) if name in panel.REMEMBERED else None
                 parameterNode.SetParameter(name, str(remembered or default))
 
     def choices(self, parameterNode) -> PanelChoices:
-        names = list(slicer_support.PARAMETER_DEFAULTS)
-        return slicer_support.choices_from_parameters({n: parameterNode.GetParameter(n) for n in names})
+        names = list(panel.PARAMETER_DEFAULTS)
+        return panel.choices_from_parameters({n: parameterNode.GetParameter(n) for n in names})
 
     def saveSettings(self, parameterNode):
         settings = qt.QSettings()
-        for name in slicer_support.REMEMBERED:
+        for name in panel.REMEMBERED:
             settings.setValue(SETTINGS + name, parameterNode.GetParameter(name))
 
     def cacheFolder(self) -> str:
-        return qt.QSettings().value(SETTINGS + "CacheFolder") or str(models.cache_dir())
+        return qt.QSettings().value(SETTINGS + "CacheFolder") or str(cache_dir())
 
     def setCacheFolder(self, path):
-        if not path or path == os.environ.get(models.CACHE_ENV):
+        if not path or path == os.environ.get(CACHE_ENV):
             return
         qt.QSettings().setValue(SETTINGS + "CacheFolder", path)
-        os.environ[models.CACHE_ENV] = path
+        os.environ[CACHE_ENV] = path
         if self.runs.client is not None:  # the next worker uses the new folder
-            self.runs.client.base_env[models.CACHE_ENV] = path
+            self.runs.client.base_env[CACHE_ENV] = path
             if not self.isRunning:
                 self.runs.client.shutdown()
 
@@ -473,7 +476,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, needsModel, confirm) -> bool:
         """Install missing packages once ``confirm(question)`` agrees; False when the user declines."""
-        return slicer_setup.ensure_installed(needsModel, confirm, slicer.util.pip_install, self.installTorch,
+        return install.ensure_installed(needsModel, confirm, slicer.util.pip_install, self.installTorch,
                                              self.logCallback)
 
     def installTorch(self, problem):
@@ -485,23 +488,23 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if torchLogic.torchInstalled():
             raise InputError(f"{problem}: update it in the PyTorch Util module (version "
-                             f"{slicer_setup.TORCH_REQUIREMENT}) and restart 3D Slicer")
+                             f"{install.TORCH_REQUIREMENT}) and restart 3D Slicer")
         self.logCallback("Installing PyTorch through the PyTorch extension (this may take several minutes)...")
-        if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=slicer_setup.TORCH_REQUIREMENT) is None:
+        if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=install.TORCH_REQUIREMENT) is None:
             raise InputError("PyTorch was not installed, and SAM2FewShot needs it")
 
     def isModelCached(self, name) -> bool:
-        return models.is_cached(name)
+        return weights.is_cached(name)
 
     def modelStatus(self, name) -> str:
         return "Weights are in the cache." if self.isModelCached(name) else "Weights are downloaded on first use."
 
     def importCheckpoint(self, name, path):
         """Offline sites: a checkpoint file copied into the cache once its SHA-256 matches."""
-        return models.import_checkpoint(name, path)
+        return weights.import_checkpoint(name, path)
 
     def gpuAdvice(self, model, device) -> Optional[str]:
-        return slicer_setup.gpu_advice_for(model, device)
+        return install.gpu_advice_for(model, device)
 
     # --- runs -------------------------------------------------------------------------------------
 
@@ -557,13 +560,13 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _workerClient():
-        from SAM2FewShotLib.worker_client import WorkerClient
+        from SAM2FewShotLib.run.client import WorkerClient
 
         python = shutil.which("PythonSlicer")
         if python is None:
             raise InputError("PythonSlicer was not found: the background worker cannot start")
         environment = slicer.util.startupEnvironment()
-        environment[models.CACHE_ENV] = os.environ[models.CACHE_ENV]
+        environment[CACHE_ENV] = os.environ[CACHE_ENV]
         return WorkerClient(python=python, pythonpath=[os.path.dirname(__file__)], env=environment)
 
     @staticmethod
@@ -589,7 +592,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
     def describeLibrary(self, folder) -> str:
-        return slicer_support.describe_library(folder)
+        return panel.describe_library(folder)
 
 
 class SAM2FewShotTest(ScriptedLoadableModuleTest):

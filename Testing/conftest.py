@@ -18,7 +18,7 @@ TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 @pytest.fixture(scope="session")
 def random_predictor():
     """sam2.1 hiera tiny, random weights seeded with 0, image size 256, on the CPU."""
-    from SAM2FewShotLib.model_build import build_video_predictor
+    from SAM2FewShotLib.sam2.build import build_video_predictor
 
     return build_video_predictor(TEST_CONFIG, image_size=TEST_IMAGE_SIZE, seed=0, device="cpu")
 
@@ -26,7 +26,7 @@ def random_predictor():
 @pytest.fixture(scope="session")
 def small_predictor():
     """The same architecture at 128 px: for end-to-end runs on real volumes, where only mechanics are checked."""
-    from SAM2FewShotLib.model_build import build_video_predictor
+    from SAM2FewShotLib.sam2.build import build_video_predictor
 
     return build_video_predictor(TEST_CONFIG, image_size=128, seed=0, device="cpu")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -5,8 +5,7 @@ import stat
 
 import pytest
 
-from SAM2FewShotLib.atomic_write import replacing
-from SAM2FewShotLib.json_io import write_json_atomic
+from SAM2FewShotLib.common.files import replacing, write_json_atomic
 
 
 def test_a_finished_block_replaces_the_file_with_the_usual_permissions(tmp_path):

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from SAM2FewShotLib.bench import BenchSettings, bench_cases, choose_methods, plan_queries, truth_prompts
-from SAM2FewShotLib.bench_memory import MB, ModelRecipe, PeakMemory, fit_per_slice, scaling_point
-from SAM2FewShotLib.bench_metrics import (
+from SAM2FewShotLib.bench.leave_one_out import (
+    BenchSettings,
+    bench_cases,
+    choose_methods,
+    plan_queries,
+    truth_prompt_labels,
+)
+from SAM2FewShotLib.bench.memory import MB, ModelRecipe, PeakMemory, fit_per_slice, scaling_point
+from SAM2FewShotLib.bench.metrics import (
     hd95,
     score_labels,
     score_masks,
@@ -20,10 +26,10 @@ from SAM2FewShotLib.bench_metrics import (
     surface_distances,
     surface_voxels,
 )
-from SAM2FewShotLib.bench_synthetic import SYNTHETIC_SPACING, slice_masks, synthetic_case
-from SAM2FewShotLib.cli import main
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume
+from SAM2FewShotLib.bench.synthetic import SYNTHETIC_SPACING, slice_masks, synthetic_case
+from SAM2FewShotLib.cli.main import main
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
 TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
@@ -172,16 +178,20 @@ def test_plans_and_cases(shared_data, tmp_path):
         choose_methods(["propagate", "nonsense"])
 
 
-def test_truth_prompts_use_each_structures_largest_slice(random_predictor):
-    from SAM2FewShotLib.session import VolumeSession
-
+def test_truth_prompts_use_each_structures_largest_slice():
     image, labels = synthetic_case(5, size=32, n_structures=2)
     arr = labels.volume.array.copy()
     arr[3][arr[3] == 0] = 2  # structure 2 is largest on slice 3
     labels = labels.with_array(arr)
-    prompts = truth_prompts(VolumeSession(random_predictor, image, axis=0), labels)
-    assert [(p.obj_id, p.frame) for p in prompts] == [(1, int(np.argmax((arr == 1).sum(axis=(1, 2))))), (2, 3)]
-    assert np.array_equal(prompts[1].mask, arr[3] == 2)
+    prompt = truth_prompt_labels(labels, axis=0)
+    best_1 = int(np.argmax((arr == 1).sum(axis=(1, 2))))
+    assert prompt.volume.same_grid(image) and prompt.segments == labels.segments
+    assert [sorted(int(v) for v in np.unique(prompt.volume.array[t]) if v) for t in range(5)] == \
+        [[1] * (t == best_1) + [2] * (t == 3) for t in range(5)]
+    assert np.array_equal(prompt.volume.array[3] == 2, arr[3] == 2)
+    assert np.array_equal(prompt.volume.array[best_1] == 1, arr[best_1] == 1)
+    along_j = truth_prompt_labels(labels, axis=1)  # the largest slice along another axis
+    assert (along_j.volume.array > 0).any(axis=(0, 2)).sum() <= 2
 
 
 def test_scaling_point_accounts_for_frames_and_features(one_thread):
@@ -198,7 +208,7 @@ def test_scaling_point_accounts_for_frames_and_features(one_thread):
 
 
 def test_peer_pipeline_does_the_same_model_work(random_predictor, one_thread):
-    from SAM2FewShotLib.bench_peer import peer_speed
+    from SAM2FewShotLib.bench.peer import peer_speed
 
     r = peer_speed(random_predictor, TEST_CONFIG, n_slices=3, size=48, n_structures=2)
     ours, ref = r["ours"], r["reference"]

@@ -14,9 +14,9 @@ import torch
 
 from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
 from phantoms import OBLIQUE, phantom
-from SAM2FewShotLib.cli import main
-from SAM2FewShotLib.model_build import build_video_predictor
-from SAM2FewShotLib.volume_io import read_labels, write_labels, write_volume
+from SAM2FewShotLib.cli.main import main
+from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
+from SAM2FewShotLib.sam2.build import build_video_predictor
 
 RANDOM = ["--random-weights", "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu", "-q"]
 
@@ -97,7 +97,7 @@ def _bad_inputs(d: Path, image):
 
 
 def read_labels_like(image, arr):
-    from SAM2FewShotLib.volume import LabelMap, default_segments
+    from SAM2FewShotLib.io.volume import LabelMap, default_segments
 
     return LabelMap(image.with_array(arr), default_segments([1]))
 

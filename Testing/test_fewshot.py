@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from phantoms import phantom
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.segment_fewshot import FewShotParams, largest_run, segment_fewshot
-from SAM2FewShotLib.session import VolumeSession
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume
-from SAM2FewShotLib.volume_io import read_labels, read_volume
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
+from SAM2FewShotLib.io.volume_io import read_labels, read_volume
+from SAM2FewShotLib.methods.common import largest_run
+from SAM2FewShotLib.methods.matched_support import FewShotParams, segment_fewshot
+from SAM2FewShotLib.sam2.session import VolumeSession
 
 FAST = dict(augmentations=2, slices_per_structure=3, top_k=2)
 

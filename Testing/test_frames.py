@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from phantoms import OBLIQUE, phantom, rotation
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.frames import FrameSource, from_slices, model_input, slicing_axis, to_slices
-from SAM2FewShotLib.normalization import CT_PRESETS, Normalization
-from SAM2FewShotLib.volume import Volume
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.normalization import CT_PRESETS, Normalization
+from SAM2FewShotLib.io.slicing import from_slices, slicing_axis, to_slices
+from SAM2FewShotLib.io.volume import Volume
+from SAM2FewShotLib.sam2.frames import FrameSource, model_input
 
 
 def test_auto_axis_is_the_largest_spacing():
@@ -65,7 +66,7 @@ def test_mr_percentiles_per_volume_and_per_slice():
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_normalisation_a_few_slices_at_a_time_is_the_whole_volume_formula(monkeypatch, axis):
-    from SAM2FewShotLib import normalization
+    from SAM2FewShotLib.io import normalization
 
     rng = np.random.default_rng(2)
     mr = rng.gamma(2.0, 50.0, (9, 10, 11)).astype(np.float32)
@@ -81,7 +82,7 @@ def test_normalisation_a_few_slices_at_a_time_is_the_whole_volume_formula(monkey
 
 
 def test_percentiles_of_a_large_volume_come_from_a_subsample(monkeypatch):
-    from SAM2FewShotLib import normalization
+    from SAM2FewShotLib.io import normalization
 
     mr = np.random.default_rng(3).normal(100.0, 20.0, (40, 64, 64)).astype(np.float32)
     monkeypatch.setattr(normalization, "PERCENTILE_SAMPLES", 20000)  # stride 9 here

@@ -8,15 +8,23 @@ import torch
 
 from conftest import TEST_CONFIG
 from phantoms import phantom
-from SAM2FewShotLib.cli import build_parser, main
-from SAM2FewShotLib.cli_guided import run_guided
-from SAM2FewShotLib.guided import (GuidedParams, box_from_mask, prompts_from_pseudo_masks, pseudo_masks,
-                                   segment_guided)
-from SAM2FewShotLib.model_build import build_video_predictor
-from SAM2FewShotLib.propagation import Prompt, propagate
-from SAM2FewShotLib.segment_fewshot import FewShotParams
-from SAM2FewShotLib.session import VolumeSession
-from SAM2FewShotLib.volume_io import read_labels, read_volume, write_labels, write_volume
+from SAM2FewShotLib.cli.main import build_parser, main
+from SAM2FewShotLib.cli.segment import request_from_args
+from SAM2FewShotLib.io.volume_io import read_labels, read_volume, write_labels, write_volume
+from SAM2FewShotLib.methods import guided
+from SAM2FewShotLib.methods.common import MethodInputs
+from SAM2FewShotLib.methods.guided import (
+    GuidedParams,
+    box_from_mask,
+    prompts_from_pseudo_masks,
+    pseudo_masks,
+    segment_guided,
+)
+from SAM2FewShotLib.methods.matched_support import FewShotParams
+from SAM2FewShotLib.methods.registry import get_method
+from SAM2FewShotLib.sam2.build import build_video_predictor
+from SAM2FewShotLib.sam2.propagation import Prompt, propagate
+from SAM2FewShotLib.sam2.session import VolumeSession
 
 SMALL = 128  # the real sam2.1 tiny architecture at its smallest input size: these tests check plumbing
 
@@ -119,8 +127,11 @@ def test_registration_prior_on_hippocampus(shared_data, small_predictor):
     args = build_parser().parse_args(["segment", "--query", str(query_path), "--out", "unused.nii.gz",
                                       "--support", *map(str, support), "--method", "guided", "--box-margin", "3",
                                       "--slice-range", str(lo), str(hi)])
+    request = request_from_args(args)  # the options become the guided method's parameters
+    params = get_method("guided").params(request.params, seed=request.model.seed)
+    assert params.box_margin == 3 and params.lora.steps == 0 and params.prior == "registration"
     weights = {k: v.clone() for k, v in small_predictor.state_dict().items()}
-    labels, report = run_guided(args, session, supports, progress=None)
+    labels, report = guided.run(MethodInputs(query, session, supports, frame_range=request.frames.slice_range), params)
     check_prompts_follow_prior(report, prior_slices, supports[0][1].segments, "registration", 3,
                                ["box", "mask-hint"], window=(lo, hi))
     assert all(report["slices"][t]["objects"]["label_1"]["source"] == "not visited"

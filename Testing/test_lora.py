@@ -6,12 +6,20 @@ import torch
 
 from conftest import TEST_CONFIG
 from phantoms import phantom
-from SAM2FewShotLib.errors import ModelError
-from SAM2FewShotLib.lora import (LoraSettings, adapter_key, adapters_for, apply_adapters, cache_path, fit_lora,
-                                 load_adapters, save_adapters)
-from SAM2FewShotLib.model_build import build_video_predictor
-from SAM2FewShotLib.segment_propagate import prompts_from_labels, segment_propagate
-from SAM2FewShotLib.session import VolumeSession
+from SAM2FewShotLib.common.errors import ModelError
+from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
+from SAM2FewShotLib.sam2.build import build_video_predictor
+from SAM2FewShotLib.sam2.session import VolumeSession
+from SAM2FewShotLib.support.lora import (
+    LoraSettings,
+    adapter_key,
+    adapters_for,
+    apply_adapters,
+    cache_path,
+    fit_lora,
+    load_adapters,
+    save_adapters,
+)
 
 pytest.importorskip("peft", reason="LoRA is the optional 'lora' extra (peft)")
 
@@ -105,8 +113,8 @@ def test_adapters_cached_per_support_set(trained, tmp_path):
 
 
 def test_cli_guided_with_lora(tmp_path, monkeypatch, capsys):
-    from SAM2FewShotLib.cli import main
-    from SAM2FewShotLib.volume_io import read_labels, write_labels, write_volume
+    from SAM2FewShotLib.cli.main import main
+    from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 
     monkeypatch.setenv("SAM2FEWSHOT_CACHE", str(tmp_path / "cache"))
     query, _ = phantom(shape_kji=(8, 32, 40), seed=1)

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import sam2
+import torch
 from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
-from SAM2FewShotLib import models
-from SAM2FewShotLib.checkpoint import load_state_dict, read_state_dict
-from SAM2FewShotLib.cli_models import add_models_parser, run_models
-from SAM2FewShotLib.errors import ModelError
-from SAM2FewShotLib.model_build import build_video_predictor
+
+from SAM2FewShotLib.cli.models import add_models_parser, run_models
+from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
+from SAM2FewShotLib.common.errors import ModelError
+from SAM2FewShotLib.common.files import sha256_of
+from SAM2FewShotLib.sam2 import build, registry, weights
+from SAM2FewShotLib.sam2.build import build_video_predictor
+from SAM2FewShotLib.sam2.checkpoint import load_state_dict, read_state_dict
 
 TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
 SMALL = "configs/sam2.1/sam2.1_hiera_s.yaml"
@@ -35,7 +37,7 @@ NAMES = {"sam2-tiny", "sam2-small", "sam2-base-plus", "sam2-large", "sam2.1-tiny
 def cache(tmp_path, monkeypatch) -> Path:
     """An empty weight cache, and no network for huggingface_hub."""
     root = tmp_path / "cache"
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    monkeypatch.setenv(CACHE_ENV, str(root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return root
 
@@ -71,52 +73,52 @@ def one_line_error(excinfo, *needles: str) -> str:
     return msg
 
 
-def with_spec(monkeypatch, name: str, **changes) -> models.ModelSpec:
+def with_spec(monkeypatch, name: str, **changes) -> registry.ModelSpec:
     """Registry entry with test values (e.g. the SHA-256 of our random-weight file)."""
-    spec = dataclasses.replace(models.REGISTRY[name], **changes)
-    monkeypatch.setitem(models.REGISTRY, name, spec)
+    spec = dataclasses.replace(registry.REGISTRY[name], **changes)
+    monkeypatch.setitem(registry.REGISTRY, name, spec)
     return spec
 
 
 # --- the registry -----------------------------------------------------------------------------------
 
 def test_registry_lists_every_model_with_a_config_inside_sam2():
-    assert set(models.REGISTRY) == NAMES
+    assert set(registry.REGISTRY) == NAMES
     sam2_dir = Path(sam2.__file__).parent
-    for name, spec in models.REGISTRY.items():
+    for name, spec in registry.REGISTRY.items():
         assert spec.name == name
         assert (sam2_dir / spec.config).is_file(), spec.config
         assert spec.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
         if spec.hf_repo.startswith("facebook/"):  # names as sam2 itself downloads them
             assert HF_MODEL_ID_TO_FILENAMES[spec.hf_repo] == (spec.config, spec.hf_file)
             assert spec.image_size == 1024
-    assert len({s.sha256 for s in models.REGISTRY.values()}) == len(NAMES)
-    med = models.get_spec("medsam2")
+    assert len({s.sha256 for s in registry.REGISTRY.values()}) == len(NAMES)
+    med = registry.get_spec("medsam2")
     assert (med.family, med.config, med.image_size) == ("MedSAM2", TINY, 512)
     assert (med.hf_repo, med.hf_file) == ("wanglab/MedSAM2", "MedSAM2_latest.pt")
 
 
 def test_unknown_model_name_lists_the_known_ones():
     with pytest.raises(ModelError) as e:
-        models.get_spec("sam3-huge")
+        registry.get_spec("sam3-huge")
     one_line_error(e, "sam3-huge", "sam2.1-tiny", "medsam2")
 
 
 def test_cache_dir_follows_the_environment_and_stays_outside_installs(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
-    assert models.weights_path("medsam2") == tmp_path / "c" / "weights" / "medsam2" / "MedSAM2_latest.pt"
-    monkeypatch.delenv(models.CACHE_ENV)
-    default = models.cache_dir().resolve()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    assert weights.weights_path("medsam2") == tmp_path / "c" / "weights" / "medsam2" / "MedSAM2_latest.pt"
+    monkeypatch.delenv(CACHE_ENV)
+    default = cache_dir().resolve()
     assert default.name == "sam2fewshot" and Path.home().resolve() in default.parents
-    package = Path(models.__file__).resolve().parent
+    package = Path(weights.__file__).resolve().parents[1]
     assert package not in default.parents and Path(sam2.__file__).resolve().parent not in default.parents
 
 
 # --- building the registered architectures ----------------------------------------------------------
 
 def test_medsam2_builds_as_tiny_at_512_px(target):
-    spec = models.get_spec("medsam2")
+    spec = registry.get_spec("medsam2")
     med = build_video_predictor(spec.config, image_size=spec.image_size, seed=0)
     # the same tensors as tiny (so MedSAM2's weights fit), RoPE grids for 512/16 = 32
     assert med.image_size == 512
@@ -233,13 +235,13 @@ def test_wrong_tensor_shape_is_named(random_predictor, tmp_path, target):
 
 def test_checksum_mismatch(tiny_file, cache):
     with pytest.raises(ModelError) as e:
-        models.verify_file(tiny_file, "0" * 64)
-    one_line_error(e, "checksum mismatch", tiny_file.name, models.sha256_of(tiny_file))
-    models.verify_file(tiny_file, models.sha256_of(tiny_file).upper())  # case does not matter
+        weights.verify_file(tiny_file, "0" * 64)
+    one_line_error(e, "checksum mismatch", tiny_file.name, sha256_of(tiny_file))
+    weights.verify_file(tiny_file, sha256_of(tiny_file).upper())  # case does not matter
     with pytest.raises(ModelError) as e:  # the real published hash: our random file cannot match it
-        models.import_checkpoint("sam2.1-tiny", tiny_file)
+        weights.import_checkpoint("sam2.1-tiny", tiny_file)
     one_line_error(e, "checksum mismatch")
-    assert not models.is_cached("sam2.1-tiny") and not list(cache.rglob("*.pt*"))
+    assert not weights.is_cached("sam2.1-tiny") and not list(cache.rglob("*.pt*"))
 
 
 @pytest.mark.parametrize("env_offline", [True, False])
@@ -247,11 +249,11 @@ def test_offline_with_an_empty_cache(cache, monkeypatch, env_offline):
     if not env_offline:
         monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(ModelError) as e:
-        models.download("medsam2", offline=not env_offline)
+        weights.download("medsam2", offline=not env_offline)
     one_line_error(e, "weights for medsam2 are not in the cache", "(offline)", "--checkpoint FILE",
                    "sam2fewshot models import medsam2")
     with pytest.raises(ModelError):
-        models.resolve("sam2.1-tiny", None, None, None, offline=True)
+        build.resolve("sam2.1-tiny", None, None, None, offline=True)
 
 
 def test_network_failure_is_one_line(cache, monkeypatch):
@@ -261,61 +263,61 @@ def test_network_failure_is_one_line(cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed local port, no internet
     with pytest.raises(ModelError) as e:
-        models.download("sam2.1-tiny", progress=False)
+        weights.download("sam2.1-tiny", progress=False)
     one_line_error(e, "could not be downloaded", "facebook/sam2.1-hiera-tiny", "models import sam2.1-tiny")
-    assert not models.is_cached("sam2.1-tiny")
+    assert not weights.is_cached("sam2.1-tiny")
 
 
 def test_import_then_offline_resolve_and_load(random_predictor, tiny_file, cache, monkeypatch):
-    with_spec(monkeypatch, "sam2.1-tiny", sha256=models.sha256_of(tiny_file))
-    cached = models.import_checkpoint("sam2.1-tiny", tiny_file)
-    assert cached == models.weights_path("sam2.1-tiny") and cached.read_bytes() == tiny_file.read_bytes()
-    entry = models.read_manifest()["sam2.1-tiny"]
-    assert entry["sha256"] == models.sha256_of(tiny_file) and entry["size"] == tiny_file.stat().st_size
-    assert models.download("sam2.1-tiny") == cached  # HF_HUB_OFFLINE=1: served from the cache
-    resolved = models.resolve("sam2.1-tiny", None, None, SIZE, offline=True)
-    assert resolved == models.ResolvedModel(TINY, cached, SIZE, "sam2.1-tiny")
-    assert same_weights(models.load_predictor(resolved, "cpu"), random_predictor)
+    with_spec(monkeypatch, "sam2.1-tiny", sha256=sha256_of(tiny_file))
+    cached = weights.import_checkpoint("sam2.1-tiny", tiny_file)
+    assert cached == weights.weights_path("sam2.1-tiny") and cached.read_bytes() == tiny_file.read_bytes()
+    entry = weights.read_manifest()["sam2.1-tiny"]
+    assert entry["sha256"] == sha256_of(tiny_file) and entry["size"] == tiny_file.stat().st_size
+    assert weights.download("sam2.1-tiny") == cached  # HF_HUB_OFFLINE=1: served from the cache
+    resolved = build.resolve("sam2.1-tiny", None, None, SIZE, offline=True)
+    assert resolved == build.ResolvedModel(TINY, cached, SIZE, "sam2.1-tiny")
+    assert same_weights(build.load_predictor(resolved, "cpu"), random_predictor)
 
     with cached.open("ab") as f:  # damage the cached copy
         f.write(b"\0")
     with pytest.raises(ModelError) as e:
-        models.verify_cached("sam2.1-tiny")
+        weights.verify_cached("sam2.1-tiny")
     one_line_error(e, "checksum mismatch")
     with pytest.raises(ModelError) as e:
-        models.download("sam2.1-tiny")
+        weights.download("sam2.1-tiny")
     one_line_error(e, "fail their SHA-256 check", "models import sam2.1-tiny")
 
 
 def test_without_a_published_hash_the_recorded_one_is_verified(tiny_file, cache, monkeypatch, tmp_path):
     with_spec(monkeypatch, "medsam2", sha256=None)
     with pytest.raises(ModelError) as e:  # not even a state dict: refused before copying
-        models.import_checkpoint("medsam2", _text(tmp_path, None))
+        weights.import_checkpoint("medsam2", _text(tmp_path, None))
     one_line_error(e, "not a PyTorch checkpoint")
-    models.import_checkpoint("medsam2", tiny_file)
-    assert models.known_sha256("medsam2") == models.sha256_of(tiny_file)
-    assert models.verify_cached("medsam2") == models.sha256_of(tiny_file)
-    models.weights_path("medsam2").write_bytes(b"other bytes")
+    weights.import_checkpoint("medsam2", tiny_file)
+    assert weights.known_sha256("medsam2") == sha256_of(tiny_file)
+    assert weights.verify_cached("medsam2") == sha256_of(tiny_file)
+    weights.weights_path("medsam2").write_bytes(b"other bytes")
     with pytest.raises(ModelError):
-        models.verify_cached("medsam2")
+        weights.verify_cached("medsam2")
 
 
 def test_resolve_with_a_local_checkpoint(tiny_file, cache):
-    r = models.resolve("medsam2", tiny_file, None, None, offline=True)
+    r = build.resolve("medsam2", tiny_file, None, None, offline=True)
     assert (r.config, r.checkpoint, r.image_size, r.name) == (TINY, tiny_file, 512, "medsam2")
-    r = models.resolve(None, tiny_file, SMALL, 256, offline=True)
+    r = build.resolve(None, tiny_file, SMALL, 256, offline=True)
     assert (r.config, r.image_size, r.name) == (SMALL, 256, "custom (tiny_random.pt)")
     for args, needle in [((None, tiny_file, None, None), "needs --config"),
                          (("sam2.1-tiny", None, SMALL, None), "--config applies to --checkpoint"),
                          (("sam2.1-tiny", tiny_file.with_name("gone.pt"), None, None), "does not exist")]:
         with pytest.raises(ModelError) as e:
-            models.resolve(*args, offline=True)
+            build.resolve(*args, offline=True)
         one_line_error(e, needle)
 
 
 def test_download_progress_reaches_an_engine_callback():
     seen = []
-    bar = models.progress_bar_class(lambda *a: seen.append(a))(total=10)
+    bar = weights.progress_bar_class(lambda *a: seen.append(a))(total=10)
     bar.update(4)
     bar.update(6)
     assert seen == [("download", 4, 10), ("download", 10, 10)]
@@ -339,18 +341,18 @@ def test_models_list_import_verify_commands(tiny_file, cache, monkeypatch, capsy
     assert set(rows) == NAMES and all(r[4] == "no" for r in rows.values())
     assert rows["medsam2"][2:4] == ["512", "px"] and rows["medsam2"][5] == "hf:wanglab/MedSAM2/MedSAM2_latest.pt"
 
-    assert run(["verify"], capsys)[:2] == (0, f"no cached weights in {models.weights_dir()}\n")
-    with_spec(monkeypatch, "sam2-tiny", sha256=models.sha256_of(tiny_file))
+    assert run(["verify"], capsys)[:2] == (0, f"no cached weights in {weights.weights_dir()}\n")
+    with_spec(monkeypatch, "sam2-tiny", sha256=sha256_of(tiny_file))
     code, out, _ = run(["import", "sam2-tiny", str(tiny_file)], capsys)
-    assert code == 0 and str(models.weights_path("sam2-tiny")) in out
+    assert code == 0 and str(weights.weights_path("sam2-tiny")) in out
     code, out, _ = run(["list"], capsys)
     assert [line.split()[4] for line in out.splitlines() if line.startswith("sam2-tiny ")] == ["yes"]
     code, out, _ = run(["download", "sam2-tiny", "--offline"], capsys)
     assert code == 0 and "verified" in out
     code, out, err = run(["verify"], capsys)
-    assert code == 0 and out == f"sam2-tiny: ok (SHA-256 {models.sha256_of(tiny_file)})\n" and not err
+    assert code == 0 and out == f"sam2-tiny: ok (SHA-256 {sha256_of(tiny_file)})\n" and not err
 
-    models.weights_path("sam2-tiny").write_bytes(b"tampered")
+    weights.weights_path("sam2-tiny").write_bytes(b"tampered")
     code, out, err = run(["verify", "sam2-tiny"], capsys)
     assert code == 1 and err.startswith("sam2-tiny: FAILED: checksum mismatch") and len(err.splitlines()) == 1
     with pytest.raises(ModelError):
@@ -358,7 +360,7 @@ def test_models_list_import_verify_commands(tiny_file, cache, monkeypatch, capsy
 
 
 def test_models_errors_through_the_main_cli(cache, capsys):
-    from SAM2FewShotLib.cli import main
+    from SAM2FewShotLib.cli.main import main
 
     assert main(["models", "download", "sam2.1-large", "--offline"]) == 2
     err = capsys.readouterr().err

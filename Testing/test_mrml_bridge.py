@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from phantoms import OBLIQUE, RAS_FLIP, phantom, rotation
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
 try:
     import slicer
@@ -26,14 +26,13 @@ if HAVE_MRML:
     import vtk
     from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
-    from SAM2FewShotLib.mrml_bridge import (
+    from SAM2FewShotLib.slicer.mrml_segments import (
         add_labels_to_segmentation,
         labels_from_segmentation,
         register_segmentation_converters,
         segmentation_geometry_matches,
-        volume_from_node,
-        volume_to_node,
     )
+    from SAM2FewShotLib.slicer.mrml_volume import volume_from_node, volume_to_node
 
 LIVER_TERM = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from phantoms import phantom
-from SAM2FewShotLib import propagation
-from SAM2FewShotLib.feature_cache import FeatureCache
-from SAM2FewShotLib.frames import FrameSource
-from SAM2FewShotLib.scratch import OffloadedDict, SpillFile
-from SAM2FewShotLib.segment_propagate import prompts_from_labels, segment_propagate
-from SAM2FewShotLib.session import VolumeSession
+from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
+from SAM2FewShotLib.sam2 import propagation
+from SAM2FewShotLib.sam2.feature_cache import FeatureCache
+from SAM2FewShotLib.sam2.frames import FrameSource
+from SAM2FewShotLib.sam2.offload import OffloadedDict, SpillFile
+from SAM2FewShotLib.sam2.session import VolumeSession
 
 
 def _frame(seed: int, dtype=torch.float32) -> list[torch.Tensor]:

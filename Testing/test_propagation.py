@@ -6,11 +6,11 @@ import torch
 
 from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
 from phantoms import OBLIQUE, RAS_FLIP, phantom
-from SAM2FewShotLib.errors import Cancelled, InputError
-from SAM2FewShotLib.model_build import build_video_predictor
-from SAM2FewShotLib.propagation import Prompt, labels_from_logits, propagate
-from SAM2FewShotLib.segment_propagate import prompts_from_labels, segment_propagate
-from SAM2FewShotLib.session import VolumeSession
+from SAM2FewShotLib.common.errors import Cancelled, InputError
+from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
+from SAM2FewShotLib.sam2.build import build_video_predictor
+from SAM2FewShotLib.sam2.propagation import Prompt, labels_from_logits, propagate
+from SAM2FewShotLib.sam2.session import VolumeSession
 
 
 def _only_slices(session, labels, keep):
@@ -137,7 +137,8 @@ def test_cancel_stops_the_run(random_predictor):
 
 def test_real_hippocampus_propagation(random_predictor, shared_data):
     import SimpleITK as sitk
-    from SAM2FewShotLib.volume import LabelMap, Volume, default_segments
+
+    from SAM2FewShotLib.io.volume import LabelMap, Volume, default_segments
 
     d = shared_data / "msd_hippocampus"
     img = Volume.from_sitk(sitk.ReadImage(str(d / "hippocampus_015_img.nii.gz")))

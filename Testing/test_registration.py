@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM2FewShotLib.errors import Cancelled, InputError
-from SAM2FewShotLib.label_fusion import fuse_labels, registration_segment, similarity_weights
-from SAM2FewShotLib.metrics import dice_per_label
-from SAM2FewShotLib.registration import register_support
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume, default_segments
+from SAM2FewShotLib.bench.metrics import dice_per_label
+from SAM2FewShotLib.common.errors import Cancelled, InputError
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume, default_segments
+from SAM2FewShotLib.methods.registration import registration_segment
+from SAM2FewShotLib.registration.fusion import fuse_labels, similarity_weights
+from SAM2FewShotLib.registration.register import register_support
 
 HIPPOCAMPUS = (1, 2)
 QUERY = "216"  # every other case is a support of it

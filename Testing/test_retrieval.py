@@ -11,18 +11,24 @@ import SimpleITK as sitk
 import torch
 
 from phantoms import phantom
-from SAM2FewShotLib import cli, dinov2_features, models
-from SAM2FewShotLib.dinov2_features import DINOv2Features, load_dinov2, random_dinov2
-from SAM2FewShotLib.embedding_index import EmbeddingIndex, IndexConfig, IndexData
-from SAM2FewShotLib.errors import InputError, ModelError
-from SAM2FewShotLib.library import INDEX_FOLDER, ROW_DTYPE, open_library
-from SAM2FewShotLib.segment_retrieval import (RetrievalParams, case_embedder, library_features, query_embeddings,
-                                              retrieve, segment_retrieval, sync_library)
-from SAM2FewShotLib.session import VolumeSession
-from SAM2FewShotLib.volume_io import read_labels, read_volume, write_labels, write_volume
+from SAM2FewShotLib.cli.main import EXIT_ERROR
+from SAM2FewShotLib.cli.main import main as cli_main
+from SAM2FewShotLib.common.cache import CACHE_ENV
+from SAM2FewShotLib.common.errors import InputError, ModelError
+from SAM2FewShotLib.common.files import sha256_of
+from SAM2FewShotLib.io.volume_io import read_labels, read_volume, write_labels, write_volume
+from SAM2FewShotLib.library.cases import INDEX_FOLDER, ROW_DTYPE, open_library
+from SAM2FewShotLib.library.index import EmbeddingIndex, IndexConfig, IndexData
+from SAM2FewShotLib.library.sync import case_embedder, library_features, sync_library
+from SAM2FewShotLib.methods.retrieval import RetrievalParams, query_embeddings, retrieve, segment_retrieval
+from SAM2FewShotLib.sam2 import registry
+from SAM2FewShotLib.sam2 import weights as model_weights
+from SAM2FewShotLib.sam2.session import VolumeSession
+from SAM2FewShotLib.support import dinov2
+from SAM2FewShotLib.support.dinov2 import DINOv2Features, load_dinov2, random_dinov2
 
 CASES = ("015", "184", "195")
-INDEX_LOGGER = "SAM2FewShotLib.embedding_index"
+INDEX_LOGGER = "SAM2FewShotLib.library.index"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,7 @@ def test_library_finds_cases_by_name_and_by_list(tmp_path, shared_data, caplog):
     folder = tmp_path / "lib"
     _phantom_library(folder)
     (folder / "orphan_label.nii.gz").write_bytes((folder / "beta0_label.nii.gz").read_bytes())
-    with caplog.at_level(logging.WARNING, logger="SAM2FewShotLib.library"):
+    with caplog.at_level(logging.WARNING, logger="SAM2FewShotLib.library.cases"):
         lib = open_library(folder)
     assert [c.id for c in lib.cases] == ["alpha.seg.nrrd", "beta0_label.nii.gz"]
     assert [c.image.name for c in lib.cases] == ["alpha.nrrd", "beta0_img.nii.gz"]
@@ -185,7 +191,7 @@ def test_damaged_index_files_are_rebuilt_with_a_warning(hippo_library, features,
 
 
 def test_read_only_library_keeps_its_index_in_the_user_cache(hippo_library, features, monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(hippo_library)))
     lib = open_library(hippo_library)
     root = lib.index_root()
@@ -267,21 +273,21 @@ def test_dinov2_features_are_unit_vectors_keyed_by_weights(dino):
 def test_dinov2_weights_come_verified_from_the_model_cache(monkeypatch, tmp_path, dino):
     from safetensors.torch import save_file
 
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setitem(dinov2_features.VARIANTS, "dinov2-small", (384, 1, 6))
+    monkeypatch.setitem(dinov2.VARIANTS, "dinov2-small", (384, 1, 6))
     with pytest.raises(ModelError, match="not in the cache"):
         load_dinov2("dinov2-small")
-    weights = models.weights_dir() / "dinov2-small" / "model.safetensors"
+    weights = model_weights.weights_dir() / "dinov2-small" / "model.safetensors"
     weights.parent.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(weights))
-    spec = dinov2_features.weight_spec("dinov2-small")
-    published = models.ModelSpec(**{**spec.__dict__, "sha256": models.sha256_of(weights)})
-    monkeypatch.setattr(dinov2_features, "weight_spec", lambda name: published)
+    spec = dinov2.weight_spec("dinov2-small")
+    published = registry.ModelSpec(**{**spec.__dict__, "sha256": sha256_of(weights)})
+    monkeypatch.setattr(dinov2, "weight_spec", lambda name: published)
     loaded = load_dinov2("dinov2-small")
     assert DINOv2Features(loaded).key == DINOv2Features(dino).key
-    assert models.read_manifest()["dinov2-small"]["sha256"] == published.sha256
-    assert "dinov2-small" not in models.REGISTRY  # the registry is left as it was
+    assert model_weights.read_manifest()["dinov2-small"]["sha256"] == published.sha256
+    assert "dinov2-small" not in registry.REGISTRY  # the registry is left as it was
     weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
     with pytest.raises(ModelError, match="SHA-256"):
         load_dinov2("dinov2-small")
@@ -295,21 +301,21 @@ def test_cli_library_build_and_info(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "lib"
     [(_, labels)] = _phantom_library(folder, seeds=(2,))
     labelled = int(labels.volume.array.any(axis=(1, 2)).sum())
-    monkeypatch.setitem(dinov2_features.VARIANTS, "dinov2-small", (384, 1, 6))  # a quick random model
+    monkeypatch.setitem(dinov2.VARIANTS, "dinov2-small", (384, 1, 6))  # a quick random model
     argv = ["library", "build", str(folder), "--features", "dinov2-small", "--random-weights", "-q"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert "1 embedded, 0 reused" in capsys.readouterr().out
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert "0 embedded, 1 reused" in capsys.readouterr().out
-    assert cli.main(["library", "info", str(folder), "--json"]) == 0
+    assert cli_main(["library", "info", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     [ix] = info["indexes"]
     assert info["cases"] == 1 and ix["current"] == 1 and ix["embeddings"] == labelled and ix["size_bytes"] > 0
     assert ix["config"]["features"].startswith("dinov2-small-random:cls:224:")
     assert ix["structures"] == [{"value": 1, "name": "structure_1", "cases": 1}]
-    assert cli.main(["library", "info", str(folder)]) == 0
+    assert cli_main(["library", "info", str(folder)]) == 0
     assert "label   1  structure_1" in capsys.readouterr().out
-    assert cli.main(["library", "info", str(tmp_path / "nope")]) == cli.EXIT_ERROR
+    assert cli_main(["library", "info", str(tmp_path / "nope")]) == EXIT_ERROR
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -337,14 +343,14 @@ def test_retrieval_segmentation_end_to_end(tmp_path, random_predictor):
 def test_cli_segment_with_a_library(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers", reason="DINOv2 features need transformers (the retrieval extra)")
     _phantom_library(tmp_path / "lib", seeds=(2,))
-    monkeypatch.setitem(dinov2_features.VARIANTS, "dinov2-small", (384, 1, 6))
+    monkeypatch.setitem(dinov2.VARIANTS, "dinov2-small", (384, 1, 6))
     query, _ = phantom(shape_kji=(6, 32, 32), n_objects=1, seed=5)
     write_volume(query, tmp_path / "q.nrrd")
     out = tmp_path / "out.seg.nrrd"
     argv = ["-q", "segment", "--query", str(tmp_path / "q.nrrd"), "--library", str(tmp_path / "lib"), "--top-k", "1",
             "--out", str(out), "--random-weights", "--image-size", "256", "--slice-range", "2", "3",
             "--library-features", "dinov2-small", "--position-window", "0.3"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     result = read_labels(out)
     assert result.volume.same_grid(query) and [s.name for s in result.segments] == ["structure_1"]
     report = json.loads((tmp_path / "out_report.json").read_text())
@@ -354,5 +360,5 @@ def test_cli_segment_with_a_library(tmp_path, capsys, monkeypatch):
     assert r["support_entries"] <= 4 and report["timing"]["frames_encoded"] <= 6 + r["support_entries"]
     bad = ["segment", "--query", str(tmp_path / "q.nrrd"), "--library", str(tmp_path / "lib"), "--support",
            str(tmp_path / "q.nrrd"), str(tmp_path / "q.nrrd"), "--out", str(tmp_path / "x.nrrd"), "--random-weights"]
-    assert cli.main(bad) == cli.EXIT_ERROR and not (tmp_path / "x.nrrd").exists()
+    assert cli_main(bad) == EXIT_ERROR and not (tmp_path / "x.nrrd").exists()
     assert "give one of" in capsys.readouterr().err

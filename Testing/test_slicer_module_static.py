@@ -23,7 +23,7 @@ MODULE_DIR = ROOT / "SAM2FewShot"
 MODULE_FILE = MODULE_DIR / "SAM2FewShot.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SAM2FewShot.ui"
 ENGINE = MODULE_DIR / "SAM2FewShotLib"
-BRIDGE_FILES = {"mrml_bridge.py", "mrml_volume.py", "mrml_segments.py"}  # may import Slicer's MRML classes
+BRIDGE_FILES = {"slicer/mrml_volume.py", "slicer/mrml_segments.py"}  # may import Slicer's MRML classes
 
 # Widget-name suffix -> the class the panel must use for it (longest suffix first).
 SUFFIX_CLASSES = (
@@ -220,7 +220,7 @@ def test_module_cmakelists_names_every_script_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
     listed = {p.replace("${MODULE_NAME}", name) for p in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
-    scripts = {"SAM2FewShot.py"} | {f"SAM2FewShotLib/{p.name}" for p in ENGINE.glob("*.py")}
+    scripts = {"SAM2FewShot.py"} | {str(p.relative_to(MODULE_DIR)) for p in ENGINE.rglob("*.py")}
     block = "\n".join(f"  {p.replace('SAM2FewShot', '${MODULE_NAME}', 1)}" for p in sorted(scripts))
     assert listed == scripts, (f"missing from CMakeLists: {sorted(scripts - listed)}; listed but absent: "
                                f"{sorted(listed - scripts)}. The list to paste:\n{block}")
@@ -260,19 +260,42 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted(ENGINE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(ENGINE.rglob("*.py")), ids=lambda p: str(p.relative_to(ENGINE)))
 def test_engine_never_imports_qt_ctk_or_slicer_gui(path):
     gui = {m for m in imported_modules(path) if m.split(".")[0] in {"qt", "ctk", "PythonQt", "PyQt5", "PySide2"}
            or m.startswith(("slicer.util", "slicer.ScriptedLoadableModule", "slicer.app"))}
     assert not gui, f"{path.name} imports GUI modules: {gui}"
-    if path.name not in BRIDGE_FILES:
+    if str(path.relative_to(ENGINE)) not in BRIDGE_FILES:
         slicer = {m for m in imported_modules(path) if m.split(".")[0] in {"slicer", "vtk", "vtkmodules"}}
         assert not slicer, f"{path.name} imports Slicer/VTK; only the MRML bridge may: {slicer}"
 
 
 def test_panel_helpers_import_neither_torch_nor_qt():
     """What the panel imports before first-use setup must load in a Slicer without torch."""
-    code = ("import sys; import SAM2FewShotLib.slicer_runs, SAM2FewShotLib.slicer_setup; "
+    code = ("import sys; import SAM2FewShotLib.slicer.runs, SAM2FewShotLib.slicer.install; "
             "print(sorted(m for m in ('torch', 'sam2', 'qt', 'slicer', 'SimpleITK') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_engine_name_the_module_uses_exists():
+    """The module cannot run here: every engine module, name and module attribute it uses must exist."""
+    import importlib
+    import types
+
+    tree = module_tree()
+    used = {(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    checked = 0
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("SAM2FewShotLib"):
+            package = importlib.import_module(node.module)
+            for alias in node.names:
+                value = getattr(package, alias.name, None)
+                if value is None:
+                    value = importlib.import_module(f"{node.module}.{alias.name}")  # a submodule
+                local = alias.asname or alias.name
+                if isinstance(value, types.ModuleType):
+                    missing = sorted(attr for name, attr in used if name == local and not hasattr(value, attr))
+                    assert not missing, f"{node.module}.{alias.name} has no {missing}"
+                checked += 1
+    assert checked >= 8

@@ -15,22 +15,22 @@ import psutil
 import pytest
 
 from phantoms import phantom
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.slicer_support import PanelChoices
-from SAM2FewShotLib.volume import LabelMap
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume import LabelMap
+from SAM2FewShotLib.slicer.panel import PanelChoices
 
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
 
-from SAM2FewShotLib.mrml_bridge import (  # noqa: E402 - only once Slicer's MRML is known to be there
+from SAM2FewShotLib.run.client import WorkerClient
+from SAM2FewShotLib.slicer.mrml_segments import (
     add_labels_to_segmentation,
     labels_from_segmentation,
     register_segmentation_converters,
-    volume_to_node,
 )
-from SAM2FewShotLib.slicer_runs import RunController  # noqa: E402
-from SAM2FewShotLib.worker_client import WorkerClient  # noqa: E402
+from SAM2FewShotLib.slicer.mrml_volume import volume_to_node
+from SAM2FewShotLib.slicer.runs import RunController
 
 SHAPE = (8, 32, 32)  # 8 slices along k, the thick-slice (auto) axis
 PROMPTED = 4

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from SAM2FewShotLib import models, slicer_setup
-from SAM2FewShotLib.errors import ModelError
-from SAM2FewShotLib.slicer_setup import REQUIREMENTS, plan_install
+from SAM2FewShotLib.common.cache import CACHE_ENV
+from SAM2FewShotLib.common.errors import ModelError
+from SAM2FewShotLib.sam2.registry import REGISTRY
+from SAM2FewShotLib.slicer import install
+from SAM2FewShotLib.slicer.install import REQUIREMENTS, plan_install
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,15 +38,15 @@ def test_pins_are_pyprojects_and_sam2_comes_without_its_dependencies():
 
 
 def test_pip_commands_put_sam2_alone_and_never_touch_slicers_own_packages():
-    commands = slicer_setup.pip_commands(REQUIREMENTS)
+    commands = install.pip_commands(REQUIREMENTS)
     assert commands[0] == ["sam2==1.1.0", "--no-deps", "--no-build-isolation"]
     assert all("--no-deps" not in c for c in commands[1:]) and len(commands) == 2
     flat = [a for c in commands for a in c]
     for own in ("numpy", "SimpleITK", "pillow"):
         assert not any(a.startswith(own) for a in flat)
     assert "huggingface_hub==2.4.0" in commands[1] and "hydra-core==1.3.2" in commands[1]
-    assert slicer_setup.pip_commands([]) == []
-    assert slicer_setup.PIP_ENVIRONMENT == {"SAM2_BUILD_CUDA": "0"}
+    assert install.pip_commands([]) == []
+    assert install.PIP_ENVIRONMENT == {"SAM2_BUILD_CUDA": "0"}
 
 
 def test_the_plan_installs_what_is_missing_or_too_old():
@@ -55,33 +57,33 @@ def test_the_plan_installs_what_is_missing_or_too_old():
     assert [r.distribution for r in plan.install] == ["hydra-core", "tqdm"] and not plan.unfixable
     broken = plan_install({**installed, "numpy": None, "SimpleITK": "2.0.0"})
     assert not broken.install and len(broken.unfixable) == 2 and "reinstall Slicer" in broken.unfixable[0]
-    without_sam2 = plan_install({}, requirements=slicer_setup.requirements_for(needs_model=False))
+    without_sam2 = plan_install({}, requirements=install.requirements_for(needs_model=False))
     assert "sam2" not in [r.distribution for r in without_sam2.install]
 
 
 def test_this_environment_needs_nothing(monkeypatch):
     assert not plan_install().needed  # the test venv has every pinned package
-    assert slicer_setup.torch_problem(slicer_setup.torch_version()) is None
+    assert install.torch_problem(install.torch_version()) is None
 
     def must_not_ask(question):
         raise AssertionError(f"asked although nothing is missing: {question}")
 
-    assert slicer_setup.ensure_installed(True, must_not_ask, must_not_ask, must_not_ask)
+    assert install.ensure_installed(True, must_not_ask, must_not_ask, must_not_ask)
 
 
 def test_versions_and_torch_checks():
-    assert slicer_setup.version_tuple("2.5.1+cu121") == (2, 5, 1)
-    assert slicer_setup.version_tuple("1.1.0rc2") == (1, 1, 0)
-    assert slicer_setup.version_tuple("0.1.10") > slicer_setup.version_tuple("0.1.9")
-    assert slicer_setup.at_least("1.26", "1.26.0") and not slicer_setup.at_least("1.25.9", "1.26")
-    assert slicer_setup.torch_problem(None) == "PyTorch is not installed"
-    assert "too old" in slicer_setup.torch_problem("2.1.2")
-    assert slicer_setup.torch_problem("2.5.1") is None
+    assert install.version_tuple("2.5.1+cu121") == (2, 5, 1)
+    assert install.version_tuple("1.1.0rc2") == (1, 1, 0)
+    assert install.version_tuple("0.1.10") > install.version_tuple("0.1.9")
+    assert install.at_least("1.26", "1.26.0") and not install.at_least("1.25.9", "1.26")
+    assert install.torch_problem(None) == "PyTorch is not installed"
+    assert "too old" in install.torch_problem("2.1.2")
+    assert install.torch_problem("2.5.1") is None
 
 
 def test_consent_names_everything_that_will_be_installed():
     plan = plan_install({})
-    text = slicer_setup.consent_text(plan, "PyTorch is not installed")
+    text = install.consent_text(plan, "PyTorch is not installed")
     assert "PyTorch >=2.5.1 through the PyTorch extension" in text
     for requirement in plan.install:
         assert requirement.pip_argument in text
@@ -90,20 +92,20 @@ def test_consent_names_everything_that_will_be_installed():
 
 def test_gpu_advice_suggests_a_smaller_model_of_the_same_family_or_the_cpu():
     gib = 2 ** 30
-    for name in models.REGISTRY:
-        assert slicer_setup.gpu_advice(name, 80 * gib) is None
-    advice = slicer_setup.gpu_advice("sam2.1-large", 5 * gib)
+    for name in REGISTRY:
+        assert install.gpu_advice(name, 80 * gib) is None
+    advice = install.gpu_advice("sam2.1-large", 5 * gib)
     assert "sam2.1-small" in advice and "5.0 GiB is free" in advice
-    assert "sam2-small" in slicer_setup.gpu_advice("sam2-large", 5 * gib)
-    assert "CPU" in slicer_setup.gpu_advice("sam2.1-tiny", 1 * gib)
-    sizes = [slicer_setup.gpu_gib_needed(n) for n in ("sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")]
+    assert "sam2-small" in install.gpu_advice("sam2-large", 5 * gib)
+    assert "CPU" in install.gpu_advice("sam2.1-tiny", 1 * gib)
+    sizes = [install.gpu_gib_needed(n) for n in ("sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")]
     assert sizes == sorted(sizes)
-    assert slicer_setup.gpu_advice_for("sam2.1-large", "cpu") is None
+    assert install.gpu_advice_for("sam2.1-large", "cpu") is None
 
 
 def test_a_download_that_cannot_happen_ends_with_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    download = slicer_setup.BackgroundDownload("sam2.1-tiny", offline=True)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    download = install.BackgroundDownload("sam2.1-tiny", offline=True)
     download.join(30)
     assert download.finished and isinstance(download.error, ModelError) and download.path is None
     assert "offline" in str(download.error) and download.fraction == 0.0

@@ -2,79 +2,85 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from phantoms import OBLIQUE, phantom
-from SAM2FewShotLib import protocol, slicer_support
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.slicer_support import PanelChoices
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.methods.registry import METHODS
+from SAM2FewShotLib.run import protocol
+from SAM2FewShotLib.slicer import panel
+from SAM2FewShotLib.slicer.panel import PanelChoices
 
-ENGINE = protocol.__file__.rsplit("/", 1)[0]
+ENGINE = Path(protocol.__file__).resolve().parents[1]  # the engine package
 
 
 # --- methods and the panel's choices --------------------------------------------------------------
 
 
 def test_a_method_is_offered_exactly_when_the_worker_runs_it_and_the_engine_has_it():
-    from pathlib import Path
-
-    status = slicer_support.method_availability()
-    assert [m.key for m in slicer_support.METHODS] == ["propagate", "matched-support", "retrieval", "registration",
+    status = panel.method_availability()
+    assert [m.key for m in METHODS.values()] == ["propagate", "matched-support", "retrieval", "registration",
                                                         "guided"]
-    for method in slicer_support.METHODS:
-        has_it = method.key in protocol.METHODS and (Path(ENGINE) / f"{method.engine_module}.py").is_file()
+    for method in METHODS.values():
+        has_it = method.key in protocol.METHODS and (ENGINE / "methods" / f"{method.key.replace('-', '_')}.py").is_file()
         assert (status[method.key] is None) == has_it, method.key
         if not has_it:
-            assert "not available yet" in status[method.key].lower()
+            assert "not available" in status[method.key].lower()
     assert status["propagate"] is None and status["matched-support"] is None
-    assert slicer_support.method_availability(worker_methods=("propagate",))["matched-support"] is not None
+    assert panel.method_availability(worker_methods=("propagate",))["matched-support"] is not None
 
 
 def test_panel_choices_are_the_engines_own():
-    from SAM2FewShotLib.frames import _ANATOMICAL, slicing_axis
-    from SAM2FewShotLib.mrml_segments import POLICIES
-    from SAM2FewShotLib.normalization import Normalization
-    from SAM2FewShotLib.support_memory import SCHEMES
+    from SAM2FewShotLib.io.normalization import Normalization
+    from SAM2FewShotLib.io.slicing import ANATOMICAL_AXES, slicing_axis
+    from SAM2FewShotLib.slicer.mrml_segments import POLICIES
+    from SAM2FewShotLib.support.memory import SCHEMES
 
-    assert slicer_support.SCHEMES == SCHEMES and slicer_support.POLICIES == POLICIES
-    assert set(slicer_support.AXES) == {"auto", *_ANATOMICAL}
+    assert panel.SCHEMES == SCHEMES and panel.POLICIES == POLICIES
+    assert set(panel.AXES) == {"auto", *ANATOMICAL_AXES}
     image, _ = phantom()
-    assert {slicing_axis(image, a) for a in slicer_support.AXES} <= {0, 1, 2}
-    for text in slicer_support.NORMALIZATIONS:
+    assert {slicing_axis(image, a) for a in panel.AXES} <= {0, 1, 2}
+    for text in panel.NORMALIZATIONS:
         Normalization.parse(text)  # every offered preset is one the engine understands
 
 
 def test_parameters_become_typed_choices_with_defaults_for_unreadable_values():
-    defaults = slicer_support.choices_from_parameters({})
+    defaults = panel.choices_from_parameters({})
     assert defaults == PanelChoices()
-    choices = slicer_support.choices_from_parameters(
+    choices = panel.choices_from_parameters(
         {"Method": "matched-support", "Model": "sam2.1-small", "TopK": "x", "Augmentations": "0", "SliceRange": "4,9"})
     assert (choices.method, choices.model, choices.top_k, choices.augmentations) == ("matched-support", "sam2.1-small", 3, 1)
     assert choices.slice_range == (4, 9)
-    assert slicer_support.parse_slice_range("9,4") is None and slicer_support.parse_slice_range("") is None
-    assert set(slicer_support.REMEMBERED) <= set(slicer_support.PARAMETER_DEFAULTS)
+    assert panel.parse_slice_range("9,4") is None and panel.parse_slice_range("") is None
+    assert set(panel.REMEMBERED) <= set(panel.PARAMETER_DEFAULTS)
 
 
 def test_jobs_from_the_panel_pass_the_workers_own_validation(tmp_path):
-    from SAM2FewShotLib.jobs import dataclass_params
-    from SAM2FewShotLib.segment_fewshot import FewShotParams
+    from SAM2FewShotLib.methods.matched_support import FewShotParams
+    from SAM2FewShotLib.run.runner import check_request
 
     choices = PanelChoices(method="matched-support", device="cpu", random_weights=True, image_size=256, top_k=2,
                            augmentations=3, scheme="pair", axis="coronal", normalization="lung", slice_range=(2, 5))
-    job = slicer_support.build_job("j1", choices, tmp_path, tmp_path / "q.nrrd",
+    job = panel.build_job("j1", choices, tmp_path, tmp_path / "q.nrrd",
                                    supports=[(tmp_path / "s.nrrd", tmp_path / "s.seg.nrrd")])
     parsed = protocol.parse_request(protocol.encode(job.to_message()))
     assert parsed == job
     assert parsed.out == str(tmp_path / "result.seg.nrrd") and parsed.report == str(tmp_path / "report.json")
     assert parsed.model.random_weights and parsed.model.image_size == 256 and parsed.frames.slice_range == (2, 5)
-    params = dataclass_params(FewShotParams, parsed.params)
+    for name in ("q.nrrd", "s.nrrd", "s.seg.nrrd", "p.seg.nrrd"):
+        (tmp_path / name).write_bytes(b"")  # the runner's checks look for the files, not into them
+    spec, params = check_request(parsed)  # what the worker's runner checks before it loads anything
+    assert spec.key == "matched-support" and isinstance(params, FewShotParams)
     assert (params.scheme, params.top_k, params.augmentations) == ("pair", 2, 3)
-    propagate = slicer_support.build_job("j2", PanelChoices(), tmp_path, tmp_path / "q.nrrd", tmp_path / "p.seg.nrrd")
+    propagate = panel.build_job("j2", PanelChoices(), tmp_path, tmp_path / "q.nrrd", tmp_path / "p.seg.nrrd")
     assert protocol.parse_request(protocol.encode(propagate.to_message())).params == {}
-    with pytest.raises(protocol.ProtocolError):  # a propagate job without prompts is refused by the worker too
-        protocol.parse_request(protocol.encode(slicer_support.build_job("j3", PanelChoices(), tmp_path,
-                                                                        tmp_path / "q.nrrd").to_message()))
+    check_request(propagate)
+    with pytest.raises(InputError, match="propagate needs prompts"):  # refused by the worker before any work
+        check_request(protocol.parse_request(protocol.encode(panel.build_job("j3", PanelChoices(), tmp_path,
+                                                                             tmp_path / "q.nrrd").to_message())))
 
 
 # --- the report's low-confidence slices -----------------------------------------------------------
@@ -83,9 +89,9 @@ def test_jobs_from_the_panel_pass_the_workers_own_validation(tmp_path):
 @pytest.fixture(scope="module")
 def real_report(random_predictor):
     """A propagate run's report from the real sam2 architecture (random weights): real object scores."""
-    from SAM2FewShotLib.segment_propagate import prompts_from_labels, segment_propagate
-    from SAM2FewShotLib.session import VolumeSession
-    from SAM2FewShotLib.volume import LabelMap
+    from SAM2FewShotLib.io.volume import LabelMap
+    from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
+    from SAM2FewShotLib.sam2.session import VolumeSession
 
     image, truth = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0))
     prompt = np.zeros_like(truth.volume.array)
@@ -96,8 +102,8 @@ def real_report(random_predictor):
 
 
 def test_low_confidence_slices_are_the_undecided_ones_most_doubtful_first(real_report):
-    every = slicer_support.low_confidence_slices(real_report, margin=float("inf"))
-    flags = slicer_support.low_confidence_slices(real_report, margin=2.0)
+    every = panel.low_confidence_slices(real_report, margin=float("inf"))
+    flags = panel.low_confidence_slices(real_report, margin=2.0)
     expected = {(s["slice"], name) for s in real_report["slices"] for name, o in s["objects"].items()
                 if o["object_score"] is not None and abs(o["object_score"]) < 2.0 and not o["source"].endswith("prompt")
                 and o["source"] != "not visited"}
@@ -107,13 +113,13 @@ def test_low_confidence_slices_are_the_undecided_ones_most_doubtful_first(real_r
     scores = [abs(f.score) for f in every]
     assert scores == sorted(scores)
     assert all(0.0 < f.confidence < 1.0 and (f.confidence > 0.5) == (f.score > 0) for f in every)
-    assert len(slicer_support.low_confidence_slices(real_report, margin=float("inf"), limit=3)) == 3
-    assert slicer_support.report_axis(real_report) == 0
+    assert len(panel.low_confidence_slices(real_report, margin=float("inf"), limit=3)) == 3
+    assert panel.report_axis(real_report) == 0
 
 
 def test_a_report_without_an_axis_is_refused():
     with pytest.raises(InputError):
-        slicer_support.report_axis({"session": {}})
+        panel.report_axis({"session": {}})
 
 
 # --- refine: edited slices -------------------------------------------------------------------------
@@ -130,8 +136,8 @@ def test_edited_slices_become_the_only_prompts(axis):
     view[2] = 0
     view[2, 3:6, 4:9] = 1  # a slice redrawn
     view[mid][view[mid] > 0] = 3  # a slice relabelled
-    assert slicer_support.edited_slices(current, previous, axis) == [2, mid]
-    prompts, slices = slicer_support.refine_prompts(current, previous, axis)
+    assert panel.edited_slices(current, previous, axis) == [2, mid]
+    prompts, slices = panel.refine_prompts(current, previous, axis)
     assert slices == [2, mid]
     kept = np.moveaxis(prompts, axis, 0)
     assert np.array_equal(kept[slices], view[slices])
@@ -142,15 +148,15 @@ def test_refine_needs_an_edit_that_leaves_something_to_propagate_from():
     _, truth = phantom((10, 24, 28))
     previous = truth.volume.array
     with pytest.raises(InputError, match="no slice differs"):
-        slicer_support.refine_prompts(previous.copy(), previous, 0)
+        panel.refine_prompts(previous.copy(), previous, 0)
     erased = previous.copy()
     erased[5] = 0
     with pytest.raises(InputError, match="no labelled voxel"):
-        slicer_support.refine_prompts(erased, previous, 0)
+        panel.refine_prompts(erased, previous, 0)
     with pytest.raises(InputError, match="grid"):
-        slicer_support.edited_slices(previous[:5], previous, 0)
-    assert slicer_support.format_slices(list(range(3))) == "0, 1, 2"
-    assert slicer_support.format_slices(list(range(20)), limit=2) == "0, 1, ... (20 slices)"
+        panel.edited_slices(previous[:5], previous, 0)
+    assert panel.format_slices(list(range(3))) == "0, 1, 2"
+    assert panel.format_slices(list(range(20)), limit=2) == "0, 1, ... (20 slices)"
 
 
 # --- geometry and wording -------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def test_refine_needs_an_edit_that_leaves_something_to_propagate_from():
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_slice_centre_lands_on_that_slice_in_world_coordinates(axis):
     image, _ = phantom((10, 24, 28), direction=OBLIQUE)
-    ras = slicer_support.slice_center_ras(image.ijk_to_ras(), image.array.shape, axis, 7)
+    ras = panel.slice_center_ras(image.ijk_to_ras(), image.array.shape, axis, 7)
     ijk = np.linalg.inv(image.ijk_to_ras()) @ np.array([*ras, 1.0])
     kji = ijk[2::-1]
     assert kji[axis] == pytest.approx(7.0)
@@ -168,28 +174,28 @@ def test_slice_centre_lands_on_that_slice_in_world_coordinates(axis):
 
 
 def test_progress_and_elapsed_wording():
-    assert slicer_support.progress_text("propagate", 12, 80) == "Propagating: slice 12 of 80"
-    assert slicer_support.progress_text("encode", 3, 8) == "Encoding slices: slice 3 of 8"
-    assert slicer_support.progress_text("download", 50_000_000, 156_000_000) == "Downloading model weights: 50 of 156 MB"
-    assert slicer_support.progress_text("model", 0, 0) == "Loading the model"
-    assert slicer_support.progress_text("new_stage", 1, 2) == "New stage: 1 of 2"
-    assert [slicer_support.progress_percent(d, 8) for d in (-1, 0, 4, 8, 9)] == [0, 0, 50, 100, 100]
-    assert slicer_support.progress_percent(3, 0) == 0
-    assert [slicer_support.format_elapsed(s) for s in (7.9, 723, 3723)] == ["0:07", "12:03", "1:02:03"]
+    assert panel.progress_text("propagate", 12, 80) == "Propagating: slice 12 of 80"
+    assert panel.progress_text("encode", 3, 8) == "Encoding slices: slice 3 of 8"
+    assert panel.progress_text("download", 50_000_000, 156_000_000) == "Downloading model weights: 50 of 156 MB"
+    assert panel.progress_text("model", 0, 0) == "Loading the model"
+    assert panel.progress_text("new_stage", 1, 2) == "New stage: 1 of 2"
+    assert [panel.progress_percent(d, 8) for d in (-1, 0, 4, 8, 9)] == [0, 0, 50, 100, 100]
+    assert panel.progress_percent(3, 0) == 0
+    assert [panel.format_elapsed(s) for s in (7.9, 723, 3723)] == ["0:07", "12:03", "1:02:03"]
 
 
 # --- support libraries ----------------------------------------------------------------------------
 
 
 def test_library_cases_pair_images_with_their_labels(shared_data):
-    cases = slicer_support.library_cases(shared_data / "msd_hippocampus")
+    cases = panel.library_cases(shared_data / "msd_hippocampus")
     assert len(cases) == 5
     assert all(i.name.replace("_img", "_label") == lab.name for i, lab in cases)
-    assert slicer_support.describe_library(str(shared_data / "msd_hippocampus")) == "5 labelled case(s)"
+    assert panel.describe_library(str(shared_data / "msd_hippocampus")) == "5 labelled case(s)"
 
 
 def test_an_empty_library_is_explained(tmp_path):
-    assert "no labelled case" in slicer_support.describe_library(str(tmp_path))
-    assert slicer_support.describe_library("") == "Choose a folder of labelled cases."
+    assert "no labelled case" in panel.describe_library(str(tmp_path))
+    assert panel.describe_library("") == "Choose a folder of labelled cases."
     with pytest.raises(InputError):
-        slicer_support.library_cases(tmp_path / "absent")
+        panel.library_cases(tmp_path / "absent")

@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from phantoms import phantom
-from SAM2FewShotLib.augment import AugmentParams, augment_slices
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.matching import ALL, match_slices, relative_positions
-from SAM2FewShotLib.similarity import (
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.support.augment import AugmentParams, augment_slices
+from SAM2FewShotLib.support.features import (
     FeatureExtractor,
     IntensityFeatures,
     SAM2Features,
@@ -17,7 +16,8 @@ from SAM2FewShotLib.similarity import (
     make_extractor,
     sam2_embed_fn,
 )
-from SAM2FewShotLib.support import select_support_slices, spread_indices, stack_support
+from SAM2FewShotLib.support.matching import ALL, match_slices, relative_positions
+from SAM2FewShotLib.support.slices import select_support_slices, spread_indices, stack_support
 
 HIPPOCAMPUS_CASES = ("015", "184", "195", "199", "216")
 

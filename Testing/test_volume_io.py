@@ -18,9 +18,9 @@ import SimpleITK as sitk
 import slicerio
 
 from phantoms import OBLIQUE, RAS_FLIP, phantom
-from SAM2FewShotLib.errors import InputError
-from SAM2FewShotLib.volume import LabelMap, Segment, Volume, default_segments
-from SAM2FewShotLib.volume_io import (
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume, default_segments
+from SAM2FewShotLib.io.volume_io import (
     image_suffix,
     read_labels,
     read_volume,
@@ -344,7 +344,7 @@ def test_dicom_folder_with_two_series_reads_the_larger(tmp_path, caplog):
     small, _ = phantom(shape_kji=(4, 20, 24))
     write_dicom_series(big.with_array(big.array.astype(np.int16)), tmp_path / "dicom", "1.2.3.444")
     write_dicom_series(small.with_array(small.array.astype(np.int16)), tmp_path / "dicom", "1.2.3.555")
-    with caplog.at_level(logging.INFO, logger="SAM2FewShotLib.volume_io"):
+    with caplog.at_level(logging.INFO, logger="SAM2FewShotLib.io.volume_io"):
         back = read_volume(tmp_path / "dicom")
     assert back.array.shape == big.array.shape
     assert any("1.2.3.444" in r.getMessage() for r in caplog.records)
@@ -418,9 +418,9 @@ FILLING_THE_DISK = textwrap.dedent(
     """
     import json, resource, signal, sys
     import numpy as np
-    from SAM2FewShotLib.errors import InputError
-    from SAM2FewShotLib.volume import LabelMap, Volume
-    from SAM2FewShotLib.volume_io import write_labels, write_volume
+    from SAM2FewShotLib.common.errors import InputError
+    from SAM2FewShotLib.io.volume import LabelMap, Volume
+    from SAM2FewShotLib.io.volume_io import write_labels, write_volume
 
     rng = np.random.default_rng(0)  # noise does not compress: every file outgrows the limit
     volume = Volume(rng.standard_normal((30, 60, 60)).astype(np.float32), (1, 1, 1), (0, 0, 0))

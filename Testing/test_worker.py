@@ -15,10 +15,10 @@ import psutil
 import pytest
 
 from phantoms import phantom
-from SAM2FewShotLib.protocol import FrameOptions, Job, ModelOptions, ProtocolError, encode, parse_request
-from SAM2FewShotLib.volume import LabelMap
-from SAM2FewShotLib.volume_io import read_labels, write_labels, write_volume
-from SAM2FewShotLib.worker_client import JobFolder, WorkerClient, WorkerError, kill_tree, read_result
+from SAM2FewShotLib.io.volume import LabelMap
+from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
+from SAM2FewShotLib.run.client import JobFolder, WorkerClient, WorkerError, kill_tree, read_result
+from SAM2FewShotLib.run.protocol import FrameOptions, Job, ModelOptions, ProtocolError, encode, parse_request
 
 MODEL = {"random_weights": True, "image_size": 256, "device": "cpu", "seed": 0}
 SHAPE = (8, 32, 32)  # 8 slices along k: the thick-slice (auto) axis
@@ -126,7 +126,7 @@ def test_invalid_requests_are_answered_and_the_worker_goes_on(data, tmp_path):
         json.dumps({**base, "id": "valid", "method": "propagate"}),
         json.dumps({"type": "shutdown"}),
     ]
-    run = subprocess.run([sys.executable, "-m", "SAM2FewShotLib.worker"], input="\n".join(requests) + "\n",
+    run = subprocess.run([sys.executable, "-m", "SAM2FewShotLib.run.worker"], input="\n".join(requests) + "\n",
                          capture_output=True, text=True, timeout=120, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     events = [json.loads(line) for line in run.stdout.splitlines()]  # nothing but JSON lines
@@ -151,7 +151,7 @@ def test_out_of_memory_is_one_clear_error_and_the_worker_goes_on(data, tmp_path)
     if torch.version.cuda:  # CUDA builds reserve more address space than the limit at import
         pytest.skip("needs a CPU build of torch")
     limited_worker = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-                      "runpy.run_module('SAM2FewShotLib.worker', run_name='__main__')")
+                      "runpy.run_module('SAM2FewShotLib.run.worker', run_name='__main__')")
     base = {"type": "job", "method": "propagate", "query": data["query"], "prompt_labels": data["prompt"],
             "out": str(tmp_path / "out.seg.nrrd"), "report": str(tmp_path / "report.json")}
     requests = [{**base, "id": "huge", "model": {**MODEL, "image_size": 4096}}, {**base, "id": "small", "model": MODEL}]
@@ -174,7 +174,7 @@ def test_a_job_survives_the_protocol_round_trip():
 
 
 def test_library_output_never_reaches_the_protocol_stream():
-    code = ("import os, sys; from SAM2FewShotLib import worker, protocol; out = worker.claim_stdout(); "
+    code = ("import os, sys; from SAM2FewShotLib.run import worker, protocol; out = worker.claim_stdout(); "
             "print('print noise'); sys.stdout.flush(); os.write(1, b'fd-level noise\\n'); "
             "worker.Emitter(out).send(protocol.log('info', 'only me'))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -197,7 +197,7 @@ def test_matched_support_and_a_bad_job_through_the_client(client, data):
 
 
 def test_registration_job(client, data):
-    pytest.importorskip("SAM2FewShotLib.label_fusion")
+    pytest.importorskip("SAM2FewShotLib.methods.registration")
     with JobFolder() as folder:
         job = {**fewshot_job(data, folder), "method": "registration", "params": {}}
         labels, report = read_result(client.wait(client.submit(job), timeout=120))
@@ -274,6 +274,9 @@ def test_guided_and_retrieval_jobs_on_one_warm_worker(client, data, tmp_path):
     assert labels.volume.same_grid(data["image"])
     assert [s.name for s in labels.segments] == ["structure_1", "structure_2"]
     assert report["inputs"]["library"] == str(library)
-    with pytest.raises(ProtocolError, match="needs 'library'"):
-        parse_request(encode({"type": "job", "id": "r", "method": "retrieval", "query": "q", "out": "o",
-                              "report": "r", "supports": [["a", "b"]]}))
+    with JobFolder() as folder:  # a retrieval job without its library: one clear line, the worker goes on
+        wrong = {**retrieval, "library": None, "supports": [[data["support"], data["support_labels"]]],
+                 "out": str(folder.labels), "report": str(folder.report)}
+        with pytest.raises(WorkerError, match="retrieval needs a library"):
+            client.wait(client.submit(wrong), timeout=60)
+        assert not folder.labels.exists()

@@ -24,10 +24,10 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SAM2FewShot"))
 
-from SAM2FewShotLib.label_fusion import FUSION_METHODS, fuse_labels, similarity_weights  # noqa: E402
-from SAM2FewShotLib.metrics import dice_per_label  # noqa: E402
-from SAM2FewShotLib.registration import THREADS, TRANSFORMS, register_support  # noqa: E402
-from SAM2FewShotLib.volume import LabelMap, Volume, default_segments  # noqa: E402
+from SAM2FewShotLib.bench.metrics import dice_per_label
+from SAM2FewShotLib.io.volume import LabelMap, Volume, default_segments
+from SAM2FewShotLib.registration.fusion import FUSION_METHODS, fuse_labels, similarity_weights
+from SAM2FewShotLib.registration.register import THREADS, TRANSFORMS, register_support
 
 LABELS = (1, 2)
 

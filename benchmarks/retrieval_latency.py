@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SAM2FewShot"))
 
-from SAM2FewShotLib.embedding_index import CaseEmbeddings, EmbeddingIndex, IndexConfig  # noqa: E402
-from SAM2FewShotLib.library import ROW_DTYPE, library_from_pairs  # noqa: E402
+from SAM2FewShotLib.library.cases import ROW_DTYPE, library_from_pairs
+from SAM2FewShotLib.library.index import CaseEmbeddings, EmbeddingIndex, IndexConfig
 
 DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 
@@ -101,7 +101,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def run_build(args: argparse.Namespace) -> None:
-    from SAM2FewShotLib.cli import main
+    from SAM2FewShotLib.cli.main import main
 
     cases = sorted(Path(args.data).glob("*_label.nii.gz"))
     if not cases:

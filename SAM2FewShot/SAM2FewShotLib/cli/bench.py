@@ -1,0 +1,194 @@
+"""sam2fewshot bench: accuracy, speed and memory of every method in one run, with tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from ..common.errors import InputError
+from .options import add_frame_args, add_model_args, frame_options, model_options
+
+
+def add_bench_parser(sub) -> None:
+    from ..bench.leave_one_out import VARIANTS
+
+    p = sub.add_parser("bench", help="leave-one-out accuracy, speed and memory of every method",
+                       description="Each labelled case in turn is the query, the others its supports. "
+                                   "Writes results.json, results.md and PNG plots to --out.")
+    p.add_argument("--data", type=Path, help="folder of labelled cases (MSD layout, *_img/*_label or *_seg pairs)")
+    p.add_argument("--out", required=True, type=Path, help="report folder (created if missing)")
+    p.add_argument("--methods", help=f"comma-separated, default all: {', '.join(VARIANTS)}")
+    p.add_argument("--support", metavar="CASE", help="one fixed support case instead of leave-one-out")
+    p.add_argument("--max-cases", type=int, help="at most this many query cases (the first by name)")
+    p.add_argument("--max-supports", type=int, help="at most this many supports per query")
+    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
+    p.add_argument("--cold-sessions", action="store_true",
+                   help="every method encodes the query itself (default: encoded once, shared)")
+    fs = p.add_argument_group("matched support")
+    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice (default 4)")
+    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure (default 8)")
+    fs.add_argument("--features", default="sam2", choices=["sam2", "intensity"], help="similarity features")
+    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice (default 3)")
+    sy = p.add_argument_group("speed and memory (synthetic volumes)")
+    sy.add_argument("--peer-speed", type=int, default=0, metavar="SLICES",
+                    help="compare with a JPEG-folder + stock sam2 pipeline on this many slices")
+    sy.add_argument("--synthetic-structures", type=int, default=3,
+                    help="structures in the synthetic volumes (default 3)")
+    sy.add_argument("--memory-scaling", metavar="N,N,...", help="peak memory for these slice counts, e.g. 50,200,800")
+    sy.add_argument("--memory-feature-budget-mb", type=float,
+                    help="encoder features kept in memory in the memory runs (default: the session's, 64 MB)")
+    sy.add_argument("--memory-mmap-threshold", type=int, metavar="BYTES",
+                    help="fix glibc's M_MMAP_THRESHOLD in the memory runs (e.g. 65536) to tell data from "
+                         "allocator slack")
+    sy.add_argument("--synthetic-size", type=int, default=256, help="slice size of synthetic volumes (default 256)")
+    add_model_args(p)
+    add_frame_args(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Runs the benchmark with the asked torch thread count, and puts the count back afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if args.threads:
+        if args.threads < 1:
+            raise InputError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..bench.leave_one_out import (
+        BenchProgress,
+        BenchSettings,
+        bench_cases,
+        choose_methods,
+        plan_queries,
+        run_leave_one_out,
+    )
+    from ..bench.report import markdown, summarize_runs, write_results
+    from ..io.normalization import Normalization
+    from ..methods.registry import get_method
+    from ..run.runner import Runner
+
+    counts = _counts(args.memory_scaling)
+    if args.data is None and not args.peer_speed and not counts:
+        raise InputError("nothing to benchmark: give --data, --peer-speed or --memory-scaling")
+    if args.slice_range:
+        raise InputError("--slice-range does not apply to bench: every case is segmented whole")
+    fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
+               "features": args.features, "top_k": args.top_k}
+    checked = get_method("matched-support").params(fewshot, seed=args.seed)  # bad values fail before any work
+    Normalization.parse(args.normalization)
+    settings = BenchSettings(frame_options(args), model_options(args), fewshot, args.tolerance, args.support,
+                             args.max_cases, args.max_supports, args.cold_sessions)
+    methods, cases, plan = [], {}, []
+    if args.data is not None:
+        methods = choose_methods(args.methods.split(",") if args.methods else None)
+        cases = bench_cases(args.data)
+        plan = plan_queries(cases, settings)
+    _prepare_out(args.out)  # only once the input is known to be good
+
+    runner, predictor, model_info = Runner(), None, None
+    if any(m.needs_model for m in methods) or args.peer_speed or counts:
+        predictor, model_info = runner.model(settings.model)
+    results = {"tool": "sam2fewshot bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "settings": {"tolerance_mm": settings.tolerance_mm, "axis": settings.frames.axis,
+                            "normalization": args.normalization, "fewshot": asdict(checked),
+                            "support": settings.support, "cold_sessions": settings.cold_sessions},
+               "model": model_info, "machine": machine_info(predictor),
+               "cases": [q for q, _ in plan],
+               "methods": {m.name: {"description": m.description, "uses_query_truth": m.uses_query_truth,
+                                    "needs_model": m.needs_model} for m in methods},
+               "runs": []}
+    if plan:
+        progress = BenchProgress(len(plan) * len(methods), enabled=not args.quiet)
+        try:
+            results["runs"] = run_leave_one_out(cases, methods, runner, settings, progress)
+        finally:
+            progress.close()
+            runner.forget_sessions()
+        results["summary"] = summarize_runs(results["runs"])
+    if args.peer_speed:
+        from ..bench.peer import peer_speed
+
+        _say(args, f"peer-style speed comparison on {args.peer_speed} synthetic slices ...")
+        results["peer_speed"] = peer_speed(predictor, model_info["config"], args.peer_speed, args.synthetic_size,
+                                           args.synthetic_structures, seed=args.seed)
+    if counts:
+        results["memory_scaling"] = _memory_scaling(args, model_info, counts)
+    paths = write_results(results, args.out)
+    print(markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [r for r in results["runs"] if r["status"] != "ok"]
+    if failed:
+        print(f"sam2fewshot: {len(failed)} of {len(results['runs'])} runs failed (see {args.out / 'results.md'})")
+        return 1
+    return 0
+
+
+def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
+    from ..bench.memory import ModelRecipe, fit_per_slice, memory_scaling
+
+    recipe = ModelRecipe(model_info["config"], None if args.random_weights else model_info["weights"],
+                         int(model_info["image_size"]), args.seed, model_info["device"], args.threads)
+    _say(args, f"memory against slice count {counts}, one fresh process each ...")
+    points = memory_scaling(recipe, counts, args.synthetic_size, args.synthetic_structures,
+                            args.memory_feature_budget_mb, mmap_threshold=args.memory_mmap_threshold,
+                            on_point=lambda p: _say(args, f"  {p['slices']} slices: peak "
+                                                          f"{p['peak_rss_above_start_mb']} MB above start"))
+    keys = ("peak_rss_above_start_mb", "frames_mb", "above_frames_mb", "features_held_mb", "features_on_disk_mb",
+            "outputs_mb", "rest_mb", "live_at_end_mb")
+    return {"points": points, "feature_budget_mb": args.memory_feature_budget_mb,
+            "mmap_threshold": args.memory_mmap_threshold,
+            "per_slice_mb": {k: fit_per_slice(points, k) for k in keys}}
+
+
+def _counts(text: Optional[str]) -> list[int]:
+    if not text:
+        return []
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 2:
+        raise InputError(f"--memory-scaling wants slice counts of at least 2, e.g. 50,200,800 (got '{text}')")
+    return counts
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create report folder {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"report folder {out} is not writable")
+
+
+def machine_info(predictor) -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(terse=True), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": None if predictor is None else str(predictor.device),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": None if load is None else [round(x, 2) for x in load]}
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)

@@ -1,0 +1,112 @@
+"""`sam2fewshot library build|info DIR`: bring a support library's embedding index up to date, or describe it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..common.errors import InputError
+from .options import add_model_args, model_options
+
+PLANE_CHOICES = ("axial", "coronal", "sagittal", "all")
+
+
+def add_library_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `library build` and `library info` on the main parser's subparsers."""
+    from ..library.sync import feature_names
+
+    p = subparsers.add_parser("library", help="build or inspect the embedding index of a labelled support library",
+                              description="A library is a folder of labelled cases (X_img + X_label, X + X.seg.nrrd, "
+                                          "imagesTr/ + labelsTr/, ...) or a library.json listing them. Its index "
+                                          "is kept in DIR/.sam2fewshot_index (the user cache when DIR is read-only).")
+    actions = p.add_subparsers(dest="library_action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="embed every labelled slice (only new or changed cases)")
+    build.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")
+    build.add_argument("--features", default="sam2", choices=feature_names(),
+                       help="slice descriptors (default sam2: the SAM2 encoder, reused by propagation)")
+    build.add_argument("--plane", default="axial", choices=PLANE_CHOICES,
+                       help="slicing plane the queries will use (default axial; 'all' builds the three)")
+    build.add_argument("--normalization", default="auto", help="as for segment (default auto)")
+    build.add_argument("--per-slice-normalization", action="store_true")
+    build.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    add_model_args(build)
+    info = actions.add_parser("info", help="the library's cases, structures and indexes (nothing is computed)")
+    info.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def run_library(args: argparse.Namespace) -> int:
+    from ..library.cases import open_library
+
+    library = open_library(args.library)
+    if args.library_action == "build":
+        return _build(args, library)
+    if args.library_action == "info":
+        summary = library_summary(library)
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+        return 0
+    raise InputError(f"unknown library action {args.library_action}")
+
+
+def _build(args: argparse.Namespace, library) -> int:
+    from ..io.normalization import Normalization
+    from ..library.sync import PLANES, sync_library
+    from .console import ConsoleProgress
+
+    normalization = Normalization.parse(args.normalization, per_slice=args.per_slice_normalization)
+    features = features_from_args(args)
+    planes = PLANES if args.plane == "all" else (args.plane,)
+    for plane in planes:
+        progress = ConsoleProgress(enabled=not args.quiet)
+        try:
+            index, data, stats = sync_library(library, features, plane, normalization, progress)
+        finally:
+            progress.close()
+        print(f"{plane}: {len(library)} cases, {len(data)} slice embeddings ({len(data.rows)} slice-structure rows) "
+              f"in {index.folder}: {stats.embedded} embedded, {stats.reused} reused, {stats.removed} removed, "
+              f"{stats.recovered} recovered, {index.size_bytes() / 1e6:.2f} MB, {stats.seconds:.1f} s")
+        for case_id, reason in stats.skipped:
+            print(f"  skipped {case_id}: {reason}")
+    return 0
+
+
+def features_from_args(args: argparse.Namespace):
+    """The library features the arguments ask for; SAM2 is loaded only for 'sam2'."""
+    from ..library.sync import library_features
+    from ..sam2.build import load_model
+    from ..sam2.devices import resolve_device
+
+    predictor = load_model(model_options(args))[0] if args.features == "sam2" else None
+    device = predictor.device if predictor is not None else resolve_device(args.device)
+    return library_features(args.features, predictor, device, offline=args.offline, random_weights=args.random_weights,
+                            seed=args.seed, progress=not getattr(args, "quiet", False))
+
+
+def library_summary(library) -> dict:
+    """Cases and every stored index of the library (beside it and in the user cache)."""
+    from ..library.index import EmbeddingIndex
+
+    indexes = []
+    for root in dict.fromkeys(library.index_locations()):
+        indexes += [index.describe(library.cases) for index in EmbeddingIndex.existing(root)]
+    return {"library": str(library.list_file or library.root), "cases": len(library),
+            "case_files": [{"id": c.id, "image": str(c.image), "labels": str(c.labels)} for c in library.cases],
+            "indexes": indexes}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"library {summary['library']}: {summary['cases']} cases"]
+    if not summary["indexes"]:
+        lines.append("no index yet: run 'sam2fewshot library build DIR'")
+    for ix in summary["indexes"]:
+        cfg = ix["config"]
+        state = ", ".join(f"{ix[k]} {k}" for k in ("current", "changed", "new", "removed") if ix[k])
+        lines.append(f"index {ix['folder']}")
+        lines.append(f"  features {cfg['features']}, plane {cfg['plane']}, normalization {cfg['normalization']['mode']}")
+        lines.append(f"  {ix['cases_indexed']} cases indexed ({state or 'empty'}), {ix['embeddings']} slice embeddings, "
+                     f"{ix['rows']} slice-structure rows, {ix['size_bytes'] / 1e6:.2f} MB")
+        for s in ix["structures"]:
+            lines.append(f"  label {s['value']:>3}  {s['name']}  (in {s['cases']} cases)")
+    return "\n".join(lines)

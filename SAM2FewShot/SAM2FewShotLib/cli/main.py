@@ -1,0 +1,80 @@
+"""sam2fewshot: the command line of the engine (segment, library, models, bench, demo).
+
+Every failure the user can act on ends as one line on stderr and a non-zero exit code; no
+partial output file is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from ..common.errors import InputError, SAM2FewShotError
+
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_bench_parser
+    from .demo import add_demo_parser
+    from .library import add_library_parser
+    from .models import add_models_parser
+    from .segment import add_segment_parser
+
+    parser = argparse.ArgumentParser(prog="sam2fewshot", description="Few-shot 3D segmentation with SAM2.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_segment_parser(sub)
+    add_models_parser(sub)
+    add_demo_parser(sub)
+    add_bench_parser(sub)
+    add_library_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return run_command(args)
+    except SAM2FewShotError as exc:
+        print(f"sam2fewshot: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("sam2fewshot: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("sam2fewshot: error: out of memory: try a smaller model, --image-size or --device cpu", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "segment":
+        from .segment import run_segment
+
+        return run_segment(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
+    if args.command == "models":
+        from .models import run_models
+
+        return run_models(args)
+    if args.command == "library":
+        from .library import run_library
+
+        return run_library(args)
+    raise InputError(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

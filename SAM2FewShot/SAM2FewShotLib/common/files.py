@@ -1,0 +1,56 @@
+"""Files that appear whole or not at all (written beside their place, then renamed onto it), and their hashes.
+
+Label maps, reports, index shards, weights and adapters all go through ``replacing``, so a reader
+(or a crash, or a cancel that kills the process) never meets half a file. Imports nothing heavy,
+so the Slicer panel can use it before first-use setup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+CHUNK = 8 << 20  # bytes hashed at a time
+
+
+@contextlib.contextmanager
+def replacing(path, suffix: str = "") -> Iterator[Path]:
+    """A fresh temporary path in ``path``'s folder: renamed onto ``path`` when the block succeeds,
+    removed when it fails (``path`` is then untouched). ``suffix`` ends the temporary name, for
+    writers that choose the format by extension (ITK)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.resolve().parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_json_atomic(data: dict, path) -> None:
+    """JSON written beside its final place, then renamed: a reader never sees half a report."""
+    with replacing(Path(path)) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def sha256_of(path) -> str:
+    """The SHA-256 of a file, read in chunks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,93 @@
+"""What every method shares: the inputs the Runner hands it, the per-slice JSON report, the extent rule.
+
+The report says, per slice and structure, where its mask came from, SAM2's object score and the
+time; the extent rule keeps a structure on its longest run of slices (where it starts and ends in
+the query is not known in advance).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..common.progress import ProgressFn
+from ..io.normalization import Normalization
+from ..io.volume import LabelMap, SupportCase, Volume
+from ..library.cases import Library
+from ..sam2.build import ModelOptions
+from ..sam2.propagation import PropagationResult
+from ..sam2.session import VolumeSession
+
+EXTENTS = ("largest-run", "score")  # a structure's longest run of accepted slices, or every accepted slice
+
+
+@dataclass
+class MethodInputs:
+    """What a method runs on: the request's files read, its model loaded and its query prepared."""
+
+    query: Volume
+    session: Optional[VolumeSession] = None  # frames and features of the query; None without a model
+    supports: Sequence[SupportCase] = ()
+    support_files: Sequence[tuple[str, str]] = ()  # the supports' (image, labels) files, same order
+    library: Optional[Library] = None
+    prompt_labels: Optional[LabelMap] = None  # masks on some slices, on the query's grid
+    values: Optional[Sequence[int]] = None  # the labels of prompt_labels to use (default all)
+    prompts_file: Optional[Path] = None  # boxes and points in voxel coordinates
+    axis: str = "auto"
+    normalization: Normalization = field(default_factory=Normalization)  # as the request gave it
+    model: ModelOptions = field(default_factory=ModelOptions)
+    frame_range: Optional[tuple[int, int]] = None
+    progress: Optional[ProgressFn] = None
+    should_cancel: Optional[Callable[[], bool]] = None
+
+
+def build_report(method: str, session: VolumeSession, result: PropagationResult, segments, seconds: float,
+                 frames_encoded: int) -> dict:
+    by_value = {s.value: s for s in segments}
+    slices = []
+    for t in range(len(result.labels)):
+        objects = {}
+        for o, obj_id in enumerate(result.obj_ids):
+            score = float(result.object_scores[t, o])
+            entry = {
+                "value": obj_id,
+                "source": result.sources[t].get(obj_id, "not visited"),
+                "object_score": None if math.isnan(score) else round(score, 4),
+                "voxels": int(np.count_nonzero(result.labels[t] == obj_id)),
+            }
+            entry.update(result.details[t].get(obj_id, {}) if result.details else {})
+            objects[by_value[obj_id].name if obj_id in by_value else str(obj_id)] = entry
+        slices.append({"slice": t, "time_s": round(float(result.seconds[t]), 4),
+                       "visited": {"forward": bool(result.visited[t, 0]), "backward": bool(result.visited[t, 1])},
+                       "objects": objects})
+    return {
+        "method": method,
+        "session": session.describe(),
+        "segments": [{"value": s.value, "name": s.name, "color": list(s.color), "terminology": s.terminology}
+                     for s in segments],
+        "timing": {"total_s": round(seconds, 3), "frames_encoded": frames_encoded,
+                   "per_slice_s": round(seconds / max(1, len(result.labels)), 4)},
+        "slices": slices,
+    }
+
+
+def largest_run(slice_labels: np.ndarray, value: int) -> np.ndarray:
+    """Keep a structure only on its longest run of consecutive non-empty slices (in place, slice by
+    slice: no temporary the size of the volume)."""
+    present = np.array([bool((s == value).any()) for s in slice_labels], dtype=bool)
+    best, start, best_span = 0, None, (0, -1)
+    for t, p in enumerate(np.append(present, False)):
+        if p and start is None:
+            start = t
+        elif not p and start is not None:
+            if t - start > best:
+                best, best_span = t - start, (start, t - 1)
+            start = None
+    for t in np.flatnonzero(present):
+        if not best_span[0] <= t <= best_span[1]:
+            slice_labels[t][slice_labels[t] == value] = 0
+    return slice_labels

@@ -1,0 +1,172 @@
+"""Matched support: segment every structure of labelled support cases in a query, with no clicks.
+
+Support slices are augmented, embedded (SAM2's own encoder features, reused for propagation, or
+plain intensity), matched to every query slice, and their image+mask pairs condition SAM2 as
+memories (support/memory.py). The query's own labels are never read here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..common.errors import InputError
+from ..common.progress import ProgressFn
+from ..io.slicing import anatomical_plane, slicing_axis
+from ..io.volume import LabelMap, Segment, SupportCase
+from ..sam2.feature_cache import FeatureCache, StackedCache
+from ..sam2.frames import FrameSource
+from ..sam2.propagation import propagate
+from ..sam2.session import VolumeSession
+from ..support.matching import Matches
+from ..support.memory import SCHEMES, SupportEntries, SupportMemoryPolicy
+from .common import EXTENTS, MethodInputs, build_report, largest_run
+
+FEATURES = ("sam2", "intensity")  # slice similarity: SAM2's encoder features, or intensity correlation
+
+
+@dataclass(frozen=True)
+class FewShotParams:
+    scheme: str = "video+memory"
+    augmentations: int = 4  # augmented copies per support slice (the original is one of them)
+    slices_per_structure: int = 8
+    features: str = "sam2"  # or "intensity"
+    top_k: int = 3
+    neighbours: int = 1
+    position_weight: float = 0.0
+    extent: str = "largest-run"  # or "score": keep every slice SAM2's object score accepts
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise InputError(f"unknown scheme '{self.scheme}': use one of {', '.join(SCHEMES)}")
+        if self.features not in FEATURES:
+            raise InputError(f"unknown features '{self.features}': use {' or '.join(FEATURES)}")
+        if self.extent not in EXTENTS:
+            raise InputError(f"unknown extent rule '{self.extent}': use {' or '.join(EXTENTS)}")
+        if self.augmentations < 1 or self.slices_per_structure < 1 or self.top_k < 1:
+            raise InputError("augmentations, slices per structure and top-k must be at least 1")
+
+
+def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
+    """The structures of all supports, by name; values and colours from the first that has each."""
+    by_name: dict[str, Segment] = {}
+    for n, (image, labels) in enumerate(supports):
+        if image.array.ndim != 3:
+            raise InputError(f"support {n + 1} is not a 3D volume")
+        image.require_same_grid(labels.volume, f"support {n + 1} labels")
+        present = set(np.unique(labels.volume.array).tolist()) - {0}
+        if not present:
+            raise InputError(f"support {n + 1} has no labelled voxel")
+        for seg in labels.segments:
+            if seg.value not in present:
+                continue
+            known = by_name.get(seg.name)
+            if known is None:
+                if any(s.value == seg.value for s in by_name.values()):
+                    raise InputError(f"support {n + 1}: structure '{seg.name}' uses label value {seg.value}, "
+                                     "which another support gives to a different structure")
+                by_name[seg.name] = seg
+            elif known.value != seg.value:
+                raise InputError(f"structure name '{seg.name}' has value {known.value} in one support and "
+                                 f"{seg.value} in support {n + 1}")
+    return tuple(sorted(by_name.values(), key=lambda s: s.value))
+
+
+def support_entries(supports: Sequence[SupportCase], session: VolumeSession, segments, params: FewShotParams,
+                    device: torch.device) -> SupportEntries:
+    """Representative support slices per structure, augmented, in the query's anatomical plane."""
+    from ..support.augment import augment_slices
+    from ..support.slices import select_support_slices, stack_support
+
+    plane = anatomical_plane(session.volume, session.axis)
+    wanted = {seg.value for seg in segments}
+    images, masks, structure, meta = [], [], [], []
+    for case, (image, labels) in enumerate(supports):
+        axis = slicing_axis(image, plane)
+        image01 = session.normalization.apply(image.array, axis=axis)  # percentiles: each support its own
+        present = sorted(wanted & set(np.unique(labels.volume.array).tolist()))
+        if not present:
+            continue
+        picked = select_support_slices(image01, labels, axis, params.slices_per_structure, case, present)
+        imgs, msks = stack_support(picked, (session.frames.height, session.frames.width))
+        aug = augment_slices(imgs, msks, params.augmentations, seed=params.seed + case, device=device)
+        for m in range(aug.images.shape[0]):
+            src = picked[int(aug.source[m])]
+            structure.append(src.value)
+            meta.append({"support_case": case, "support_slice": src.index,
+                         "relative_position": round(src.position, 4), "augmentation": aug.params[m].as_dict()})
+        images.append(aug.images.cpu())
+        masks.append(aug.masks.cpu())
+    if not images:
+        raise InputError("the supports have no slice with the chosen structures")
+    return SupportEntries(torch.cat(images), torch.cat(masks), np.asarray(structure), meta)
+
+
+def match_entries(session: VolumeSession, entries: SupportEntries, support_cache: FeatureCache,
+                  params: FewShotParams, progress: Optional[ProgressFn],
+                  frame_range: Optional[tuple[int, int]] = None) -> Matches:
+    """Top-k support entries of each structure for every query slice."""
+    from ..support.features import IntensityFeatures
+    from ..support.matching import match_slices, relative_positions
+
+    if params.features == "sam2":  # the encoder features propagation needs anyway
+        q, s = session.cache.embed_all(progress=progress), support_cache.embed_all(progress=progress)
+    else:
+        extractor = IntensityFeatures()
+        q, s = extractor.embed(session.frames.slices01), extractor.embed(entries.images01)
+    positions = relative_positions(session.num_slices, *(frame_range or (None, None)))
+    return match_slices(q, s, positions, np.array([m["relative_position"] for m in entries.meta]),
+                        params.position_weight, entries.structure, params.top_k)
+
+
+def segment_fewshot(
+    session: VolumeSession,
+    supports: Sequence[SupportCase],
+    params: FewShotParams = FewShotParams(),
+    progress: Optional[ProgressFn] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+    frame_range: Optional[tuple[int, int]] = None,
+) -> tuple[LabelMap, dict]:
+    """Every structure of the supports, segmented in the query; the report says what conditioned each slice."""
+    params.check()
+    if not supports:
+        raise InputError("no support case was given")
+    start = time.perf_counter()
+    encoded_before = session.cache.encoded_frames
+    segments = merged_segments(supports)
+    predictor = session.predictor
+    entries = support_entries(supports, session, segments, params, predictor.device)
+    key = hashlib.sha1(entries.images01.numpy().tobytes() + entries.masks.numpy().tobytes()).hexdigest()
+    support_cache = session.support_cache(key, FrameSource(entries.images01, predictor.image_size))
+    support_encoded_before = support_cache.encoded_frames
+    matches = match_entries(session, entries, support_cache, params, progress, frame_range)
+    policy = SupportMemoryPolicy(entries, matches, session.num_slices, params.scheme, params.neighbours,
+                                 max_memories=params.top_k)
+    result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
+                       policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
+    if params.extent == "largest-run":
+        for seg in segments:
+            result.labels = largest_run(result.labels, seg.value)
+    labels = session.to_labelmap(result.labels, segments)
+    report = build_report("matched-support", session, result, segments, time.perf_counter() - start,
+                          session.cache.encoded_frames - encoded_before
+                          + support_cache.encoded_frames - support_encoded_before)
+    report["fewshot"] = {"scheme": params.scheme, "augmentations": params.augmentations,
+                         "slices_per_structure": params.slices_per_structure, "features": params.features,
+                         "top_k": params.top_k, "extent": params.extent, "support_entries": len(entries),
+                         "supports": len(supports)}
+    return labels, report
+
+
+Params = FewShotParams
+
+
+def run(inputs: MethodInputs, params: FewShotParams) -> tuple[LabelMap, dict]:
+    return segment_fewshot(inputs.session, inputs.supports, params, progress=inputs.progress,
+                           should_cancel=inputs.should_cancel, frame_range=inputs.frame_range)

@@ -1,0 +1,139 @@
+"""The propagate method: the user's masks (and boxes, points) on some slices, propagated through the volume.
+
+Masks come from a label file on the query's grid (every slice with voxels of a label is a mask
+prompt); boxes and points from a JSON file in voxel (i, j, k) coordinates of the query::
+
+    {"prompts": [{"label": 1, "box_ijk": [[i0, j0, k], [i1, j1, k]]},
+                 {"label": 2, "points_ijk": [[i, j, k], ...], "point_labels": [1, 0]}]}
+
+All corners and points of one prompt must lie on one slice of the slicing axis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..common.errors import InputError
+from ..common.progress import ProgressFn
+from ..io.volume import LabelMap, default_segments
+from ..sam2.propagation import Prompt, PropagationResult, propagate
+from ..sam2.session import VolumeSession
+from .common import MethodInputs, build_report
+
+
+@dataclass(frozen=True)
+class Params:
+    """Propagate is conditioned by the request's prompts alone: it has no parameters of its own."""
+
+    def check(self) -> None:
+        pass
+
+
+def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
+    """Masks from the prompt label file, boxes and points from the prompts file, all propagated at once."""
+    session = inputs.session
+    prompts, segments = [], []
+    if inputs.prompt_labels is not None:
+        prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values)
+        segments = list(inputs.prompt_labels.segments)
+    if inputs.prompts_file is not None:
+        prompts += read_prompts_file(inputs.prompts_file, session.axis, session.volume.array.shape)
+    known = {s.value for s in segments}
+    segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
+    return segment_propagate(session, prompts, segments, progress=inputs.progress, should_cancel=inputs.should_cancel,
+                             frame_range=inputs.frame_range)
+
+
+def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Optional[Sequence[int]] = None) -> list[Prompt]:
+    """One mask prompt per label value and slice where the label file has voxels of it."""
+    session.volume.require_same_grid(labels.volume, "prompt labels")
+    slices = session.slices_of(labels.volume.array)
+    present = [int(v) for v in np.unique(slices) if v != 0]
+    if not present:
+        raise InputError("the prompt label file has no labelled voxel")
+    chosen = present if values is None else [int(v) for v in values]
+    for v in chosen:
+        if v not in present:
+            raise InputError(f"label value {v} does not exist in the prompt labels (values: {present})")
+    prompts = []
+    for v in chosen:
+        hit = slices == v
+        for t in np.flatnonzero(hit.any(axis=(1, 2))):
+            prompts.append(Prompt(frame=int(t), obj_id=v, mask=hit[t]))
+    return prompts
+
+
+def segment_propagate(
+    session: VolumeSession,
+    prompts: Sequence[Prompt],
+    segments,
+    progress: Optional[ProgressFn] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+    frame_range: Optional[tuple[int, int]] = None,
+) -> tuple[LabelMap, dict]:
+    """The label map on the query's grid and the per-slice report."""
+    wanted = {p.obj_id for p in prompts}
+    segments = [s for s in segments if s.value in wanted]
+    missing = wanted - {s.value for s in segments}
+    if missing:
+        raise InputError(f"prompts name label values with no segment: {sorted(missing)}")
+    start = time.perf_counter()
+    encoded_before = session.cache.encoded_frames
+    result: PropagationResult = propagate(
+        session.predictor, session.frames, prompts, cache=session.cache,
+        progress=progress, should_cancel=should_cancel, frame_range=frame_range,
+    )
+    labels = session.to_labelmap(result.labels, segments)
+    report = build_report("propagate", session, result, segments, time.perf_counter() - start,
+                          session.cache.encoded_frames - encoded_before)
+    return labels, report
+
+
+def _to_slice(ijk: np.ndarray, axis: int, what: str) -> tuple[int, np.ndarray]:
+    """(frame, (P, 2) x/y in slice pixels) for IJK points; axis is a numpy axis of (k, j, i)."""
+    kji = ijk[:, ::-1]
+    frames = np.unique(kji[:, axis])
+    if len(frames) != 1:
+        raise InputError(f"{what}: all its points must lie on one slice along the slicing axis")
+    rows_cols = np.delete(kji, axis, axis=1)  # (row, col) of the slice array
+    return int(frames[0]), rows_cols[:, ::-1].astype(np.float32)  # x = column, y = row
+
+
+def read_prompts_file(path: str | Path, axis: int, shape_kji: tuple[int, int, int]) -> list[Prompt]:
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = data["prompts"]
+    except FileNotFoundError:
+        raise InputError(f"prompts file not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"prompts file {path} is not valid: {exc}") from None
+    prompts = []
+    for n, e in enumerate(entries):
+        what = f"prompt {n} in {Path(path).name}"
+        try:
+            label = int(e["label"])
+            box = np.asarray(e["box_ijk"], dtype=float) if "box_ijk" in e else None
+            pts = np.asarray(e["points_ijk"], dtype=float) if "points_ijk" in e else None
+            pl = np.asarray(e.get("point_labels", [1] * (0 if pts is None else len(pts))), dtype=np.int32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{what} is not valid: {exc}") from None
+        if label <= 0 or (box is None and pts is None):
+            raise InputError(f"{what} needs a positive label and a box_ijk or points_ijk")
+        allp = np.concatenate([a for a in (box, pts) if a is not None]).reshape(-1, 3)
+        if (allp < 0).any() or (allp[:, ::-1] > np.asarray(shape_kji) - 1).any():
+            raise InputError(f"{what} lies outside the volume")
+        frame, xy = _to_slice(allp, axis, what)
+        nbox = 0 if box is None else 2
+        prompts.append(Prompt(
+            frame=frame, obj_id=label,
+            box=None if box is None else tuple(np.concatenate([xy[:2].min(0), xy[:2].max(0)]).tolist()),
+            points=None if pts is None else xy[nbox:],
+            point_labels=None if pts is None else pl,
+        ))
+    return prompts

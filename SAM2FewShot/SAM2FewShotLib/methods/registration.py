@@ -1,0 +1,133 @@
+"""The registration method: the support cases registered to the query and their labels fused.
+
+CPU only and weight-free: no SAM2 model is ever loaded. Each support is registered (rigid, affine,
+optionally B-spline), its labels warped onto the query's grid and the warped maps fused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..common.errors import Cancelled, InputError
+from ..common.progress import ProgressFn
+from ..io.slicing import slicing_axis
+from ..io.volume import LabelMap, Segment, Volume
+from ..registration.fusion import FUSION_METHODS, fuse_labels, similarity_weights
+from ..registration.register import TRANSFORMS, register_support
+from .common import MethodInputs
+
+
+@dataclass(frozen=True)
+class Params:
+    transform: str = "affine"  # affine or affine_bspline
+    fusion: str = "weighted"  # several supports: majority, staple or weighted
+
+    def check(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise InputError(f"unknown registration transform '{self.transform}': use {' or '.join(TRANSFORMS)}")
+        if self.fusion not in FUSION_METHODS:
+            raise InputError(f"unknown fusion method '{self.fusion}': use {', '.join(FUSION_METHODS)}")
+
+
+def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
+    labels, report = registration_segment(inputs.query, inputs.supports, params.transform, params.fusion,
+                                          progress=inputs.progress, should_cancel=inputs.should_cancel)
+    slices = inputs.query.array.shape[slicing_axis(inputs.query, inputs.axis)]
+    report["timing"]["per_slice_s"] = round(report["timing"]["total_s"] / max(1, slices), 4)
+    return labels, report
+
+
+def registration_segment(
+    query: Volume,
+    supports: Sequence[tuple[Volume, LabelMap]],
+    transform: str = "affine",
+    fusion: str = "weighted",
+    progress: Optional[ProgressFn] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+) -> tuple[LabelMap, dict]:
+    """The CPU-only strategy: register every support, warp its labels, fuse; no SAM2, no weights."""
+    if fusion not in FUSION_METHODS:
+        raise InputError(f"unknown fusion method '{fusion}': use {', '.join(FUSION_METHODS)}")
+    supports = _checked_supports(supports)
+    start = time.perf_counter()
+    n = len(supports)
+    warped, similarities, entries = [], [], []
+    for index, (image, labels) in enumerate(supports):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("cancelled by the user")
+        reg = register_support(query, image, labels, transform, progress=_support_progress(progress, index, n))
+        warped.append(reg.labels)
+        similarities.append(reg.similarity)
+        entries.append({"support": index, "similarity": round(reg.similarity, 4),
+                        "time_s": round(reg.seconds, 3)})
+    if progress is not None:
+        progress("fuse", 0, 1)
+    fusion_start = time.perf_counter()
+    weights = similarity_weights(similarities) if fusion == "weighted" else None
+    method = fusion if n > 1 else "none"
+    result = fuse_labels(warped, fusion, weights) if n > 1 else warped[0]
+    if weights is not None:
+        total = sum(weights)
+        for entry, w in zip(entries, weights):
+            entry["weight"] = round(w / total, 4)
+    if progress is not None:
+        progress("fuse", 1, 1)
+    report = {
+        "method": "registration",
+        "transform": transform,
+        "fusion": method,
+        "supports": entries,
+        "segments": [{"value": s.value, "name": s.name, "color": list(s.color), "terminology": s.terminology}
+                     for s in result.segments],
+        "timing": {"total_s": round(time.perf_counter() - start, 3),
+                   "fusion_s": round(time.perf_counter() - fusion_start, 3)},
+    }
+    return result, report
+
+
+def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Optional[ProgressFn]:
+    """One support's registration stages as a stretch of one bar over all supports."""
+    if progress is None:
+        return None
+
+    def report(stage: str, done: int, total: int) -> None:
+        progress("register", index * total + done, n * total)
+
+    return report
+
+
+def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]]) -> list[tuple[Volume, LabelMap]]:
+    """All supports valid before any work starts, labels renumbered to the first support's values."""
+    if not supports:
+        raise InputError("the registration strategy needs at least one support case")
+    reference = supports[0][1].segments
+    names = {s.name for s in reference}
+    checked = []
+    for index, (image, labels) in enumerate(supports):
+        image.require_same_grid(labels.volume, f"support {index + 1} labels")
+        if not np.any(labels.volume.array > 0):
+            raise InputError(f"support {index + 1} has no labelled voxel")
+        other = {s.name for s in labels.segments}
+        if other != names:
+            raise InputError(
+                f"support {index + 1} names other structures than support 1: "
+                f"{', '.join(sorted(other)) or 'none'} vs {', '.join(sorted(names)) or 'none'}"
+            )
+        checked.append((image, _renumbered(labels, reference)))
+    return checked
+
+
+def _renumbered(labels: LabelMap, reference: Sequence[Segment]) -> LabelMap:
+    """The same structures under the reference's values, names, colours and terminology."""
+    by_name = {s.name: s for s in reference}
+    if all(by_name[s.name].value == s.value for s in labels.segments):
+        return LabelMap(labels.volume, tuple(reference))
+    source = labels.volume.array
+    out = np.zeros_like(source)
+    for s in labels.segments:
+        out[source == s.value] = by_name[s.name].value
+    return LabelMap(labels.volume.with_array(out), tuple(reference))

@@ -1,0 +1,322 @@
+"""The client side of the background worker: what the Slicer Logic (or a script) uses. No Qt here.
+
+The Logic starts the worker with Slicer's own Python, submits jobs whose files live in a private
+JobFolder, and calls poll() from a timer: a reader thread parses the worker's stdout into a queue,
+so the GUI thread never blocks. cancel() kills the whole process tree within a second and the next
+job starts a fresh worker. A worker that dies on its own is reported as one error event per
+unfinished job (with the last line it wrote on stderr), never as a silent hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from ..common.errors import SAM2FewShotError
+from . import protocol
+
+WORKER_MODULE = "SAM2FewShotLib.run.worker"
+_EOF = object()  # the reader thread's last item: the worker's stdout closed
+
+
+class WorkerError(SAM2FewShotError):
+    """The worker failed a job, died, or could not be started."""
+
+
+def kill_tree(pid: int, grace: float = 0.3, timeout: float = 0.6) -> None:
+    """Stop a process and all its descendants: children first, SIGKILL for any still alive after ``grace``."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+class JobFolder:
+    """A private temporary folder for one job's inputs and outputs, removed after the result is read."""
+
+    def __init__(self, parent: Optional[Union[str, Path]] = None, prefix: str = "sam2fewshot-job-"):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # mode 0700: private to the user
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def labels(self) -> Path:
+        return self.path / "result.seg.nrrd"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.json"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "JobFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def read_result(event: dict):
+    """The label map and the report dict a result event points to."""
+    from ..io.volume_io import read_labels
+
+    report = json.loads(Path(event["report"]).read_text(encoding="utf-8"))
+    return read_labels(event["labels"]), report
+
+
+class _Process:
+    """One running worker: its pipes, a reader thread per output, the parsed events."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Optional[str], stderr_lines: int):
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        try:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=env, cwd=cwd, creationflags=flags)
+        except OSError as exc:
+            raise WorkerError(f"cannot start the worker ({argv[0]}): {exc.strerror or exc}") from exc
+        self.events: "queue.Queue" = queue.Queue()
+        self.stderr_tail: deque = deque(maxlen=stderr_lines)
+        self.stray_lines: list[bytes] = []
+        self.expected_exit = False
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.popen.stdout:
+            try:
+                self.events.put(protocol.parse_event(line))
+            except protocol.ProtocolError:
+                self.stray_lines.append(line)
+                text = line.decode("utf-8", "replace").strip()
+                self.events.put(protocol.log("warning", f"the worker wrote a non-protocol line: {text}"))
+        self.events.put(_EOF)
+
+    def _read_stderr(self) -> None:
+        for line in self.popen.stderr:
+            text = line.decode("utf-8", "replace").rstrip()
+            if text.strip():
+                self.stderr_tail.append(text)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, message: dict) -> bool:
+        try:
+            self.popen.stdin.write(protocol.encode(message))
+            self.popen.stdin.flush()
+            return True
+        except (OSError, ValueError):  # a dead worker: its end-of-output reports the job
+            return False
+
+    def exit_description(self) -> str:
+        try:
+            code = self.popen.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return "its output closed"
+        what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        last = next((line.strip() for line in reversed(self.stderr_tail) if line.strip()), "")
+        return f"{what}; last message: {protocol.single_line(last, 300)}" if last else what
+
+    def stop(self) -> None:
+        self.expected_exit = True
+        kill_tree(self.popen.pid)
+        self.close()
+
+    def close(self) -> None:
+        for t in self._threads:  # they end at the pipes' end of file, once the process is gone
+            t.join(timeout=0.5)
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.popen.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class WorkerClient:
+    """Starts the worker, sends jobs, and hands back its events without ever blocking (poll)."""
+
+    def __init__(
+        self,
+        python: Optional[str] = None,
+        pythonpath: Sequence[Union[str, Path]] = (),
+        env: Optional[dict] = None,
+        cwd: Optional[Union[str, Path]] = None,
+        stderr_lines: int = 200,
+    ):
+        self.python = str(python or sys.executable)
+        self.pythonpath = [str(p) for p in pythonpath]
+        self.base_env = dict(os.environ if env is None else env)
+        self.cwd = None if cwd is None else str(cwd)
+        self.stderr_lines = stderr_lines
+        self._proc: Optional[_Process] = None
+        self._pending: dict[str, None] = {}  # submitted jobs without a result or error yet, in order
+        self._backlog: list[dict] = []  # events of a finished worker, not yet polled
+
+    # ---------------------------------------------------------------------------- process
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", WORKER_MODULE]
+
+    def environment(self) -> dict:
+        env = dict(self.base_env)
+        paths = self.pythonpath + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        return env
+
+    def start(self) -> None:
+        """Start the worker unless one is running (a dead one's events stay pollable)."""
+        if self.is_alive:
+            return
+        if self._proc is not None:
+            self._retire()
+        self._proc = _Process(self.command(), self.environment(), self.cwd, self.stderr_lines)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.alive()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._proc is None else self._proc.popen.pid
+
+    @property
+    def pending(self) -> list[str]:
+        return list(self._pending)
+
+    @property
+    def stray_lines(self) -> list[bytes]:
+        """Lines on the worker's stdout that were not protocol events (there should be none)."""
+        return [] if self._proc is None else list(self._proc.stray_lines)
+
+    def stderr_text(self) -> str:
+        return "" if self._proc is None else "\n".join(self._proc.stderr_tail)
+
+    # ---------------------------------------------------------------------------- jobs
+
+    def submit(self, job: Union[protocol.Job, dict]) -> str:
+        """Queue a job on the worker (started if needed); its id. Its events come through poll()."""
+        message = job.to_message() if isinstance(job, protocol.Job) else {"type": "job", **job}
+        message.setdefault("id", uuid.uuid4().hex[:12])
+        self.start()
+        self._pending[message["id"]] = None
+        self._proc.send(message)
+        return message["id"]
+
+    def poll(self) -> list[dict]:
+        """Events that arrived since the last call, in order; never blocks."""
+        events, self._backlog = self._backlog, []
+        if self._proc is not None:
+            events += self._drain(self._proc)
+        return events
+
+    def cancel(self) -> None:
+        """Kill the worker and its children now; unfinished jobs are dropped without events."""
+        proc, self._proc = self._proc, None
+        self._pending.clear()
+        if proc is not None:
+            proc.stop()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the worker to finish and exit; kill it if it has not within ``timeout`` seconds."""
+        proc, self._proc = self._proc, None
+        self._pending.clear()
+        if proc is None:
+            return
+        proc.expected_exit = True
+        proc.send({"type": "shutdown"})
+        try:
+            proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        proc.stop()
+
+    def wait(self, job_id: str, timeout: Optional[float] = None,
+             on_event: Optional[Callable[[dict], None]] = None) -> dict:
+        """Block until the job's result (scripts and tests; the GUI polls). WorkerError on its error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+                if event.get("id") == job_id and event["event"] == "result":
+                    return event
+                if event["event"] == "error" and event.get("id") in (job_id, None):
+                    raise WorkerError(event["message"])
+            if job_id not in self._pending:
+                raise WorkerError(f"job {job_id} is not running (cancelled, or never submitted)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerError(f"job {job_id} gave no result within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _drain(self, proc: _Process) -> list[dict]:
+        events = []
+        while True:
+            try:
+                item = proc.events.get_nowait()
+            except queue.Empty:
+                return events
+            if item is _EOF:
+                events += self._death_events(proc)
+                continue
+            if item["event"] in ("result", "error"):
+                self._pending.pop(item.get("id"), None)
+            events.append(item)
+
+    def _death_events(self, proc: _Process) -> list[dict]:
+        """One error per unfinished job (or one without an id) when the worker ended on its own."""
+        if proc.expected_exit:
+            return []
+        why = f"the worker stopped unexpectedly ({proc.exit_description()})"
+        ids, self._pending = list(self._pending) or [None], {}
+        return [protocol.error(job_id, why) for job_id in ids]
+
+    def _retire(self) -> None:
+        """Keep a dead worker's unread events (its death included) for the next poll()."""
+        proc = self._proc
+        proc.close()
+        self._backlog += self._drain(proc)

@@ -1,0 +1,261 @@
+"""The background worker's protocol: JSON lines on stdin (requests) and stdout (events).
+
+The worker (``python -m SAM2FewShotLib.run.worker``) reads one JSON object per line on stdin and writes
+one JSON object per line on stdout. Nothing else ever reaches its stdout: what libraries print
+(tqdm, warnings, C-level output) goes to stderr, which the client reads only to explain a crash.
+Data travel as files in a folder the client owns; the messages carry their paths.
+
+Requests (stdin)::
+
+    {"type": "job", "id": "j1",
+     "method": "propagate" | "matched-support" | "registration" | "guided" | "retrieval",
+     "query": "/tmp/x/query.nrrd",
+     "prompt_labels": "/tmp/x/prompt.nrrd", "values": [1, 2],        # propagate (values optional)
+     "prompts": "/tmp/x/prompts.json",                                 # propagate: boxes and points
+     "supports": [["/tmp/x/s0.nrrd", "/tmp/x/s0_labels.nrrd"], ...],  # matched-support, registration, guided
+     "library": "/data/labelled_cases",                                # retrieval
+     "out": "/tmp/x/result.seg.nrrd", "report": "/tmp/x/report.json",
+     "model": {"name": "sam2.1-tiny", "checkpoint": null, "config": null, "image_size": null,
+               "device": "auto", "offline": false, "random_weights": false, "seed": 0},
+     "frames": {"axis": "auto", "normalization": "auto", "per_slice_normalization": false,
+                "slice_range": [first, last] | null},
+     "params": {...}}                                                 # method parameters
+    {"type": "shutdown"}
+
+``model``, ``frames`` and ``params`` and every key inside them are optional (defaults above);
+``params`` holds the fields of the method's ``Params`` (methods/<method>.py), nested groups as
+objects (guided: ``{"prior": "sam2", "fewshot": {"top_k": 2}, "lora": {"steps": 50}}``). A job is a
+Request (run/request.py) with an id: the worker hands it to the Runner as it is.
+
+Events (stdout)::
+
+    {"event": "ready", "pid": 123, "version": "0.1.0"}
+    {"event": "progress", "id": "j1", "stage": "encode" | "propagate" | ..., "done": 3, "total": 8}
+    {"event": "log", "level": "info" | "warning" | "error", "message": "..."}
+    {"event": "result", "id": "j1", "labels": path, "report": path, "seconds": 2.1,
+     "frames_encoded": 0, "session_reused": true}
+    {"event": "error", "id": "j1" | null, "message": "one line"}
+
+Every job ends with exactly one ``result`` or one ``error`` event; the worker then waits for the next
+job, keeping its model and the query's encoder features. ``id`` is null in an error only when the
+request was too broken to name its job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
+
+from ..common.errors import InputError, one_line
+from ..methods.registry import METHODS as REGISTERED
+from ..sam2.build import ModelOptions
+from .request import FrameOptions, Request
+
+METHODS = tuple(REGISTERED)
+EVENTS = ("ready", "progress", "log", "result", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_NONE = type(None)
+_PATH = (str,)
+_INT = (int,)
+
+
+class ProtocolError(InputError):
+    """A request that cannot be understood; ``job_id`` is set when the request named one."""
+
+    def __init__(self, message: str, job_id: Optional[str] = None):
+        super().__init__(message)
+        self.job_id = job_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job(Request):
+    """A request with the id its events carry."""
+
+    id: str
+
+    def to_message(self) -> dict:
+        message = {"type": "job", **asdict(self)}
+        message["supports"] = [list(pair) for pair in self.supports]
+        return message
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def encode(message: dict) -> bytes:
+    """One protocol line: compact JSON, no embedded newline, UTF-8."""
+    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def decode_line(line: Union[bytes, str]) -> dict:
+    """A JSON object from one line; ProtocolError for anything else."""
+    try:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"not a JSON line: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+def parse_request(line: Union[bytes, str]) -> Union[Job, str]:
+    """A validated Job, or "shutdown"; ProtocolError (with the job id when known) otherwise."""
+    data = decode_line(line)
+    kind = data.get("type")
+    if kind == "shutdown":
+        return "shutdown"
+    job_id = data.get("id") if isinstance(data.get("id"), str) else None
+    if kind != "job":
+        raise ProtocolError(f"unknown request type {kind!r}: use 'job' or 'shutdown'", job_id)
+    try:
+        return job_from_message(data)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), job_id) from None
+
+
+def job_from_message(data: dict) -> Job:
+    known = {f.name for f in fields(Job)} | {"type"}
+    _reject_unknown(data, known, "job")
+    job_id = _get(data, "id", _PATH, "job")
+    if not job_id:
+        raise ProtocolError("job id must not be empty")
+    method = _get(data, "method", _PATH, "job")
+    if method not in METHODS:
+        raise ProtocolError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    values = _get(data, "values", (list, _NONE), "job", None)
+    supports = _get(data, "supports", (list,), "job", [])
+    return Job(
+        id=job_id, method=method,
+        query=_get(data, "query", _PATH, "job"),
+        out=_get(data, "out", _PATH, "job"),
+        report=_get(data, "report", _PATH, "job"),
+        prompt_labels=_get(data, "prompt_labels", (str, _NONE), "job", None),
+        prompts=_get(data, "prompts", (str, _NONE), "job", None),
+        values=None if values is None else tuple(_int_list(values, "values")),
+        supports=tuple(_support_pair(p, n) for n, p in enumerate(supports)),
+        library=_get(data, "library", (str, _NONE), "job", None),
+        model=_options(ModelOptions, _get(data, "model", (dict,), "job", {}), "model"),
+        frames=_frame_options(_get(data, "frames", (dict,), "job", {})),
+        params=_get(data, "params", (dict,), "job", {}),
+    )
+
+
+def _frame_options(data: dict) -> FrameOptions:
+    options = _options(FrameOptions, data, "frames")
+    if options.slice_range is None:
+        return options
+    rng = _int_list(options.slice_range, "frames.slice_range")
+    if len(rng) != 2 or not 0 <= rng[0] <= rng[1]:
+        raise ProtocolError("frames.slice_range must be [first, last] with 0 <= first <= last")
+    return FrameOptions(options.axis, options.normalization, options.per_slice_normalization, (rng[0], rng[1]))
+
+
+_OPTION_TYPES: dict[type, dict[str, tuple]] = {
+    ModelOptions: {"name": _PATH, "checkpoint": (str, _NONE), "config": (str, _NONE),
+                   "image_size": (int, _NONE), "device": _PATH, "offline": (bool,), "random_weights": (bool,),
+                   "seed": _INT},
+    FrameOptions: {"axis": _PATH, "normalization": _PATH, "per_slice_normalization": (bool,),
+                   "slice_range": (list, _NONE)},
+}
+
+
+def _options(cls, data: dict, where: str):
+    types = _OPTION_TYPES[cls]
+    _reject_unknown(data, set(types), where)
+    values = {k: _get(data, k, t, where, None) for k, t in types.items() if k in data}
+    return cls(**values)
+
+
+def _support_pair(pair: Any, n: int) -> tuple[str, str]:
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+        raise ProtocolError(f"supports[{n}] must be [image path, labels path]")
+    return pair[0], pair[1]
+
+
+def _int_list(items: Any, where: str) -> list[int]:
+    if not isinstance(items, (list, tuple)) or not all(_is_int(v) for v in items):
+        raise ProtocolError(f"{where} must be a list of integers")
+    return [int(v) for v in items]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _reject_unknown(data: dict, known: set, where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ProtocolError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+
+
+_MISSING = object()
+
+
+def _get(data: dict, key: str, types: tuple, where: str, default: Any = _MISSING) -> Any:
+    """data[key] checked against ``types`` (bool never passes for int); missing -> default or error."""
+    if key not in data:
+        if default is _MISSING:
+            raise ProtocolError(f"{where} is missing the key '{key}'")
+        return default
+    value = data[key]
+    ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in types)
+    if not ok:
+        names = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+        raise ProtocolError(f"{where}.{key} must be {names}, got {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def ready(pid: int, version: str) -> dict:
+    return {"event": "ready", "pid": pid, "version": version}
+
+
+def progress(job_id: str, stage: str, done: int, total: int) -> dict:
+    return {"event": "progress", "id": job_id, "stage": stage, "done": int(done), "total": int(total)}
+
+
+def log(level: str, message: str) -> dict:
+    return {"event": "log", "level": level if level in LOG_LEVELS else "info", "message": single_line(message)}
+
+
+def result(job_id: str, labels: str, report: str, seconds: float, frames_encoded: int, session_reused: bool) -> dict:
+    return {"event": "result", "id": job_id, "labels": labels, "report": report, "seconds": round(seconds, 3),
+            "frames_encoded": int(frames_encoded), "session_reused": bool(session_reused)}
+
+
+def error(job_id: Optional[str], message: str) -> dict:
+    return {"event": "error", "id": job_id, "message": single_line(message)}
+
+
+_EVENT_KEYS = {
+    "ready": {"pid": _INT},
+    "progress": {"id": _PATH, "stage": _PATH, "done": _INT, "total": _INT},
+    "log": {"level": _PATH, "message": _PATH},
+    "result": {"id": _PATH, "labels": _PATH, "report": _PATH, "seconds": (int, float), "frames_encoded": _INT},
+    "error": {"id": (str, _NONE), "message": _PATH},
+}
+
+
+def parse_event(line: Union[bytes, str]) -> dict:
+    """A validated event from one line of the worker's stdout; ProtocolError otherwise."""
+    data = decode_line(line)
+    kind = data.get("event")
+    if kind not in _EVENT_KEYS:
+        raise ProtocolError(f"unknown event {kind!r}")
+    for key, types in _EVENT_KEYS[kind].items():
+        _get(data, key, types, f"{kind} event")
+    return data
+
+
+def single_line(message: Any, limit: int = 600) -> str:
+    """A message on one line, cut at ``limit`` characters: an event is one short line."""
+    text = one_line(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,239 @@
+"""The one runner: a Request in, the label map and the report out, for every front end.
+
+A Runner checks everything it can before any loading (method, inputs, parameters, outputs), loads
+the model once (a request asking for another model replaces it), and keeps a few VolumeSessions
+warm, keyed by the query file's content, so a second run on the same volume (after an edit, or
+with another method) encodes nothing again. The worker keeps one for its whole life; the CLI uses
+one per command; the bench one per benchmark. Sessions are keyed by content, not by path, because
+the Slicer client writes every job's files into a fresh private folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..common.errors import InputError
+from ..common.progress import ProgressFn
+from ..io.normalization import Normalization
+from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
+from ..sam2.build import ModelOptions
+from .outputs import check_outputs
+from .request import FrameOptions, Request
+
+MAX_SESSIONS = 3
+_CHUNK = 8 << 20
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+class Runner:
+    """Runs requests; owns the warm model and query sessions between them."""
+
+    def __init__(self, max_sessions: int = MAX_SESSIONS):
+        self.max_sessions = max(1, int(max_sessions))
+        self._model_key: Optional[tuple] = None
+        self._predictor = None
+        self._model_info: dict = {}
+        self._sessions: "OrderedDict[tuple, object]" = OrderedDict()
+        self._digests: dict[tuple, str] = {}
+
+    def run(self, request: Request, progress: Optional[ProgressFn] = None,
+            should_cancel: Optional[Callable[[], bool]] = None):
+        """(LabelMap, report) for the request; InputError before any loading when it cannot run."""
+        from ..methods.common import MethodInputs
+
+        progress = progress or _no_progress
+        spec, params = check_request(request)
+        normalization = Normalization.parse(request.frames.normalization,
+                                            per_slice=request.frames.per_slice_normalization)
+        session, reused = None, False
+        if spec.needs_model:
+            session, reused = self._session_for(request.query, request.frames.axis, normalization,
+                                                request.model, progress)
+            query = session.volume
+            frame_range = checked_frame_range(request.frames.slice_range, session.num_slices)
+        else:
+            from ..io.volume_io import read_volume
+
+            query, frame_range = read_volume(request.query), None
+        inputs = MethodInputs(
+            query=query, session=session, supports=read_supports(request), support_files=request.supports,
+            library=read_library(request), prompt_labels=read_prompt_labels(request, query), values=request.values,
+            prompts_file=Path(request.prompts) if request.prompts else None, axis=request.frames.axis,
+            normalization=normalization, model=request.model, frame_range=frame_range, progress=progress,
+            should_cancel=should_cancel)
+        labels, report = spec.load().run(inputs, params)
+        report["model"] = dict(self._model_info) if spec.needs_model else dict(NO_MODEL)
+        report["inputs"] = {"query": request.query, "prompt_labels": request.prompt_labels or "",
+                            "prompts": request.prompts or "", "supports": [list(p) for p in request.supports],
+                            "library": request.library or ""}
+        report["run"] = {"session_reused": reused}
+        return labels, report
+
+    def model(self, options: ModelOptions, progress: Optional[ProgressFn] = None):
+        """The loaded predictor for these options (loaded now unless it is the warm one) and its report entry."""
+        key = options.key()
+        if key != self._model_key:
+            progress = progress or _no_progress
+            self.forget()  # one model at a time: its sessions hold its features
+            from ..sam2.build import load_model
+
+            progress("model", 0, 1)
+            self._predictor, self._model_info = load_model(options, progress)
+            self._model_key = key
+            progress("model", 1, 1)
+        return self._predictor, dict(self._model_info)
+
+    def session(self, query: str, frames: FrameOptions = FrameOptions(), model: ModelOptions = ModelOptions(),
+                progress: Optional[ProgressFn] = None):
+        """The warm session of a query (created, nothing encoded yet, when there is none): the one a
+        request with this query, frames and model runs on."""
+        normalization = Normalization.parse(frames.normalization, per_slice=frames.per_slice_normalization)
+        return self._session_for(query, frames.axis, normalization, model, progress or _no_progress)[0]
+
+    def forget_sessions(self) -> None:
+        """Close every query session (features in memory and on disk); the model stays loaded."""
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+
+    def forget(self) -> None:
+        """Drop the model and all sessions (after an out-of-memory error), freeing what can be freed."""
+        import gc
+
+        self.forget_sessions()
+        self._predictor, self._model_key, self._model_info = None, None, {}
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is imported by every model run
+            pass
+
+    close = forget
+
+    def _session_for(self, query: str, axis: str, normalization: Normalization, model: ModelOptions,
+                     progress: ProgressFn):
+        """The warm session for this query, axis, normalisation and model, or a new one (evicting the oldest)."""
+        from ..io.volume_io import read_volume
+        from ..sam2.session import VolumeSession
+
+        predictor, _ = self.model(model, progress)
+        key = (self._digest(Path(query)), axis.lower(), normalization, self._model_key)
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+            return self._sessions[key], True
+        session = VolumeSession(predictor, read_volume(query), axis, normalization)
+        self._sessions[key] = session
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)[1].close()
+        return session, False
+
+    def _digest(self, path: Path) -> str:
+        """Content hash of a volume file or DICOM folder, remembered per (path, size, mtime)."""
+        if not path.exists():
+            raise InputError(f"{path} does not exist")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamp = (str(path.resolve()),) + tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if stamp not in self._digests:
+            self._digests[stamp] = content_digest(path, files)
+        return self._digests[stamp]
+
+
+NO_MODEL = {"name": None, "weights": None, "config": None, "image_size": None, "device": "cpu"}
+
+
+def check_request(request: Request) -> tuple[MethodSpec, object]:
+    """The method and its typed parameters, once everything that can be checked without loading is."""
+    spec = get_method(request.method)
+    given = {PROMPTS: request.prompt_labels is not None or request.prompts is not None,
+             SUPPORTS: bool(request.supports), LIBRARY: request.library is not None}
+    if not given[spec.inputs]:
+        raise InputError({PROMPTS: "propagate needs prompts: a label file with masks on some slices, or a "
+                                   "JSON file of boxes and points",
+                          SUPPORTS: f"{spec.key} needs at least one labelled support case (image and labels)",
+                          LIBRARY: f"{spec.key} needs a library: a folder of labelled cases"}[spec.inputs])
+    extra = [kind for kind, present in given.items() if present and kind != spec.inputs]
+    if extra:
+        raise InputError(f"{spec.key} is conditioned by {spec.inputs}, not by {' or '.join(extra)}: give one of them")
+    if request.frames.slice_range is not None:
+        first, last = request.frames.slice_range
+        if not spec.slice_range:
+            raise InputError(f"the {spec.key} method segments the whole volume: it takes no slice range")
+        if not 0 <= first <= last:
+            raise InputError(f"slice range {first}..{last}: give 0 <= first <= last")
+    Normalization.parse(request.frames.normalization)  # a bad normalisation fails here, not after loading
+    if spec.needs_model:
+        check_model_options(request.model)
+    params = spec.params(request.params, seed=request.model.seed)
+    for path in request.input_files():
+        if not Path(path).exists():
+            raise InputError(f"{path} does not exist")
+    if request.out is not None:
+        check_outputs(request.out, request.report, request.input_files())
+    return spec, params
+
+
+def check_model_options(options: ModelOptions) -> None:
+    """A model name or image size that cannot work fails before anything is loaded or downloaded."""
+    from ..common.errors import ModelError
+    from ..sam2.build import size_overrides
+    from ..sam2.registry import REGISTRY
+
+    if options.name not in REGISTRY:
+        raise ModelError(f"unknown model '{options.name}': known models are {', '.join(REGISTRY)}")
+    if options.image_size is not None:
+        size_overrides(options.image_size)
+
+
+def checked_frame_range(slice_range: Optional[tuple[int, int]], num_slices: int) -> Optional[tuple[int, int]]:
+    if slice_range is not None and not slice_range[1] < num_slices:
+        raise InputError(f"slice range {slice_range[0]}..{slice_range[1]} is outside 0..{num_slices - 1}")
+    return slice_range
+
+
+def read_supports(request: Request) -> list:
+    """The labelled support cases, each label file read onto its own image's grid."""
+    from ..io.volume_io import read_labels, read_volume
+
+    supports = []
+    for image_path, labels_path in request.supports:
+        image = read_volume(image_path)
+        supports.append((image, read_labels(labels_path, reference=image)))
+    return supports
+
+
+def read_library(request: Request):
+    if request.library is None:
+        return None
+    from ..library.cases import open_library
+
+    return open_library(Path(request.library))
+
+
+def read_prompt_labels(request: Request, query):
+    if request.prompt_labels is None:
+        return None
+    from ..io.volume_io import read_labels
+
+    return read_labels(request.prompt_labels, reference=query)
+
+
+def content_digest(root: Path, files: list[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        for f in files:
+            digest.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+            with f.open("rb") as stream:
+                for block in iter(lambda: stream.read(_CHUNK), b""):
+                    digest.update(block)
+    except OSError as exc:
+        raise InputError(f"cannot read {root}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()

@@ -1,0 +1,183 @@
+"""The background worker process: ``python -m SAM2FewShotLib.run.worker`` (protocol: see protocol.py).
+
+Slicer starts it with its own Python and talks to it through client.py. It stays alive between
+jobs so the model and the query's encoder features stay warm, answers every job with one result
+or one error line, and survives bad input and out-of-memory errors. Only protocol lines reach the
+real stdout: file descriptor 1 and sys.stdout are pointed at stderr before anything else runs, so
+tqdm bars, warnings and C libraries cannot corrupt the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import BinaryIO
+
+from .. import __version__
+from ..common.errors import SAM2FewShotError
+from . import protocol
+
+OOM_ADVICE = "out of memory: try a smaller model or image size, a slice range, or (from a GPU) the CPU device"
+
+
+def claim_stdout() -> BinaryIO:
+    """A private handle on the real stdout for protocol lines; fd 1 and sys.stdout then go to stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "wb")
+
+
+class Emitter:
+    """Writes whole protocol lines, one at a time, flushed at once."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, event: dict) -> None:
+        line = protocol.encode(event)
+        with self._lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+    def progress_for(self, job_id: str):
+        def progress(stage: str, done: int, total: int) -> None:
+            self.send(protocol.progress(job_id, stage, done, total))
+
+        return progress
+
+
+class EventLogHandler(logging.Handler):
+    """The engine's log records as log events, so the panel's log shows them."""
+
+    def __init__(self, emitter: Emitter, level: int = logging.INFO):
+        super().__init__(level)
+        self.emitter = emitter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.emitter.send(protocol.log(record.levelname.lower(), record.getMessage()))
+        except Exception:  # noqa: BLE001 - logging must never break a job
+            self.handleError(record)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError the CPU and MPS allocators raise."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line the user can act on (an out-of-memory cause is named even when wrapped)."""
+    oom = next((e for e in causes(exc) if is_out_of_memory(e)), None)
+    if oom is not None:
+        return f"{OOM_ADVICE} ({protocol.single_line(oom, 200)})"
+    if isinstance(exc, SAM2FewShotError):
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"the Python package '{exc.name}' is missing in the worker's environment: "
+                "install it (the module's first-use setup does) and run again")
+    return f"internal error ({type(exc).__name__}): {exc}"
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and the chain of causes behind it (hydra and our own wrappers hide them)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+class Worker:
+    """Reads requests, runs jobs one at a time, answers each with one result or error event."""
+
+    def __init__(self, emitter: Emitter):
+        from .runner import Runner
+
+        self.emitter = emitter
+        self.runner = Runner()
+
+    def handle(self, line: bytes) -> bool:
+        """Handle one request line; False when the worker should stop."""
+        if not line.strip():
+            return True
+        try:
+            request = protocol.parse_request(line)
+        except protocol.ProtocolError as exc:
+            self.emitter.send(protocol.error(exc.job_id, f"invalid job: {exc}"))
+            return True
+        if request == "shutdown":
+            return False
+        self.run(request)
+        return True
+
+    def run(self, job: protocol.Job) -> None:
+        out_of_memory = False
+        try:
+            event = self.run_job(job)
+        except Exception as exc:  # noqa: BLE001 - every failure (MemoryError included) becomes one error line
+            out_of_memory = any(is_out_of_memory(e) for e in causes(exc))
+            if not isinstance(exc, SAM2FewShotError):
+                traceback.print_exc(file=sys.stderr)
+            event = protocol.error(job.id, error_message(exc))
+        if out_of_memory:  # here, not in the handler: its traceback still holds the job's tensors
+            self.runner.forget()
+        self.emitter.send(event)
+
+    def run_job(self, job: protocol.Job) -> dict:
+        """The job through the Runner, its files written; the result event to send back."""
+        from .outputs import write_outputs
+
+        start = time.perf_counter()
+        labels, report = self.runner.run(job, self.emitter.progress_for(job.id))
+        reused = report["run"]["session_reused"]
+        report["worker"] = {"session_reused": reused, "job_id": job.id}
+        write_outputs(labels, report, job.out, job.report)
+        encoded = int(report.get("timing", {}).get("frames_encoded", 0))
+        return protocol.result(job.id, job.out, job.report, time.perf_counter() - start, encoded, reused)
+
+
+def preload(emitter: Emitter) -> None:
+    """Import torch and sam2 before the first job, so a job does not pay for it (or learn late that they are missing)."""
+    try:
+        import torch  # noqa: F401
+
+        from ..methods import matched_support, propagate  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install must not stop the worker from answering
+        emitter.send(protocol.log("warning", f"{error_message(exc)} (only the registration method can run)"))
+
+
+def main() -> int:
+    stream = claim_stdout()
+    emitter = Emitter(stream)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    engine_log = logging.getLogger(__package__.partition(".")[0])
+    engine_log.addHandler(EventLogHandler(emitter))
+    engine_log.setLevel(logging.INFO)
+    engine_log.propagate = False
+    preload(emitter)
+    worker = Worker(emitter)
+    emitter.send(protocol.ready(os.getpid(), __version__))
+    try:
+        for line in sys.stdin.buffer:
+            if not worker.handle(line):
+                break
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

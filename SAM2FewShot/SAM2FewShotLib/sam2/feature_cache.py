@@ -1,0 +1,172 @@
+"""Image-encoder features computed in batches, reused by every stage, in memory that does not grow.
+
+Propagation, matching and retrieval all need the encoder's output for the same frames; the encoder
+is by far the most expensive part of SAM2, so it runs once per frame, in batches, and its pooled
+embedding is kept for every frame. Only a small window of full feature maps stays in memory: the
+passes sweep the volume, so a larger in-memory cache would not be hit unless it held the whole
+volume, and memory would grow with the slices. Evicted frames go to a scratch file on disk
+(offload.py) and come back with a read instead of another encoder pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Optional
+
+import torch
+
+from ..common.progress import ProgressFn
+from .frames import FrameSource
+from .offload import DEFAULT_SPILL_BYTES, SpillFile
+
+
+def pooled_embedding(backbone_out: dict) -> torch.Tensor:
+    """(B, D) global average of the top-level encoder features: a cheap per-slice descriptor."""
+    return backbone_out["vision_features"].float().mean(dim=(-2, -1))
+
+
+DEFAULT_MEMORY_BYTES = 64 << 20  # in-memory window; at least two batches of frames are kept whatever it is
+
+
+class FeatureCache:
+    """Per-frame backbone outputs of one FrameSource, filled in batches: an LRU window in memory,
+    the rest offloaded to disk (up to ``spill_bytes``; 0 disables it, beyond it frames are re-encoded)."""
+
+    def __init__(
+        self,
+        predictor,
+        frames: FrameSource,
+        device: torch.device,
+        batch_size: int = 4,
+        max_bytes: int = DEFAULT_MEMORY_BYTES,
+        storage_device: Optional[torch.device] = None,
+        spill_bytes: int = DEFAULT_SPILL_BYTES,
+    ):
+        self.predictor = predictor
+        self.frames = frames
+        self.device = device
+        self.storage_device = storage_device or device
+        self.batch_size = max(1, int(batch_size))
+        self.max_bytes = int(max_bytes)
+        self.direction = 1  # which way to prefetch: +1 forward, -1 backward
+        self._features: "OrderedDict[int, list[torch.Tensor]]" = OrderedDict()
+        self._pos_enc: Optional[list[torch.Tensor]] = None
+        self._frame_bytes = 0
+        self.spill = SpillFile(spill_bytes)
+        self.embeddings: dict[int, torch.Tensor] = {}
+        self.encoded_frames = 0  # how many frames went through the encoder (reuse shows here)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def capacity(self) -> int:
+        if self._frame_bytes == 0:
+            return self.batch_size
+        return max(2 * self.batch_size, self.max_bytes // self._frame_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of feature maps held in memory now (the offloaded ones are on disk)."""
+        return len(self._features) * self._frame_bytes
+
+    def close(self) -> None:
+        """Free the in-memory features and the scratch file now rather than at garbage collection."""
+        self._features.clear()
+        self.spill.close()
+
+    def get(self, idx: int) -> dict:
+        """The backbone output of one frame, batch dimension 1, as sam2's forward_image returns it."""
+        if idx in self._features:
+            self._features.move_to_end(idx)
+        elif idx in self.spill:
+            self._keep(idx, [f.to(self.storage_device, non_blocking=True) for f in self.spill.get(idx)])
+        else:
+            self._encode(self._batch_from(idx))
+        fpn = [f.to(self.device, non_blocking=True) for f in self._features[idx]]
+        return {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc), "vision_features": fpn[-1]}
+
+    def embed_all(self, indices: Optional[Iterable[int]] = None, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+        """(N, D) pooled embeddings of the given frames (all by default), encoding only the missing ones."""
+        idx = list(range(len(self.frames))) if indices is None else list(indices)
+        todo = [i for i in idx if i not in self.embeddings]
+        for start in range(0, len(todo), self.batch_size):
+            self._encode(todo[start : start + self.batch_size])
+            if progress:
+                progress("encode", min(start + self.batch_size, len(todo)), len(todo))
+        return torch.stack([self.embeddings[i] for i in idx]) if idx else torch.zeros(0)
+
+    def _batch_from(self, idx: int) -> list[int]:
+        """The next frames in the prefetch direction that are not cached yet, starting at idx."""
+        out, i = [], idx
+        while len(out) < self.batch_size and 0 <= i < len(self.frames):
+            if i == idx or (i not in self._features and i not in self.spill):
+                out.append(i)
+            i += self.direction
+        return out
+
+    @torch.inference_mode()
+    def _encode(self, indices: list[int]) -> None:
+        from .devices import autocast
+
+        with autocast(self.device):
+            out = self.predictor.forward_image(self.frames.batch(indices, self.device))
+        if self._pos_enc is None:  # positional encodings depend only on the image size
+            self._pos_enc = [p[:1].clone() for p in out["vision_pos_enc"]]
+        pooled = pooled_embedding(out).cpu()
+        for n, i in enumerate(indices):
+            self.embeddings[i] = pooled[n]
+            self._keep(i, [f[n : n + 1].to(self.storage_device).clone() for f in out["backbone_fpn"]])
+        self.encoded_frames += len(indices)
+
+    def _keep(self, idx: int, feats: list[torch.Tensor]) -> None:
+        """Put a frame in the in-memory window; the least recently used ones move to disk."""
+        if self._frame_bytes == 0:
+            self._frame_bytes = sum(f.numel() * f.element_size() for f in feats)
+        self._features[idx] = feats
+        self._features.move_to_end(idx)
+        while len(self._features) > self.capacity:
+            old, old_feats = self._features.popitem(last=False)
+            self.spill.put(old, old_feats)
+
+
+class StackedCache:
+    """Several caches seen as one video: the query's frames, then support frames after them.
+
+    Support images enter SAM2 as extra frames of the same inference state, so the query's warm
+    cache is reused as it is and the supports' features are computed once, in batches, too.
+    """
+
+    def __init__(self, caches: list[FeatureCache]):
+        self.caches = caches
+        self.offsets = []
+        total = 0
+        for c in caches:
+            self.offsets.append(total)
+            total += len(c)
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _locate(self, idx: int) -> tuple[FeatureCache, int]:
+        for cache, off in zip(reversed(self.caches), reversed(self.offsets)):
+            if idx >= off:
+                return cache, idx - off
+        raise IndexError(idx)
+
+    def get(self, idx: int) -> dict:
+        cache, local = self._locate(idx)
+        return cache.get(local)
+
+    @property
+    def direction(self) -> int:
+        return self.caches[0].direction
+
+    @direction.setter
+    def direction(self, value: int) -> None:
+        self.caches[0].direction = value
+
+    @property
+    def encoded_frames(self) -> int:
+        return sum(c.encoded_frames for c in self.caches)
