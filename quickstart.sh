@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-exec .venv/bin/sam2fewshot demo --out out/demo "$@"
+SAM2FEWSHOT_COMMAND=./quickstart.sh exec .venv/bin/sam2fewshot demo --out out/demo "$@"

@@ -194,4 +194,5 @@ def test_demo_runs_the_main_job_on_example_data(shared_data, tmp_path, capsys):
     assert len(reports) == 1
     demo = json.loads(reports[0].read_text())["demo"]
     assert demo["query"] == "hippocampus_015" and demo["support"] == "hippocampus_184"
-    assert set(demo["dice"]) == {"label_1", "label_2"} and all(0 <= v <= 1 for v in demo["dice"].values())
+    assert set(demo["dice"]) == {"anterior hippocampus", "posterior hippocampus"}
+    assert all(0 <= v <= 1 for v in demo["dice"].values())

@@ -337,8 +337,10 @@ def test_models_list_import_verify_commands(tiny_file, cache, monkeypatch, capsy
     code, out, _ = run(["list"], capsys)
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["NAME", "FAMILY", "INPUT", "CACHED", "SOURCE"]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    rows = {line.split()[0].rstrip("*"): line.split() for line in lines[1:-1]}
     assert set(rows) == NAMES and all(r[4] == "no" for r in rows.values())
+    assert [r[0] for r in rows.values() if r[0].endswith("*")] == ["sam2.1-tiny*"]
+    assert lines[-1] == "* the default (--model)"
     assert rows["medsam2"][2:4] == ["512", "px"] and rows["medsam2"][5] == "hf:wanglab/MedSAM2/MedSAM2_latest.pt"
 
     assert run(["verify"], capsys)[:2] == (0, f"no cached weights in {weights.weights_dir()}\n")

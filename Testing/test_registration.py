@@ -118,8 +118,9 @@ def test_fusion_of_four_supports_beats_one(hippocampus):
     assert [s["similarity"] for s in report["supports"]] == [round(r.similarity, 4) for r in registered.values()]
     assert report["fusion"] == "weighted" and report["transform"] == "affine"
     assert abs(sum(s["weight"] for s in report["supports"]) - 1.0) < 1e-3
-    assert steps[-3:] == [("register", 8, 8), ("fuse", 0, 1), ("fuse", 1, 1)]
-    assert [s for s in steps if s[0] == "register"] == [("register", i, 8) for i in range(1, 9)]
+    assert steps[-3:] == [("register support 4/4", 2, 2), ("fuse labels", 0, 1), ("fuse labels", 1, 1)]
+    assert [s for s in steps if s[0].startswith("register")] == [(f"register support {n}/4", i, 2)
+                                                                 for n in range(1, 5) for i in (1, 2)]
     majority = fuse_labels([r.labels for r in registered.values()], "majority")
     assert np.mean(list(dice_per_label(majority.volume.array, truth.volume.array, HIPPOCAMPUS).values())) > single
 

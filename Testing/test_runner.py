@@ -190,7 +190,7 @@ def test_the_model_and_the_query_stay_warm_across_methods(files):
     labels, first = runner.run(propagate, lambda stage, done, total: stages.append(stage))
     assert labels.volume.same_grid(files["image"]) and first["method"] == "propagate"
     assert not first["run"]["session_reused"] and first["timing"]["frames_encoded"] == 8
-    assert stages[0] == "model" and "propagate" in stages
+    assert stages[0] == "model" and "propagate forward" in stages and "propagate backward" in stages
     fewshot = Request(method="matched-support", query=files["query"], model=MODEL,
                       supports=((files["support"], files["support_labels"]),),
                       params={"augmentations": 1, "slices_per_structure": 2, "top_k": 1, "scheme": "pair"})

@@ -110,7 +110,7 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(worl
     assert np.array_equal(result[PROMPTED], world["prompt"][PROMPTED])  # the mask-prompted slice, verbatim
     assert np.array_equal(controller.last.labels, result)
     stages = {p[0] for p in recorder.progress}
-    assert {"model", "propagate"} <= stages
+    assert {"model", "propagate forward", "propagate backward"} <= stages
     flags = controller.low_confidence()
     assert all(f.slice != PROMPTED for f in flags)
     r, a, s = controller.slice_position(2)

@@ -174,11 +174,16 @@ def test_slice_centre_lands_on_that_slice_in_world_coordinates(axis):
 
 
 def test_progress_and_elapsed_wording():
-    assert panel.progress_text("propagate", 12, 80) == "Propagating: slice 12 of 80"
-    assert panel.progress_text("encode", 3, 8) == "Encoding slices: slice 3 of 8"
+    assert panel.progress_text("propagate forward", 12, 80) == "Propagating forward: slice 12 of 80"
+    assert panel.progress_text("propagate backward", 3, 80) == "Propagating backward: slice 3 of 80"
+    assert panel.progress_text("encode query", 3, 8) == "Encoding the query: slice 3 of 8"
+    assert panel.progress_text("encode supports", 8, 64) == "Encoding support slices: slice 8 of 64"
+    assert panel.progress_text("register support 2/4", 30, 120) == "Registering support 2 of 4: step 30 of 120"
+    assert panel.progress_text("fuse labels", 0, 1) == "Fusing labels"
+    assert panel.progress_text("embed library", 2, 5) == "Indexing the library: case 2 of 5"
     assert panel.progress_text("download", 50_000_000, 156_000_000) == "Downloading model weights: 50 of 156 MB"
     assert panel.progress_text("model", 0, 0) == "Loading the model"
-    assert panel.progress_text("new_stage", 1, 2) == "New stage: 1 of 2"
+    assert panel.progress_text("new_stage", 1, 2) == "New stage: step 1 of 2"
     assert [panel.progress_percent(d, 8) for d in (-1, 0, 4, 8, 9)] == [0, 0, 50, 100, 100]
     assert panel.progress_percent(3, 0) == 0
     assert [panel.format_elapsed(s) for s in (7.9, 723, 3723)] == ["0:07", "12:03", "1:02:03"]

@@ -94,7 +94,7 @@ def test_progress_result_and_a_warm_second_run(client, data):
             assert labels.volume.same_grid(data["image"])
             assert np.array_equal(labels.volume.array[4], data["prompt_array"][4])  # the prompt, verbatim
             assert report["method"] == "propagate" and report["worker"]["session_reused"] == (n == 1)
-            steps = [e for e in events if e["event"] == "progress" and e["stage"] == "propagate"]
+            steps = [e for e in events if e["event"] == "progress" and e["stage"] == "propagate forward"]
             assert [e["done"] for e in steps] == list(range(1, steps[0]["total"] + 1))
             assert {e["id"] for e in events if e["event"] in ("progress", "result")} == {job_id}
             results.append(result)
@@ -209,7 +209,7 @@ def test_cancel_kills_the_tree_at_once_and_a_new_job_starts_a_fresh_worker(clien
     folder = JobFolder()
     job_id = client.submit(propagate_job(data, folder))
     events = events_until(client, lambda e: e["event"] in ("result", "error")
-                          or (e["event"] == "progress" and e["stage"] == "propagate"))
+                          or (e["event"] == "progress" and e["stage"].startswith("propagate")))
     assert events[-1]["event"] == "progress", events[-1]  # still running
     pid = client.pid
     tree = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]

@@ -10,46 +10,47 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from ..common.choices import SIMILARITY_FEATURES
 from ..common.errors import InputError
-from .options import add_frame_args, add_model_args, frame_options, model_options
+from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 
 
 def add_bench_parser(sub) -> None:
     from ..bench.leave_one_out import VARIANTS
 
-    p = sub.add_parser("bench", help="leave-one-out accuracy, speed and memory of every method",
-                       description="Each labelled case in turn is the query, the others its supports. "
-                                   "Writes results.json, results.md and PNG plots to --out.")
+    p = add_command(sub, "bench", "leave-one-out accuracy, speed and memory of every method",
+                    description="Each labelled case in turn is the query, the others its supports. "
+                                "Writes results.json, results.md and PNG plots to --out.")
     p.add_argument("--data", type=Path, help="folder of labelled cases (MSD layout, *_img/*_label or *_seg pairs)")
     p.add_argument("--out", required=True, type=Path, help="report folder (created if missing)")
-    p.add_argument("--methods", help=f"comma-separated, default all: {', '.join(VARIANTS)}")
+    p.add_argument("--methods", metavar="M,M,...", help=f"comma-separated (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--support", metavar="CASE", help="one fixed support case instead of leave-one-out")
     p.add_argument("--max-cases", type=int, help="at most this many query cases (the first by name)")
     p.add_argument("--max-supports", type=int, help="at most this many supports per query")
-    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
     p.add_argument("--cold-sessions", action="store_true",
                    help="every method encodes the query itself (default: encoded once, shared)")
-    fs = p.add_argument_group("matched support")
-    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice (default 4)")
-    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure (default 8)")
-    fs.add_argument("--features", default="sam2", choices=["sam2", "intensity"], help="similarity features")
-    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice (default 3)")
+    fs = p.add_argument_group("matched support (and the support methods built on it)")
+    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice")
+    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure")
+    fs.add_argument("--features", default="sam2", choices=SIMILARITY_FEATURES,
+                    help="how support and query slices are compared")
+    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice")
     sy = p.add_argument_group("speed and memory (synthetic volumes)")
     sy.add_argument("--peer-speed", type=int, default=0, metavar="SLICES",
-                    help="compare with a JPEG-folder + stock sam2 pipeline on this many slices")
-    sy.add_argument("--synthetic-structures", type=int, default=3,
-                    help="structures in the synthetic volumes (default 3)")
+                    help="compare with a JPEG-folder + stock sam2 pipeline on this many slices (0: off)")
+    sy.add_argument("--synthetic-structures", type=int, default=3, help="structures in the synthetic volumes")
     sy.add_argument("--memory-scaling", metavar="N,N,...", help="peak memory for these slice counts, e.g. 50,200,800")
     sy.add_argument("--memory-feature-budget-mb", type=float,
                     help="encoder features kept in memory in the memory runs (default: the session's, 64 MB)")
     sy.add_argument("--memory-mmap-threshold", type=int, metavar="BYTES",
                     help="fix glibc's M_MMAP_THRESHOLD in the memory runs (e.g. 65536) to tell data from "
                          "allocator slack")
-    sy.add_argument("--synthetic-size", type=int, default=256, help="slice size of synthetic volumes (default 256)")
+    sy.add_argument("--synthetic-size", type=int, default=256, help="slice size of synthetic volumes")
     add_model_args(p)
-    add_frame_args(p)
+    add_frame_args(p, slice_range=False)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -84,8 +85,6 @@ def _run(args: argparse.Namespace) -> int:
     counts = _counts(args.memory_scaling)
     if args.data is None and not args.peer_speed and not counts:
         raise InputError("nothing to benchmark: give --data, --peer-speed or --memory-scaling")
-    if args.slice_range:
-        raise InputError("--slice-range does not apply to bench: every case is segmented whole")
     fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
                "features": args.features, "top_k": args.top_k}
     checked = get_method("matched-support").params(fewshot, seed=args.seed)  # bad values fail before any work

@@ -6,32 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
+from ..common.choices import LIBRARY_FEATURES
 from ..common.errors import InputError
-from .options import add_model_args, model_options
+from .options import add_command, add_model_args, add_normalization_args, add_quiet, model_options
 
-PLANE_CHOICES = ("axial", "coronal", "sagittal", "all")
+PLANE_CHOICES = ("auto", "axial", "coronal", "sagittal", "all")
 
 
 def add_library_parser(subparsers) -> argparse.ArgumentParser:
     """Register `library build` and `library info` on the main parser's subparsers."""
-    from ..library.sync import feature_names
-
-    p = subparsers.add_parser("library", help="build or inspect the embedding index of a labelled support library",
-                              description="A library is a folder of labelled cases (X_img + X_label, X + X.seg.nrrd, "
-                                          "imagesTr/ + labelsTr/, ...) or a library.json listing them. Its index "
-                                          "is kept in DIR/.sam2fewshot_index (the user cache when DIR is read-only).")
+    p = add_command(subparsers, "library", "build or inspect the embedding index of a labelled support library",
+                    description="A library is a folder of labelled cases (X_img + X_label, X + X.seg.nrrd, "
+                                "imagesTr/ + labelsTr/, ...) or a library.json listing them. Its index is kept in "
+                                "DIR/.sam2fewshot_index (the user cache when DIR is read-only).")
     actions = p.add_subparsers(dest="library_action", required=True, metavar="ACTION")
-    build = actions.add_parser("build", help="embed every labelled slice (only new or changed cases)")
+    build = add_command(actions, "build", "embed every labelled slice (only new or changed cases)")
     build.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")
-    build.add_argument("--features", default="sam2", choices=feature_names(),
-                       help="slice descriptors (default sam2: the SAM2 encoder, reused by propagation)")
-    build.add_argument("--plane", default="axial", choices=PLANE_CHOICES,
-                       help="slicing plane the queries will use (default axial; 'all' builds the three)")
-    build.add_argument("--normalization", default="auto", help="as for segment (default auto)")
-    build.add_argument("--per-slice-normalization", action="store_true")
-    build.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    build.add_argument("--features", default="sam2", choices=LIBRARY_FEATURES,
+                       help="slice descriptors; sam2: the SAM2 encoder, whose features propagation reuses")
+    build.add_argument("--plane", default="auto", choices=PLANE_CHOICES,
+                       help="slicing plane of the index; auto: every plane a case was acquired in, the planes "
+                            "segment --axis auto cuts queries of the same kinds in; all: the three")
+    add_normalization_args(build.add_argument_group("frames (as segment takes them: an index serves one setting)"))
+    add_quiet(build)
     add_model_args(build)
-    info = actions.add_parser("info", help="the library's cases, structures and indexes (nothing is computed)")
+    info = add_command(actions, "info", "the library's cases, structures and indexes (nothing is computed)")
     info.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
@@ -52,12 +51,12 @@ def run_library(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace, library) -> int:
     from ..io.normalization import Normalization
-    from ..library.sync import PLANES, sync_library
+    from ..library.sync import PLANES, acquisition_planes, sync_library
     from .console import ConsoleProgress
 
     normalization = Normalization.parse(args.normalization, per_slice=args.per_slice_normalization)
+    planes = {"all": PLANES, "auto": None}.get(args.plane, (args.plane,)) or acquisition_planes(library)
     features = features_from_args(args)
-    planes = PLANES if args.plane == "all" else (args.plane,)
     for plane in planes:
         progress = ConsoleProgress(enabled=not args.quiet)
         try:

@@ -17,14 +17,23 @@ from ..common.errors import InputError, SAM2FewShotError
 EXIT_ERROR = 2
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad options are refused like every other input: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"sam2fewshot: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     from .demo import add_demo_parser
     from .library import add_library_parser
     from .models import add_models_parser
+    from .options import HelpFormatter
     from .segment import add_segment_parser
 
-    parser = argparse.ArgumentParser(prog="sam2fewshot", description="Few-shot 3D segmentation with SAM2.")
+    parser = Parser(prog="sam2fewshot", formatter_class=HelpFormatter,
+                    description="Few-shot 3D segmentation with SAM2. 'sam2fewshot COMMAND --help' for each command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)

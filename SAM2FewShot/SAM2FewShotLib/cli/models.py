@@ -9,6 +9,7 @@ from pathlib import Path
 from ..common.cache import CACHE_ENV, cache_dir
 from ..common.errors import ModelError
 from ..sam2 import registry, weights
+from .options import add_command
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -16,17 +17,16 @@ EXIT_VERIFY_FAILED = 1
 
 def add_models_parser(subparsers) -> argparse.ArgumentParser:
     """Register `models` and its actions on the main parser's subparsers."""
-    p = subparsers.add_parser("models", help="list, download, verify or import model weights",
-                              description=f"Model weights are cached in {cache_dir()} "
-                                          f"(set {CACHE_ENV} to move it).")
+    p = add_command(subparsers, "models", "list, download, verify or import model weights",
+                    description=f"Model weights are cached in {cache_dir()} (set {CACHE_ENV} to move it).")
     actions = p.add_subparsers(dest="models_action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="the registered models and whether their weights are cached")
-    dl = actions.add_parser("download", help="fetch a model's weights into the cache and check their SHA-256")
+    add_command(actions, "list", "the registered models, the default marked, and whether their weights are cached")
+    dl = add_command(actions, "download", "fetch a model's weights into the cache and check their SHA-256")
     dl.add_argument("name", metavar="NAME", help="registered model name (see 'models list')")
     dl.add_argument("--offline", action="store_true", help="never use the network: only check the cache")
-    ver = actions.add_parser("verify", help="re-check the SHA-256 of cached weights (works offline)")
+    ver = add_command(actions, "verify", "re-check the SHA-256 of cached weights (works offline)")
     ver.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: every cached one)")
-    imp = actions.add_parser("import", help="copy a local weights file into the cache (offline sites)")
+    imp = add_command(actions, "import", "copy a local weights file into the cache (offline sites)")
     imp.add_argument("name", metavar="NAME", help="registered model name the file belongs to")
     imp.add_argument("file", type=Path, metavar="FILE", help="the checkpoint file, e.g. sam2.1_hiera_tiny.pt")
     return p
@@ -37,6 +37,7 @@ def run_models(args: argparse.Namespace) -> int:
     action = args.models_action
     if action == "list":
         print(format_table(model_rows()))
+        print("* the default (--model)")
         return EXIT_OK
     if action == "download":
         path = weights.download(args.name, offline=args.offline, progress=not getattr(args, "quiet", False))
@@ -54,7 +55,8 @@ def run_models(args: argparse.Namespace) -> int:
 def model_rows() -> list[list[str]]:
     rows = [["NAME", "FAMILY", "INPUT", "CACHED", "SOURCE"]]
     for spec in registry.REGISTRY.values():
-        rows.append([spec.name, spec.family, f"{spec.image_size} px", "yes" if weights.is_cached(spec.name) else "no",
+        name = f"{spec.name}*" if spec.name == registry.DEFAULT_MODEL else spec.name
+        rows.append([name, spec.family, f"{spec.image_size} px", "yes" if weights.is_cached(spec.name) else "no",
                      f"hf:{spec.hf_repo}/{spec.hf_file}"])
     return rows
 

@@ -1,39 +1,74 @@
-"""Options every model-using command shares (model, frames), and the request parts they become."""
+"""Options every model-using command shares (model, frames), the help format, and the request parts
+the options become. Imports nothing heavy: `sam2fewshot --help` must not wait for torch."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..common.choices import AXES, DEVICES
 from ..run.request import FrameOptions
 from ..sam2.build import ModelOptions
-from ..sam2.registry import DEFAULT_MODEL
+from ..sam2.registry import DEFAULT_MODEL, REGISTRY
+
+IMAGE_SIZE_RULE = "a multiple of 64, at least 128"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none worth saying (unset, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "%(default)" in text or action.default in (None, False, argparse.SUPPRESS, []):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_command(subparsers, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose help shows every default."""
+    return subparsers.add_parser(name, help=help, description=kwargs.pop("description", help),
+                                 formatter_class=HelpFormatter, **kwargs)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="registered model name (see 'sam2fewshot models list')")
-    g.add_argument("--checkpoint", type=Path, help="local weights file (offline sites); config from --config or --model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help="registered model: " + ", ".join(REGISTRY))
+    g.add_argument("--checkpoint", type=Path, metavar="FILE",
+                   help="a local weights file instead of the download (offline sites); its config from --config "
+                        "or --model")
     g.add_argument("--config", help="sam2 config name for --checkpoint, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
-    g.add_argument("--image-size", type=int, help="model input size (default: the model's own)")
-    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default auto)")
+    g.add_argument("--image-size", type=int, metavar="PX",
+                   help=f"model input size in pixels, {IMAGE_SIZE_RULE}; smaller is faster and coarser "
+                        "(default: the model's own, 1024 for SAM2, 512 for MedSAM2)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA, else Apple MPS, else the CPU")
     g.add_argument("--offline", action="store_true", help="never download; use cached weights or --checkpoint")
     g.add_argument("--random-weights", action="store_true",
-                   help="the real architecture with random weights: for tests and speed benchmarks only, "
-                        "its masks are meaningless")
-    g.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+                   help="the real architecture with random weights: checks the installation and measures speed "
+                        "without downloading anything; its masks are meaningless")
+    g.add_argument("--seed", type=int, default=0, help="seed for everything random (augmentations, random weights)")
 
 
-def add_frame_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True) -> None:
+    add_quiet(p)
     g = p.add_argument_group("frames")
-    g.add_argument("--axis", default="auto", help="slicing axis: auto (the acquisition axis), axial, coronal, sagittal")
-    g.add_argument("--normalization", default="auto",
-                   help="auto, a CT preset (abdomen, soft_tissue, liver, lung, bone, brain, ...), "
-                        "window:CENTRE,WIDTH or percentile:LOW,HIGH")
-    g.add_argument("--per-slice-normalization", action="store_true", help="percentiles per slice, not per volume")
-    g.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"),
-                   help="only segment slices FIRST..LAST (inclusive) along the slicing axis")
+    g.add_argument("--axis", default="auto", choices=AXES,
+                   help="slicing axis; auto: the acquisition axis (the largest voxel spacing), axial when isotropic")
+    add_normalization_args(g)
+    if slice_range:
+        g.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                       help="only segment slices FIRST..LAST (inclusive) along the slicing axis")
+
+
+def add_normalization_args(group) -> None:
+    group.add_argument("--normalization", default="auto", metavar="MODE",
+                       help="model-input intensities (your voxels never change): auto (a CT window for CT, else "
+                            "percentiles), a CT preset (abdomen, soft_tissue, liver, lung, bone, brain, ...), mr, "
+                            "window:CENTRE,WIDTH or percentile:LOW,HIGH")
+    group.add_argument("--per-slice-normalization", action="store_true", help="percentiles per slice, not per volume")
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
@@ -43,6 +78,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
 
 
 def frame_options(args: argparse.Namespace) -> FrameOptions:
+    slice_range = getattr(args, "slice_range", None)
     return FrameOptions(axis=args.axis, normalization=args.normalization,
                         per_slice_normalization=args.per_slice_normalization,
-                        slice_range=tuple(args.slice_range) if args.slice_range else None)
+                        slice_range=tuple(slice_range) if slice_range else None)

@@ -14,17 +14,21 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..common.choices import (
+    EXTENTS,
+    FUSION_METHODS,
+    LIBRARY_FEATURES,
+    PRIORS,
+    PROMPT_TYPES,
+    SCHEMES,
+    SIMILARITY_FEATURES,
+    TRANSFORMS,
+)
 from ..common.errors import InputError
-from ..methods.common import EXTENTS
-from ..methods.guided import PRIORS, PROMPT_TYPES
-from ..methods.matched_support import FEATURES
 from ..methods.registry import LIBRARY, METHODS, PROMPTS, SUPPORTS, get_method
-from ..registration.fusion import FUSION_METHODS
-from ..registration.register import TRANSFORMS
 from ..run.outputs import default_report_path
 from ..run.request import Request
-from ..support.memory import SCHEMES
-from .options import add_frame_args, add_model_args, frame_options, model_options
+from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 
 # The option that gives each kind of conditioning, and the method it runs by default.
 INPUT_OPTIONS = {SUPPORTS: "--support", LIBRARY: "--library", PROMPTS: "--prompt-labels or --prompts"}
@@ -32,46 +36,72 @@ DEFAULT_METHODS = {SUPPORTS: "matched-support", LIBRARY: "retrieval", PROMPTS: "
 
 
 def add_segment_parser(sub) -> argparse.ArgumentParser:
-    seg = sub.add_parser("segment", help="segment a query volume")
+    seg = add_command(sub, "segment", "segment a query volume",
+                      description="Segment a query volume: propagate prompts drawn on it, or transfer the "
+                                  "structures of labelled support cases (matched support, guided, registration) "
+                                  "or of a library (retrieval). Writes the label map, its names and colours, and "
+                                  "a JSON report.")
     seg.add_argument("--query", required=True, type=Path, help="volume to segment (NIfTI, NRRD, MHA, DICOM folder)")
-    seg.add_argument("--out", required=True, type=Path, help="output label map (.nii.gz, .nrrd, .mha or .seg.nrrd)")
+    seg.add_argument("--out", required=True, type=Path,
+                     help="output label map: .seg.nrrd (names and colours inside), or .nii.gz/.nii/.nrrd/.mha "
+                          "(names and colours in a .json beside it)")
     seg.add_argument("--report", type=Path, help="JSON report (default: beside --out, named *_report.json)")
-    pr = seg.add_argument_group("propagate")
-    pr.add_argument("--prompt-labels", type=Path, help="label file on the query's grid with masks on some slices")
-    pr.add_argument("--labels", help="comma-separated label values to use from --prompt-labels (default all)")
-    pr.add_argument("--prompts", type=Path, help="JSON file with boxes/points in voxel coordinates")
-    fs = seg.add_argument_group("matched support (few-shot)")
+    pr = seg.add_argument_group("propagate (--prompt-labels and/or --prompts)")
+    pr.add_argument("--prompt-labels", type=Path, metavar="FILE",
+                    help="a label file on the query's grid with masks on some slices")
+    pr.add_argument("--labels", metavar="V,V,...", help="label values to use from --prompt-labels (default: all)")
+    pr.add_argument("--prompts", type=Path, metavar="FILE", help="a JSON file of boxes/points in voxel coordinates")
+    fs = seg.add_argument_group("matched support (--support; also the guided sam2 prior)")
     fs.add_argument("--support", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
                     help="a labelled support case; repeat for several")
-    fs.add_argument("--scheme", default="video+memory", choices=SCHEMES,
-                    help="how matched supports condition SAM2 (default video+memory)")
-    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice (default 4)")
-    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure (default 8)")
-    fs.add_argument("--features", default="sam2", choices=FEATURES, help="similarity features")
-    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice (default 3)")
+    fs.add_argument("--method", choices=list(METHODS),
+                    help="with --support: matched-support (the default), guided (a prior's pseudo-mask on each "
+                         "slice prompts SAM2) or registration (registered support labels alone: CPU only, no model "
+                         "or weights); with --library: retrieval; with prompts: propagate")
+    fs.add_argument("--scheme", default="video+memory", choices=SCHEMES, help="how matched supports condition SAM2")
+    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice")
+    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure")
+    fs.add_argument("--features", default="sam2", choices=SIMILARITY_FEATURES,
+                    help="how support and query slices are compared: SAM2's encoder features or intensity")
+    fs.add_argument("--top-k", type=int, default=3, help="support (or library) memories per query slice")
     fs.add_argument("--extent", default="largest-run", choices=EXTENTS,
-                    help="where each structure starts and ends: its longest run of slices SAM2 accepts "
-                         "(default), or every slice its object score accepts")
+                    help="where each structure starts and ends: its longest run of slices SAM2 accepts, or every "
+                         "slice its object score accepts (also retrieval)")
     fs.add_argument("--position-weight", type=float, default=0.0,
-                    help="penalty on relative slice position difference in matching (default 0)")
-    add_retrieval_args(fs)
-    add_guided_args(seg.add_argument_group("support-guided prompts, registration, LoRA (with --support)"))
+                    help="penalty on the difference in relative slice position when matching")
+    rt = seg.add_argument_group("retrieval (--library; with --top-k and --extent above)")
+    rt.add_argument("--library", type=_existing, metavar="DIR",
+                    help="a labelled library (folder or list file); each query slice is conditioned on its most "
+                         "similar library slices")
+    rt.add_argument("--library-features", default="sam2", choices=LIBRARY_FEATURES, help="retrieval descriptors")
+    rt.add_argument("--position-window", type=float, metavar="W",
+                    help="prefer library slices whose relative position differs by at most W (0..1)")
+    gd = seg.add_argument_group("guided (--method guided)")
+    gd.add_argument("--prior", default="registration", choices=PRIORS,
+                    help="pseudo-masks from registering the supports, or from SAM2 with support memories and no "
+                         "prompt on the query slice")
+    gd.add_argument("--prior-scheme", default="video", choices=["pair", "video"],
+                    help="with --prior sam2: how support memories condition it")
+    gd.add_argument("--prompt-type", default="box+mask", choices=PROMPT_TYPES,
+                    help="the pseudo-mask's box, the pseudo-mask as a dense hint SAM2 refines, or both")
+    gd.add_argument("--box-margin", type=int, default=5, help="pixels added around each box")
+    gd.add_argument("--lora-steps", type=int, default=0,
+                    help="first fit LoRA adapters on the supports' augmented slices for N steps (0: off; adapters "
+                         "are cached per support set; needs the lora extra)")
+    gd.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
+    gd.add_argument("--lora-decoder", action="store_true",
+                    help="LoRA on the mask decoder's attention too, not only the image encoder's")
+    rg = seg.add_argument_group("registration (--method registration, and guided's registration prior)")
+    rg.add_argument("--transform", default="affine", choices=TRANSFORMS, help="affine, or affine then B-spline")
+    rg.add_argument("--fusion", default="weighted", choices=FUSION_METHODS,
+                    help="how the warped labels of several supports are fused")
+    seg.add_argument_group("any method").add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="a method parameter without an option of its own (VALUE as JSON, else text; NAME.FIELD for a "
+             "nested group, e.g. fewshot.neighbours=2); repeat for several")
     add_model_args(seg)
     add_frame_args(seg)
     return seg
-
-
-def add_retrieval_args(group) -> None:
-    """`segment --library DIR` options (with the few-shot group's --top-k and --extent)."""
-    from ..library.sync import feature_names
-
-    group.add_argument("--library", type=_existing, metavar="DIR",
-                       help="retrieval: a labelled library (folder or list file); each query slice is "
-                            "conditioned on its --top-k most similar library slices")
-    group.add_argument("--library-features", default="sam2", choices=feature_names(),
-                       help="retrieval descriptors (default sam2)")
-    group.add_argument("--position-window", type=float, metavar="W",
-                       help="retrieval: prefer library slices whose relative position differs by at most W (0..1)")
 
 
 def _existing(text: str) -> Path:
@@ -79,35 +109,6 @@ def _existing(text: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"library {path} does not exist")
     return path
-
-
-def add_guided_args(group) -> None:
-    group.add_argument("--method", choices=list(METHODS),
-                       help="with --support: matched-support (default), guided (a prior's pseudo-mask on each "
-                            "slice prompts SAM2) or registration (registered support labels alone: CPU only, "
-                            "no model or weights needed); with --library: retrieval; with prompts: propagate")
-    group.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                       help="a method parameter without an option of its own (VALUE as JSON, else text; "
-                            "NAME.FIELD for a nested group, e.g. fewshot.neighbours=2); repeat for several")
-    group.add_argument("--prior", default="registration", choices=PRIORS,
-                       help="guided: pseudo-masks from registering the supports (default) or from SAM2 with "
-                            "support memories and no prompt on the query slice")
-    group.add_argument("--prior-scheme", default="video", choices=["pair", "video"],
-                       help="guided with --prior sam2: how support memories condition it (default video)")
-    group.add_argument("--prompt-type", default="box+mask", choices=PROMPT_TYPES,
-                       help="guided: the pseudo-mask's box, the pseudo-mask as a dense hint SAM2 refines, "
-                            "or both (default)")
-    group.add_argument("--box-margin", type=int, default=5, help="guided: pixels added around each box (default 5)")
-    group.add_argument("--transform", default="affine", choices=TRANSFORMS,
-                       help="registration (method or prior): affine (default) or affine_bspline")
-    group.add_argument("--fusion", default="weighted", choices=FUSION_METHODS,
-                       help="registration with several supports: how warped labels are fused (default weighted)")
-    group.add_argument("--lora-steps", type=int, default=0,
-                       help="guided: first fit LoRA adapters on the supports' augmented slices for N steps "
-                            "(0: off, the default; adapters are cached per support set)")
-    group.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
-    group.add_argument("--lora-decoder", action="store_true",
-                       help="LoRA on the mask decoder's attention too, not only the image encoder's")
 
 
 def segment_method(args: argparse.Namespace) -> str:
@@ -200,6 +201,16 @@ def run_segment(args: argparse.Namespace) -> int:
         progress.close()
         runner.close()
     write_outputs(labels, report, request.out, request.report)
-    print(f"wrote {request.out} and {request.report} ({report['timing']['total_s']:.1f} s, "
+    print(f"wrote {announce(request.out, request.report)} ({report['timing']['total_s']:.1f} s, "
           f"{report['timing']['per_slice_s']:.3f} s per slice)")
     return 0
+
+
+def announce(out, report) -> str:
+    """Every file a run wrote, in words: 'r.nii.gz (labels), r.json (names and colours) and r_report.json'."""
+    from ..run.outputs import written_files
+
+    labels, *sidecar, report = written_files(out, report)
+    parts = [f"{labels} (labels{', names and colours' if not sidecar else ''})"]
+    parts += [f"{p} (names and colours)" for p in sidecar]
+    return ", ".join(parts) + f" and the report {report}"

@@ -35,6 +35,14 @@ def replacing(path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def writable_folder(folder) -> bool:
+    """True when files can be written in ``folder``, or it can be made (nothing is created here)."""
+    existing = Path(folder).resolve()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -7,6 +7,7 @@ Offline machines point ``--data`` at a folder that already holds the cases, eith
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,6 +22,12 @@ from ..common.errors import InputError
 # The MONAI project's public mirror of the MSD archive, and the MD5 MONAI publishes for it.
 MSD_HIPPOCAMPUS_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task04_Hippocampus.tar"
 MSD_HIPPOCAMPUS_MD5 = "9d24dba78a72977dbd1d2e110310f31b"
+
+# The demo's pair (the README names it): a query and its labelled support, both in the MSD training set.
+DEMO_QUERY, DEMO_SUPPORT = "hippocampus_015", "hippocampus_184"
+# The structures as the task's dataset.json names them ("1": "Anterior", "2": "Posterior").
+MSD_HIPPOCAMPUS_NAMES = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+DATASET_JSON = "dataset.json"
 
 Case = tuple[Path, Path]  # (image, labels)
 log = logging.getLogger(__name__)
@@ -42,20 +49,35 @@ def find_cases(folder: Path) -> dict[str, Case]:
     return cases
 
 
-def example_cases(data: Optional[Path] = None, cache: Optional[Path] = None) -> dict[str, Case]:
+def example_cases(data: Optional[Path] = None) -> dict[str, Case]:
     """The hippocampus cases: from ``data`` when given, else from the cache (downloading once)."""
     if data is not None:
         cases = find_cases(Path(data))
         if not cases:
             raise InputError(f"no labelled cases found in {data} (expected imagesTr/labelsTr or *_img/*_label pairs)")
         return cases
-    from ..common.cache import cache_dir
-
-    root = Path(cache or cache_dir()) / "data"
+    root = _cache_root()
     target = root / "Task04_Hippocampus"
     if not find_cases(target):
         _download_and_unpack(root)
     return find_cases(target)
+
+
+def structure_names(data: Optional[Path] = None) -> dict[int, str]:
+    """Label value -> structure name: from the folder's MSD dataset.json when it has one, else the task's."""
+    folder = Path(data) if data is not None else _cache_root() / "Task04_Hippocampus"
+    try:
+        labels = json.loads((folder / DATASET_JSON).read_text(encoding="utf-8"))["labels"]
+        names = {int(v): f"{name.lower()} hippocampus" for v, name in labels.items() if int(v) > 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return dict(MSD_HIPPOCAMPUS_NAMES)
+    return names or dict(MSD_HIPPOCAMPUS_NAMES)
+
+
+def _cache_root() -> Path:
+    from ..common.cache import cache_dir
+
+    return cache_dir() / "data"
 
 
 def _download_and_unpack(root: Path) -> None:
@@ -67,14 +89,14 @@ def _download_and_unpack(root: Path) -> None:
         try:
             urllib.request.urlretrieve(MSD_HIPPOCAMPUS_URL, tmp)
         except OSError as exc:
-            raise InputError(f"cannot download the example data ({exc}); offline machines pass --data FOLDER "
-                             "with the MSD hippocampus cases") from None
+            raise InputError(f"cannot download the example data from {MSD_HIPPOCAMPUS_URL} ({exc})") from None
         digest = hashlib.md5(Path(tmp).read_bytes()).hexdigest()
         if digest != MSD_HIPPOCAMPUS_MD5:
             raise InputError(f"example data checksum mismatch (md5 {digest}, expected {MSD_HIPPOCAMPUS_MD5})")
         with tarfile.open(tmp) as tar:
             members = [m for m in tar.getmembers()
-                       if re.search(r"(imagesTr|labelsTr)/hippocampus_\d+\.nii\.gz$", m.name)
+                       if (re.search(r"(imagesTr|labelsTr)/hippocampus_\d+\.nii\.gz$", m.name)
+                           or m.name.endswith(f"Task04_Hippocampus/{DATASET_JSON}"))
                        and not Path(m.name).name.startswith("._")]
             tar.extractall(root, members=members, filter="data")
     finally:

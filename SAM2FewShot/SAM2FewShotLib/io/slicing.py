@@ -21,15 +21,25 @@ def slicing_axis(volume: Volume, choice: str = "auto") -> int:
     auto: the acquisition axis, i.e. the largest spacing (thick slices); an isotropic volume is
     sliced axially. axial/coronal/sagittal: the voxel axis best aligned with S, P or L.
     """
+    return _axis(volume.spacing, volume.direction_matrix, choice)
+
+
+def acquisition_plane(spacing, direction) -> str:
+    """The plane ``slicing_axis(..., "auto")`` cuts a volume with this geometry in (headers suffice)."""
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    return _plane(direction, _axis(spacing, direction, "auto"))
+
+
+def _axis(spacing, direction: np.ndarray, choice: str) -> int:
     choice = (choice or "auto").lower()
     if choice == "auto":
-        sp = np.asarray(volume.spacing)
+        sp = np.asarray(spacing)
         if sp.max() > sp.min() * 1.01:
             return 2 - int(np.argmax(sp))
         choice = "axial"
     if choice not in ANATOMICAL_AXES:
         raise InputError(f"unknown slicing axis '{choice}': use auto, axial, coronal or sagittal")
-    column = int(np.argmax(np.abs(volume.direction_matrix[ANATOMICAL_AXES[choice], :])))
+    column = int(np.argmax(np.abs(direction[ANATOMICAL_AXES[choice], :])))
     return 2 - column
 
 
@@ -45,5 +55,9 @@ def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
 
 def anatomical_plane(volume: Volume, axis: int) -> str:
     """axial/coronal/sagittal: the anatomical direction the query's slicing axis runs along."""
-    column = volume.direction_matrix[:, 2 - axis]
+    return _plane(volume.direction_matrix, axis)
+
+
+def _plane(direction: np.ndarray, axis: int) -> str:
+    column = direction[:, 2 - axis]
     return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(column)))]

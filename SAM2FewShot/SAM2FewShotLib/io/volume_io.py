@@ -81,6 +81,24 @@ def read_labels(path: PathLike, reference: Volume | None = None) -> LabelMap:
     return LabelMap(volume, _complete_segments(listed, volume.array))
 
 
+def read_geometry(path: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(spacing, direction) of a volume from its header alone (a DICOM folder is read whole)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_file() and image_suffix(path) in READ_SUFFIXES:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from exc
+        if reader.GetDimension() == 3:
+            return reader.GetSpacing(), reader.GetDirection()
+    volume = read_volume(path)  # a DICOM folder, a 4D file of one frame, or a one-line error
+    return volume.spacing, volume.direction
+
+
 def _read_sitk(path: Path):
     import SimpleITK as sitk
 

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ..common.errors import InputError
+from ..common.files import writable_folder
 from ..io.normalization import Normalization
 from ..io.volume import LabelMap, Volume
 from ..io.volume_io import READ_SUFFIXES, SEG_NRRD, image_suffix, read_labels, read_volume, sidecar_path
@@ -96,15 +97,7 @@ class Library:
     def index_root(self) -> Path:
         """Beside the library when that is writable, else in the user cache."""
         beside, cached = self.index_locations()
-        return beside if writable(beside) else cached
-
-
-def writable(folder: Path) -> bool:
-    """True when files can be written in ``folder``, or it can be made (nothing is created here)."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        return beside if writable_folder(beside) else cached
 
 
 def open_library(path: PathLike) -> Library:

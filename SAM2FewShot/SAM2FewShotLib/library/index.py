@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..common.errors import Cancelled, InputError, SAM2FewShotError
 from ..common.files import replacing, sha256_of, write_json_atomic
-from ..common.progress import ProgressFn
+from ..common.progress import EMBED_LIBRARY, ProgressFn
 from ..io.volume import Segment, default_segments
 from .cases import ROW_DTYPE, LibraryCase
 
@@ -171,7 +171,7 @@ class EmbeddingIndex:
                     self._save(dict(manifest, cases={**old, **new}, files={**hashes.known, **hashes.used}))
                     last_save = time.monotonic()
                 if progress:
-                    progress("index", n + 1, len(cases))
+                    progress(EMBED_LIBRARY, n + 1, len(cases))
         except BaseException:  # cancelled or failed: keep what was embedded for the next run
             if stats.embedded:
                 self._save(dict(manifest, cases={**old, **new}, files={**hashes.known, **hashes.used}))

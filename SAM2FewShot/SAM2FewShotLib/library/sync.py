@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..common.choices import LIBRARY_FEATURES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
 from ..io.normalization import Normalization
@@ -23,10 +24,14 @@ from .index import CaseEmbeddings, EmbeddingIndex, IndexConfig, IndexData, SyncS
 PLANES = ("axial", "coronal", "sagittal")
 
 
-def feature_names() -> tuple[str, ...]:
-    from ..support.dinov2 import VARIANTS
+def acquisition_planes(library: Library) -> tuple[str, ...]:
+    """Every plane some case of the library was acquired in (its images' headers tell): the planes
+    queries of the same kinds are cut in by ``--axis auto``."""
+    from ..io.slicing import acquisition_plane
+    from ..io.volume_io import read_geometry
 
-    return ("sam2",) + tuple(VARIANTS)
+    found = {acquisition_plane(*read_geometry(case.image)) for case in library.cases}
+    return tuple(p for p in PLANES if p in found)
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,8 @@ def library_features(name: str, predictor=None, device: torch.device | str = "cp
         return LibraryFeatures(name, key, make_extractor("sam2", predictor=predictor, device=device))
     from ..support.dinov2 import make_dinov2_features
 
-    if name not in feature_names():
-        raise InputError(f"unknown library features '{name}': use one of {', '.join(feature_names())}")
+    if name not in LIBRARY_FEATURES:
+        raise InputError(f"unknown library features '{name}': use one of {', '.join(LIBRARY_FEATURES)}")
     extractor = make_dinov2_features(name, model=model, offline=offline, progress=progress, device=device,
                                      random_weights=random_weights, seed=seed)
     return LibraryFeatures(name, extractor.key, extractor)

@@ -22,8 +22,6 @@ from ..sam2.build import ModelOptions
 from ..sam2.propagation import PropagationResult
 from ..sam2.session import VolumeSession
 
-EXTENTS = ("largest-run", "score")  # a structure's longest run of accepted slices, or every accepted slice
-
 
 @dataclass
 class MethodInputs:

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..common.choices import PRIORS, PROMPT_TYPES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
 from ..io.volume import LabelMap, SupportCase
@@ -25,9 +26,6 @@ from ..sam2.session import VolumeSession
 from ..support.lora import LoraSettings, adapted_session, require_peft
 from .common import MethodInputs, build_report
 from .matched_support import FewShotParams
-
-PRIORS = ("registration", "sam2")
-PROMPT_TYPES = ("box", "mask", "box+mask")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..common.choices import EXTENTS, SCHEMES
+from ..common.choices import SIMILARITY_FEATURES as FEATURES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
 from ..io.slicing import anatomical_plane, slicing_axis
@@ -24,10 +26,8 @@ from ..sam2.frames import FrameSource
 from ..sam2.propagation import propagate
 from ..sam2.session import VolumeSession
 from ..support.matching import Matches
-from ..support.memory import SCHEMES, SupportEntries, SupportMemoryPolicy
-from .common import EXTENTS, MethodInputs, build_report, largest_run
-
-FEATURES = ("sam2", "intensity")  # slice similarity: SAM2's encoder features, or intensity correlation
+from ..support.memory import SupportEntries, SupportMemoryPolicy
+from .common import MethodInputs, build_report, largest_run
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..common.choices import FUSION_METHODS, TRANSFORMS
 from ..common.errors import Cancelled, InputError
-from ..common.progress import ProgressFn
+from ..common.progress import FUSE_LABELS, ProgressFn, register_stage
 from ..io.slicing import slicing_axis
 from ..io.volume import LabelMap, Segment, Volume
-from ..registration.fusion import FUSION_METHODS, fuse_labels, similarity_weights
-from ..registration.register import TRANSFORMS, register_support
+from ..registration.fusion import fuse_labels, similarity_weights
+from ..registration.register import register_support
 from .common import MethodInputs
 
 
@@ -65,7 +66,7 @@ def registration_segment(
         entries.append({"support": index, "similarity": round(reg.similarity, 4),
                         "time_s": round(reg.seconds, 3)})
     if progress is not None:
-        progress("fuse", 0, 1)
+        progress(FUSE_LABELS, 0, 1)
     fusion_start = time.perf_counter()
     weights = similarity_weights(similarities) if fusion == "weighted" else None
     method = fusion if n > 1 else "none"
@@ -75,7 +76,7 @@ def registration_segment(
         for entry, w in zip(entries, weights):
             entry["weight"] = round(w / total, 4)
     if progress is not None:
-        progress("fuse", 1, 1)
+        progress(FUSE_LABELS, 1, 1)
     report = {
         "method": "registration",
         "transform": transform,
@@ -90,12 +91,12 @@ def registration_segment(
 
 
 def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Optional[ProgressFn]:
-    """One support's registration stages as a stretch of one bar over all supports."""
+    """One support's registration steps, as the stage of that support ('register support 2/4')."""
     if progress is None:
         return None
 
     def report(stage: str, done: int, total: int) -> None:
-        progress("register", index * total + done, n * total)
+        progress(register_stage(index, n), done, total)
 
     return report
 

@@ -15,14 +15,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..common.choices import EXTENTS, LIBRARY_FEATURES
 from ..common.errors import Cancelled, InputError
-from ..common.progress import ProgressFn
+from ..common.progress import ENCODE_SUPPORTS, ProgressFn
 from ..io.normalization import Normalization
 from ..io.slicing import anatomical_plane, slicing_axis
 from ..io.volume import LabelMap
 from ..library.cases import Library
 from ..library.index import IndexData, TopK
-from ..library.sync import LibraryFeatures, feature_names, library_features, sync_library
+from ..library.sync import LibraryFeatures, library_features, sync_library
 from ..sam2.feature_cache import FeatureCache, StackedCache
 from ..sam2.frames import FrameSource
 from ..sam2.propagation import propagate
@@ -30,7 +31,7 @@ from ..sam2.session import VolumeSession
 from ..support.matching import Matches, relative_positions
 from ..support.memory import SupportEntries, SupportMemoryPolicy
 from ..support.slices import SupportSlice, stack_support
-from .common import EXTENTS, MethodInputs, build_report, largest_run
+from .common import MethodInputs, build_report, largest_run
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class RetrievalParams:
     FROM_REQUEST = ("normalization",)  # the request's own: library images are normalised like the query
 
     def check(self) -> None:
-        if self.features not in feature_names():
-            raise InputError(f"unknown library features '{self.features}': use one of {', '.join(feature_names())}")
+        if self.features not in LIBRARY_FEATURES:
+            raise InputError(f"unknown library features '{self.features}': use one of {', '.join(LIBRARY_FEATURES)}")
         if self.top_k < 1:
             raise InputError(f"top-k must be at least 1, got {self.top_k}")
         if self.window is not None and not self.window >= 0:
@@ -132,7 +133,7 @@ def segment_retrieval(
     hits = retrieve(session, data, query_embeddings(session, features, progress), params, frame_range)
     entries, matches = conditioning_entries(library, data, hits, session, plane, params.normalization)
     support_cache = FeatureCache(predictor, FrameSource(entries.images01, predictor.image_size), predictor.device,
-                                 batch_size=session.cache.batch_size)
+                                 batch_size=session.cache.batch_size, stage=ENCODE_SUPPORTS)
     policy = SupportMemoryPolicy(entries, matches, session.num_slices, "video+memory", params.neighbours,
                                  max_memories=params.top_k)
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),

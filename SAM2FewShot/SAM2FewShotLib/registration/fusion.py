@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..common.choices import FUSION_METHODS
 from ..common.errors import InputError
 from ..io.volume import LabelMap, Segment
 
-FUSION_METHODS = ("majority", "staple", "weighted")
 # Similarity (correlation) is raised to this power for the weighted vote. Hippocampus leave-one-out
 # (benchmarks/registration_loo.py): powers 1 and 2 fuse alike, 4 and up let the best-scoring
 # support outvote the others alone, which is no longer a fusion.

@@ -18,12 +18,11 @@ from typing import Iterator, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from ..common.choices import TRANSFORMS
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
 from ..io.normalization import Normalization
 from ..io.volume import LabelMap, Volume
-
-TRANSFORMS = ("affine", "affine_bspline")
 
 # Fixed thread count: ITK splits sums per work unit, so the count must not follow the host.
 THREADS = 2

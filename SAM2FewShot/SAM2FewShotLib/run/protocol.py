@@ -30,7 +30,7 @@ Request (run/request.py) with an id: the worker hands it to the Runner as it is.
 Events (stdout)::
 
     {"event": "ready", "pid": 123, "version": "0.1.0"}
-    {"event": "progress", "id": "j1", "stage": "encode" | "propagate" | ..., "done": 3, "total": 8}
+    {"event": "progress", "id": "j1", "stage": "encode query" | "propagate forward" | ..., "done": 3, "total": 8}
     {"event": "log", "level": "info" | "warning" | "error", "message": "..."}
     {"event": "result", "id": "j1", "labels": path, "report": path, "seconds": 2.1,
      "frames_encoded": 0, "session_reused": true}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..common.errors import InputError
-from ..common.progress import ProgressFn
+from ..common.progress import LOAD_MODEL, ProgressFn
 from ..io.normalization import Normalization
 from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
 from ..sam2.build import ModelOptions
@@ -83,10 +83,10 @@ class Runner:
             self.forget()  # one model at a time: its sessions hold its features
             from ..sam2.build import load_model
 
-            progress("model", 0, 1)
+            progress(LOAD_MODEL, 0, 1)
             self._predictor, self._model_info = load_model(options, progress)
             self._model_key = key
-            progress("model", 1, 1)
+            progress(LOAD_MODEL, 1, 1)
         return self._predictor, dict(self._model_info)
 
     def session(self, query: str, frames: FrameOptions = FrameOptions(), model: ModelOptions = ModelOptions(),

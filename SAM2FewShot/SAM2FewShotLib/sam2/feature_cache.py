@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..common.progress import ProgressFn
+from ..common.progress import ENCODE_QUERY, ProgressFn
 from .frames import FrameSource
 from .offload import DEFAULT_SPILL_BYTES, SpillFile
 
@@ -41,8 +41,10 @@ class FeatureCache:
         max_bytes: int = DEFAULT_MEMORY_BYTES,
         storage_device: Optional[torch.device] = None,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
+        stage: str = ENCODE_QUERY,
     ):
         self.predictor = predictor
+        self.stage = stage  # what embed_all's progress calls its work
         self.frames = frames
         self.device = device
         self.storage_device = storage_device or device
@@ -93,7 +95,7 @@ class FeatureCache:
         for start in range(0, len(todo), self.batch_size):
             self._encode(todo[start : start + self.batch_size])
             if progress:
-                progress("encode", min(start + self.batch_size, len(todo)), len(todo))
+                progress(self.stage, min(start + self.batch_size, len(todo)), len(todo))
         return torch.stack([self.embeddings[i] for i in idx]) if idx else torch.zeros(0)
 
     def _batch_from(self, idx: int) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import Cancelled, InputError
-from ..common.progress import ProgressFn
+from ..common.progress import PROPAGATE_BACKWARD, PROPAGATE_FORWARD, ProgressFn
 from .devices import autocast
 from .feature_cache import FeatureCache
 from .frames import FrameSource
@@ -184,7 +184,6 @@ class _Run:
         self.backward = list(range(min(last, self.hi), self.lo - 1, -1)) if last >= self.lo else []
         self.window = max(predictor.num_maskmem * predictor.memory_temporal_stride_for_eval,
                           predictor.max_obj_ptrs_in_encoder) + 1
-        self.done = 0
 
     def execute(self) -> PropagationResult:
         self._pass(self.forward, reverse=False)
@@ -199,7 +198,8 @@ class _Run:
     def _pass(self, order: list[int], reverse: bool) -> None:
         cache = self.state["feature_cache"]
         cache.direction = -1 if reverse else 1
-        for t in order:
+        stage = PROPAGATE_BACKWARD if reverse else PROPAGATE_FORWARD
+        for n, t in enumerate(order):
             if self.should_cancel is not None and self.should_cancel():
                 raise Cancelled("cancelled by the user")
             start = time.perf_counter()
@@ -208,9 +208,8 @@ class _Run:
             self.visited[t, int(reverse)] = True
             self._merge(t, logits, scores, reverse)
             self._trim(t, reverse)
-            self.done += 1
             if self.progress:
-                self.progress("propagate", self.done, len(self.forward) + len(self.backward))
+                self.progress(stage, n + 1, len(order))
 
     def _frame(self, t: int, reverse: bool) -> tuple[torch.Tensor, np.ndarray]:
         """(n_obj, H, W) logits at slice resolution and (n_obj,) object scores for slice t."""

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..common.progress import ENCODE_SUPPORTS
 from ..io.normalization import Normalization
 from ..io.slicing import from_slices, slicing_axis, to_slices
 from ..io.volume import LabelMap, Volume
@@ -48,7 +49,7 @@ class VolumeSession:
         if key not in self.support_caches:
             self.support_caches[key] = FeatureCache(self.predictor, frames, self.predictor.device,
                                                     batch_size=self.cache.batch_size, max_bytes=self.cache.max_bytes,
-                                                    spill_bytes=self.spill_bytes)
+                                                    spill_bytes=self.spill_bytes, stage=ENCODE_SUPPORTS)
             while len(self.support_caches) > keep:
                 self.support_caches.popitem(last=False)[1].close()
         self.support_caches.move_to_end(key)

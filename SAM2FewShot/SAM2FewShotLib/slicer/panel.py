@@ -16,7 +16,20 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..common.choices import AXES, DEVICES, SCHEMES  # noqa: F401 - the panel's combo items
 from ..common.errors import InputError
+from ..common.progress import (
+    DOWNLOAD,
+    EMBED_LIBRARY,
+    ENCODE_QUERY,
+    ENCODE_SUPPORTS,
+    FIT_LORA,
+    FUSE_LABELS,
+    LOAD_MODEL,
+    PROPAGATE_BACKWARD,
+    PROPAGATE_FORWARD,
+    stage_unit,
+)
 from ..io.normalization import CT_PRESETS
 from ..methods.registry import METHODS, get_method
 from ..run.protocol import METHODS as WORKER_METHODS
@@ -26,10 +39,6 @@ from ..sam2.build import ModelOptions
 from ..sam2.registry import DEFAULT_MODEL
 from .mrml_segments import POLICIES  # noqa: F401 - the panel's choices for existing segments
 
-# The panel's choices (the engine's own lists live in modules that import torch: a test keeps these equal).
-SCHEMES = ("pair", "video", "video+memory")
-AXES = ("auto", "axial", "coronal", "sagittal")
-DEVICES = ("auto", "cuda", "mps", "cpu")
 NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
 
 # --- methods --------------------------------------------------------------------------------------
@@ -220,27 +229,32 @@ def slice_center_ras(ijk_to_ras: np.ndarray, shape_kji: Sequence[int], axis: int
 # --- progress -----------------------------------------------------------------------------------
 
 STAGE_LABELS = {
-    "model": "Loading the model",
-    "download": "Downloading model weights",
-    "encode": "Encoding slices",
-    "propagate": "Propagating",
-    "augment": "Augmenting support slices",
-    "match": "Matching support slices",
-    "register": "Registering supports",
-    "fuse": "Fusing labels",
+    LOAD_MODEL: "Loading the model",
+    DOWNLOAD: "Downloading model weights",
+    ENCODE_QUERY: "Encoding the query",
+    ENCODE_SUPPORTS: "Encoding support slices",
+    PROPAGATE_FORWARD: "Propagating forward",
+    PROPAGATE_BACKWARD: "Propagating backward",
+    EMBED_LIBRARY: "Indexing the library",
+    FUSE_LABELS: "Fusing labels",
+    FIT_LORA: "Adapting the model (LoRA)",
 }
 
 
 def progress_text(stage: str, done: int, total: int) -> str:
-    """'Propagating: slice 12 of 80' (bytes for downloads, steps for other stages)."""
-    label = STAGE_LABELS.get(stage, stage.replace("_", " ").capitalize())
+    """'Propagating forward: slice 12 of 80', 'Registering support 2 of 4: step 30 of 120', MB for downloads."""
+    if stage.startswith("register support "):
+        index, _, count = stage.rpartition(" ")[2].partition("/")
+        label = f"Registering support {index} of {count}"
+    else:
+        label = STAGE_LABELS.get(stage, stage.replace("_", " ").capitalize())
     if total <= 0:
         return label
-    if stage == "download":
+    if stage == DOWNLOAD:
         return f"{label}: {done / 1e6:.0f} of {total / 1e6:.0f} MB"
-    if stage in ("encode", "propagate", "match"):
-        return f"{label}: slice {done} of {total}"
-    return f"{label}: {done} of {total}"
+    if total == 1:
+        return label
+    return f"{label}: {stage_unit(stage)} {done} of {total}"
 
 
 def progress_percent(done: int, total: int) -> int:

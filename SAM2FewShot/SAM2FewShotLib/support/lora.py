@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..common.errors import Cancelled, InputError, ModelError
 from ..common.files import replacing
-from ..common.progress import ProgressFn
+from ..common.progress import FIT_LORA, ProgressFn
 from ..io.volume import SupportCase
 from ..sam2.devices import autocast
 from ..sam2.session import VolumeSession
@@ -160,7 +160,7 @@ def fit_lora(
         optimiser.step()
         losses.append(float(loss.detach()))
         if progress:
-            progress("lora", step + 1, settings.steps)
+            progress(FIT_LORA, step + 1, settings.steps)
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return LoraAdapters(settings, weights, losses)
 

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common.choices import SCHEMES
 from ..common.errors import InputError
 from ..sam2.propagation import MemoryPolicy
 from .matching import Matches
-
-SCHEMES = ("pair", "video", "video+memory")
 
 
 @dataclass

@@ -1,0 +1,17 @@
+"""The values the user-facing options take, in one light module.
+
+The engine validates its parameters against these tuples, the CLI offers them as choices and the
+Slicer panel as combo-box items, all without importing torch, sam2 or SimpleITK (so `--help` and
+the panel stay fast).
+"""
+
+AXES = ("auto", "axial", "coronal", "sagittal")  # auto: the acquisition axis (the largest spacing)
+DEVICES = ("auto", "cuda", "mps", "cpu")
+SCHEMES = ("pair", "video", "video+memory")  # how matched supports condition SAM2
+SIMILARITY_FEATURES = ("sam2", "intensity")  # matched support: how support and query slices are compared
+LIBRARY_FEATURES = ("sam2", "dinov2-small", "dinov2-base", "dinov2-large")  # retrieval descriptors
+EXTENTS = ("largest-run", "score")  # a structure's longest run of accepted slices, or every accepted slice
+PRIORS = ("registration", "sam2")  # where guided prompts come from
+PROMPT_TYPES = ("box", "mask", "box+mask")
+TRANSFORMS = ("affine", "affine_bspline")  # registration
+FUSION_METHODS = ("majority", "staple", "weighted")  # registration with several supports
