@@ -20,8 +20,9 @@ class ConsoleProgress:
     and is closed, once, when its stage completes or another begins.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, min_interval: float = 0.1):
         self.enabled = enabled and sys.stderr is not None
+        self.min_interval = min_interval  # seconds between redraws
         self._bar: Optional[tqdm] = None
         self._stage = ""
 
@@ -33,11 +34,12 @@ class ConsoleProgress:
             self._stage = stage
             unit = stage_unit(stage)
             self._bar = tqdm(total=total, initial=done, desc=stage, unit=unit, unit_scale=unit == "B",
-                             file=sys.stderr, leave=True, dynamic_ncols=True,
+                             file=sys.stderr, leave=True, dynamic_ncols=True, mininterval=self.min_interval,
                              bar_format=None if unit == "B" else BAR)
-        else:
+        elif done < total:
             self._bar.update(done - self._bar.n)
         if done >= total:
+            self._bar.n = done  # close() draws the final line, once
             self.close()
 
     def close(self) -> None:
