@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.choices import LIBRARY_FEATURES
 from ..common.errors import InputError
-from .options import add_command, add_model_args, add_normalization_args, add_quiet, model_options
+from .options import add_command, add_console_args, add_model_args, add_normalization_args, model_options
 
 PLANE_CHOICES = ("auto", "axial", "coronal", "sagittal", "all")
 
@@ -28,7 +28,7 @@ def add_library_parser(subparsers) -> argparse.ArgumentParser:
                        help="slicing plane of the index; auto: every plane a case was acquired in, the planes "
                             "segment --axis auto cuts queries of the same kinds in; all: the three")
     add_normalization_args(build.add_argument_group("frames (as segment takes them: an index serves one setting)"))
-    add_quiet(build)
+    add_console_args(build)
     add_model_args(build)
     info = add_command(actions, "info", "the library's cases, structures and indexes (nothing is computed)")
     info.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .. import __version__
@@ -29,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
     from .library import add_library_parser
     from .models import add_models_parser
-    from .options import HelpFormatter
+    from .options import HelpFormatter, add_console_args
     from .segment import add_segment_parser
 
     parser = Parser(prog="sam2fewshot", formatter_class=HelpFormatter,
                     description="Few-shot 3D segmentation with SAM2. 'sam2fewshot COMMAND --help' for each command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_console_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     add_segment_parser(sub)
     add_models_parser(sub)
@@ -45,20 +47,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: whatever was being written is removed, and the exit code says so."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    restore = _on_sigterm()
     try:
+        if not args.verbose:
+            quiet_native_warnings()
         return run_command(args)
     except SAM2FewShotError as exc:
         print(f"sam2fewshot: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print("sam2fewshot: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("sam2fewshot: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("sam2fewshot: error: out of memory: try a smaller model, --image-size or --device cpu", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        restore()
+
+
+def quiet_native_warnings() -> None:
+    """ITK's and GDCM's warnings go to the terminal from C++, around our one-line errors: off
+    unless --verbose (the errors themselves keep their reason)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
+def _on_sigterm():
+    """SIGTERM raises Terminated in the main thread (a run cleans up as on Ctrl-C); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -30,8 +30,12 @@ def add_command(subparsers, name: str, help: str, **kwargs) -> argparse.Argument
                                  formatter_class=HelpFormatter, **kwargs)
 
 
-def add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+def add_console_args(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-q and -v, before or after the command name alike."""
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="also show informational messages and ITK's own warnings")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True) -> None:
-    add_quiet(p)
+    add_console_args(p)
     g = p.add_argument_group("frames")
     g.add_argument("--axis", default="auto", choices=AXES,
                    help="slicing axis; auto: the acquisition axis (the largest voxel spacing), axial when isotropic")

@@ -8,6 +8,7 @@ so the Slicer panel can use it before first-use setup.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ def replacing(path, suffix: str = "") -> Iterator[Path]:
     removed when it fails (``path`` is then untouched). ``suffix`` ends the temporary name, for
     writers that choose the format by extension (ITK)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.resolve().parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.resolve().parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -47,6 +48,36 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def sweep_stale_temporaries(path) -> list[Path]:
+    """Remove the temporaries a killed run left beside ``path`` (``replacing``'s, whose process is gone);
+    a live writer's are left alone. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # e.g. Windows without such a process
+        return False
+    return True
 
 
 def write_json_atomic(data: dict, path) -> None:

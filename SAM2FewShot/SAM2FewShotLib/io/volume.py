@@ -10,6 +10,7 @@ import numpy as np
 from ..common.errors import InputError
 
 Vec3 = tuple[float, float, float]
+MAX_LABEL = 65535  # label maps are written as uint8 or uint16
 Color = tuple[float, float, float]
 
 

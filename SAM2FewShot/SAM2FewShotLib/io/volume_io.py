@@ -23,7 +23,7 @@ import numpy as np
 from ..common.errors import InputError, one_line
 from ..common.files import replacing
 from .seg_nrrd import is_slicer_segmentation, read_seg_nrrd, write_seg_nrrd
-from .volume import LabelMap, Segment, Volume, default_segments
+from .volume import MAX_LABEL, LabelMap, Segment, Volume, default_segments
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,9 @@ def _label_array(array: np.ndarray, path: PathLike) -> np.ndarray:
     low, high = (array.min(), array.max()) if array.size else (0, 0)
     if low < 0:
         raise InputError(f"{path}: label values must not be negative, found {low}")
-    if high > np.iinfo(np.uint32).max:
-        raise InputError(f"{path}: label value {high} is too large")
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if high <= np.iinfo(t).max)
+    if high > MAX_LABEL:
+        raise InputError(f"{path}: label value {high:g} is too large: label maps hold values up to {MAX_LABEL}")
+    dtype = np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16
     return array.astype(dtype, copy=False)
 
 

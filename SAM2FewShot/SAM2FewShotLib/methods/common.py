@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..io.normalization import Normalization
 from ..io.volume import LabelMap, SupportCase, Volume
 from ..library.cases import Library
 from ..sam2.build import ModelOptions
-from ..sam2.propagation import PropagationResult
+from ..sam2.propagation import Prompt, PropagationResult
 from ..sam2.session import VolumeSession
 
 
@@ -34,7 +33,7 @@ class MethodInputs:
     library: Optional[Library] = None
     prompt_labels: Optional[LabelMap] = None  # masks on some slices, on the query's grid
     values: Optional[Sequence[int]] = None  # the labels of prompt_labels to use (default all)
-    prompts_file: Optional[Path] = None  # boxes and points in voxel coordinates
+    prompts: Sequence[Prompt] = ()  # boxes and points from the request's prompts file
     axis: str = "auto"
     normalization: Normalization = field(default_factory=Normalization)  # as the request gave it
     model: ModelOptions = field(default_factory=ModelOptions)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
-from ..io.volume import LabelMap, default_segments
+from ..io.volume import MAX_LABEL, LabelMap, default_segments
 from ..sam2.propagation import Prompt, PropagationResult, propagate
 from ..sam2.session import VolumeSession
 from .common import MethodInputs, build_report
@@ -42,8 +42,7 @@ def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     if inputs.prompt_labels is not None:
         prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values)
         segments = list(inputs.prompt_labels.segments)
-    if inputs.prompts_file is not None:
-        prompts += read_prompts_file(inputs.prompts_file, session.axis, session.volume.array.shape)
+    prompts += list(inputs.prompts)  # boxes and points, read before the model loaded
     known = {s.value for s in segments}
     segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
     return segment_propagate(session, prompts, segments, progress=inputs.progress, should_cancel=inputs.should_cancel,
@@ -106,34 +105,58 @@ def _to_slice(ijk: np.ndarray, axis: int, what: str) -> tuple[int, np.ndarray]:
 
 
 def read_prompts_file(path: str | Path, axis: int, shape_kji: tuple[int, int, int]) -> list[Prompt]:
+    """Box and point prompts from a JSON file; every problem with it is one line that names the prompt."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text())
-        entries = data["prompts"]
-    except FileNotFoundError:
-        raise InputError(f"prompts file not found: {path}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"prompts file {path} is not valid: {exc}") from None
-    prompts = []
-    for n, e in enumerate(entries):
-        what = f"prompt {n} in {Path(path).name}"
-        try:
-            label = int(e["label"])
-            box = np.asarray(e["box_ijk"], dtype=float) if "box_ijk" in e else None
-            pts = np.asarray(e["points_ijk"], dtype=float) if "points_ijk" in e else None
-            pl = np.asarray(e.get("point_labels", [1] * (0 if pts is None else len(pts))), dtype=np.int32)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{what} is not valid: {exc}") from None
-        if label <= 0 or (box is None and pts is None):
-            raise InputError(f"{what} needs a positive label and a box_ijk or points_ijk")
-        allp = np.concatenate([a for a in (box, pts) if a is not None]).reshape(-1, 3)
-        if (allp < 0).any() or (allp[:, ::-1] > np.asarray(shape_kji) - 1).any():
-            raise InputError(f"{what} lies outside the volume")
-        frame, xy = _to_slice(allp, axis, what)
-        nbox = 0 if box is None else 2
-        prompts.append(Prompt(
-            frame=frame, obj_id=label,
-            box=None if box is None else tuple(np.concatenate([xy[:2].min(0), xy[:2].max(0)]).tolist()),
-            points=None if pts is None else xy[nbox:],
-            point_labels=None if pts is None else pl,
-        ))
-    return prompts
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"the prompts file {path} is not valid JSON: {str(exc)[:120]}") from None
+    entries = data.get("prompts") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"the prompts file {path} holds no prompts: expected {{\"prompts\": [{{\"label\": 1, "
+                         "\"box_ijk\": [[i0, j0, k], [i1, j1, k]]}, ...]}")
+    return [_prompt(e, f"prompt {n} in {path.name}", axis, shape_kji) for n, e in enumerate(entries)]
+
+
+def _prompt(entry, what: str, axis: int, shape_kji: tuple[int, int, int]) -> Prompt:
+    if not isinstance(entry, dict):
+        raise InputError(f"{what} is not an object with a label and a box_ijk or points_ijk")
+    label = entry.get("label")
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label != int(label) \
+            or not 0 < label <= MAX_LABEL:
+        raise InputError(f"{what}: the label must be a whole number from 1 to {MAX_LABEL}, got {label!r}")
+    box = _coordinates(entry, "box_ijk", what, count=2)
+    pts = _coordinates(entry, "points_ijk", what)
+    if box is None and pts is None:
+        raise InputError(f"{what} needs a box_ijk or points_ijk")
+    labels = entry.get("point_labels", [1] * (0 if pts is None else len(pts)))
+    if pts is not None and (not isinstance(labels, list) or len(labels) != len(pts)
+                            or any(v not in (0, 1) or isinstance(v, bool) for v in labels)):
+        raise InputError(f"{what}: point_labels must give 1 (inside) or 0 (outside) for each of its {len(pts)} points")
+    allp = np.concatenate([a for a in (box, pts) if a is not None])
+    if (allp < 0).any() or (allp[:, ::-1] > np.asarray(shape_kji) - 1).any():
+        raise InputError(f"{what} lies outside the volume")
+    frame, xy = _to_slice(allp, axis, what)
+    nbox = 0 if box is None else 2
+    return Prompt(frame=frame, obj_id=int(label),
+                  box=None if box is None else tuple(np.concatenate([xy[:2].min(0), xy[:2].max(0)]).tolist()),
+                  points=None if pts is None else xy[nbox:],
+                  point_labels=None if pts is None else np.asarray(labels, dtype=np.int32))
+
+
+def _coordinates(entry: dict, key: str, what: str, count: Optional[int] = None) -> Optional[np.ndarray]:
+    """(P, 3) finite voxel coordinates under ``key`` (exactly ``count`` of them when given), or None."""
+    if key not in entry:
+        return None
+    try:
+        points = np.asarray(entry[key], dtype=float)
+    except (TypeError, ValueError):
+        points = np.empty((0, 0))
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or (count and len(points) != count):
+        size = f"{count} " if count else ""
+        raise InputError(f"{what}: {key} must be a list of {size}[i, j, k] voxel coordinates")
+    if not np.all(np.isfinite(points)):
+        raise InputError(f"{what}: {key} holds a coordinate that is not a finite number")
+    return points

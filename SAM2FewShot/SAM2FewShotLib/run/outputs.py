@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..common.errors import InputError
-from ..common.files import replacing
+from ..common.files import replacing, sweep_stale_temporaries
 from ..io.volume import LabelMap
 from ..io.volume_io import SEG_NRRD, WRITE_SUFFIXES, image_suffix, sidecar_path, write_labels
 
@@ -61,6 +61,8 @@ def check_outputs(out, report: Optional[str] = None, inputs: Iterable[str] = ())
     check_writable(out)
     check_writable(report_path)
     files = [f.resolve() for f in written_files(out, report_path)]
+    for f in files:  # what an earlier run that was killed while writing left here
+        sweep_stale_temporaries(f)
     if files[-1] in files[:-1]:
         raise InputError(f"the report {report_path} would overwrite the label file or its JSON sidecar")
     for source in inputs:

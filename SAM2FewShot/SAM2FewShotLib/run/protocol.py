@@ -94,8 +94,8 @@ def decode_line(line: Union[bytes, str]) -> dict:
     try:
         text = line.decode("utf-8") if isinstance(line, bytes) else line
         data = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"not a JSON line: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ProtocolError(f"not a JSON line: {single_line(exc, 200)}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"expected a JSON object, got {type(data).__name__}")
     return data

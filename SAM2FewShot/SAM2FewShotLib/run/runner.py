@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from ..common.errors import InputError
 from ..common.progress import LOAD_MODEL, ProgressFn
 from ..io.normalization import Normalization
+from ..io.slicing import slicing_axis
 from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
 from ..sam2.build import ModelOptions
 from .outputs import check_outputs
@@ -41,30 +42,32 @@ class Runner:
         self._model_info: dict = {}
         self._sessions: "OrderedDict[tuple, object]" = OrderedDict()
         self._digests: dict[tuple, str] = {}
+        self._notes: dict[str, Optional[dict]] = {}  # what was repaired in a query, by its content
 
     def run(self, request: Request, progress: Optional[ProgressFn] = None,
             should_cancel: Optional[Callable[[], bool]] = None):
-        """(LabelMap, report) for the request; InputError before any loading when it cannot run."""
+        """(LabelMap, report) for the request. Everything is checked and every input read before a
+        model is loaded: a bad input fails in a second, not after a download."""
         from ..methods.common import MethodInputs
 
         progress = progress or _no_progress
         spec, params = check_request(request)
         normalization = Normalization.parse(request.frames.normalization,
                                             per_slice=request.frames.per_slice_normalization)
+        key = self._session_key(request, normalization) if spec.needs_model else None
+        warm = self._sessions.get(key) if key is not None else None
+        query = warm.volume if warm is not None else self._read_query(request.query)
+        frame_range = checked_frame_range(request.frames.slice_range,
+                                          query.array.shape[slicing_axis(query, request.frames.axis)])
+        supports, notes = read_supports(request)
+        library, prompt_labels = read_library(request), read_prompt_labels(request, query)
+        prompts = read_prompts(request, query)
         session, reused = None, False
         if spec.needs_model:
-            session, reused = self._session_for(request.query, request.frames.axis, normalization,
-                                                request.model, progress)
-            query = session.volume
-            frame_range = checked_frame_range(request.frames.slice_range, session.num_slices)
-        else:
-            from ..io.volume_io import read_volume
-
-            query, frame_range = read_volume(request.query), None
+            session, reused = self._session_for(key, query, request, normalization, progress)
         inputs = MethodInputs(
-            query=query, session=session, supports=read_supports(request), support_files=request.supports,
-            library=read_library(request), prompt_labels=read_prompt_labels(request, query), values=request.values,
-            prompts_file=Path(request.prompts) if request.prompts else None, axis=request.frames.axis,
+            query=query, session=session, supports=supports, support_files=request.supports, library=library,
+            prompt_labels=prompt_labels, values=request.values, prompts=prompts, axis=request.frames.axis,
             normalization=normalization, model=request.model, frame_range=frame_range, progress=progress,
             should_cancel=should_cancel)
         labels, report = spec.load().run(inputs, params)
@@ -72,6 +75,9 @@ class Runner:
         report["inputs"] = {"query": request.query, "prompt_labels": request.prompt_labels or "",
                             "prompts": request.prompts or "", "supports": [list(p) for p in request.supports],
                             "library": request.library or ""}
+        notes = [n for n in [self._notes.get(self._digest(Path(request.query)))] + notes if n]
+        if notes:
+            report["input_notes"] = notes
         report["run"] = {"session_reused": reused}
         return labels, report
 
@@ -93,8 +99,11 @@ class Runner:
                 progress: Optional[ProgressFn] = None):
         """The warm session of a query (created, nothing encoded yet, when there is none): the one a
         request with this query, frames and model runs on."""
+        request = Request(method="propagate", query=query, frames=frames, model=model)
         normalization = Normalization.parse(frames.normalization, per_slice=frames.per_slice_normalization)
-        return self._session_for(query, frames.axis, normalization, model, progress or _no_progress)[0]
+        key = self._session_key(request, normalization)
+        volume = self._sessions[key].volume if key in self._sessions else self._read_query(query)
+        return self._session_for(key, volume, request, normalization, progress or _no_progress)[0]
 
     def forget_sessions(self) -> None:
         """Close every query session (features in memory and on disk); the model stays loaded."""
@@ -119,22 +128,31 @@ class Runner:
 
     close = forget
 
-    def _session_for(self, query: str, axis: str, normalization: Normalization, model: ModelOptions,
-                     progress: ProgressFn):
-        """The warm session for this query, axis, normalisation and model, or a new one (evicting the oldest)."""
-        from ..io.volume_io import read_volume
+    def _session_key(self, request: Request, normalization: Normalization) -> tuple:
+        return (self._digest(Path(request.query)), request.frames.axis.lower(), normalization, request.model.key())
+
+    def _session_for(self, key: tuple, query, request: Request, normalization: Normalization, progress: ProgressFn):
+        """The warm session under ``key``, or a new one on ``query`` (evicting the oldest); loads the model."""
         from ..sam2.session import VolumeSession
 
-        predictor, _ = self.model(model, progress)
-        key = (self._digest(Path(query)), axis.lower(), normalization, self._model_key)
+        predictor, _ = self.model(request.model, progress)  # a new model drops every session
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key], True
-        session = VolumeSession(predictor, read_volume(query), axis, normalization)
+        session = VolumeSession(predictor, query, request.frames.axis, normalization)
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)[1].close()
         return session, False
+
+    def _read_query(self, path: str):
+        """The query volume, checked (and its NaN repaired, noted once per file content)."""
+        from ..io.checks import checked_image
+        from ..io.volume_io import read_volume
+
+        volume, note = checked_image(read_volume(path), f"the query {path}")
+        self._notes[self._digest(Path(path))] = note
+        return volume
 
     def _digest(self, path: Path) -> str:
         """Content hash of a volume file or DICOM folder, remembered per (path, size, mtime)."""
@@ -199,15 +217,18 @@ def checked_frame_range(slice_range: Optional[tuple[int, int]], num_slices: int)
     return slice_range
 
 
-def read_supports(request: Request) -> list:
-    """The labelled support cases, each label file read onto its own image's grid."""
+def read_supports(request: Request) -> tuple[list, list[dict]]:
+    """The labelled support cases, each label file read onto its own (checked) image's grid, and
+    what was repaired in them."""
+    from ..io.checks import checked_image
     from ..io.volume_io import read_labels, read_volume
 
-    supports = []
+    supports, notes = [], []
     for image_path, labels_path in request.supports:
-        image = read_volume(image_path)
+        image, note = checked_image(read_volume(image_path), f"support image {image_path}")
         supports.append((image, read_labels(labels_path, reference=image)))
-    return supports
+        notes += [note] if note else []
+    return supports, notes
 
 
 def read_library(request: Request):
@@ -224,6 +245,15 @@ def read_prompt_labels(request: Request, query):
     from ..io.volume_io import read_labels
 
     return read_labels(request.prompt_labels, reference=query)
+
+
+def read_prompts(request: Request, query) -> list:
+    """Boxes and points from the request's prompts file, checked against the query's slices."""
+    if request.prompts is None:
+        return []
+    from ..methods.propagate import read_prompts_file
+
+    return read_prompts_file(request.prompts, slicing_axis(query, request.frames.axis), query.array.shape)
 
 
 def content_digest(root: Path, files: list[Path]) -> str:

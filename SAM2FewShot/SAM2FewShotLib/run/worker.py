@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -159,6 +160,10 @@ def preload(emitter: Emitter) -> None:
         emitter.send(protocol.log("warning", f"{error_message(exc)} (only the registration method can run)"))
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     stream = claim_stdout()
     emitter = Emitter(stream)
@@ -167,6 +172,7 @@ def main() -> int:
     engine_log.addHandler(EventLogHandler(emitter))
     engine_log.setLevel(logging.INFO)
     engine_log.propagate = False
+    signal.signal(signal.SIGTERM, _stop)  # a polite stop ends like Ctrl-C: no traceback, exit code 130
     preload(emitter)
     worker = Worker(emitter)
     emitter.send(protocol.ready(os.getpid(), __version__))
