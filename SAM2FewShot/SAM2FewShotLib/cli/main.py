@@ -52,9 +52,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    restore = _on_sigterm()
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad option (already said in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    restore = _on_sigterm(), _console_log(args.verbose)
     try:
         if not args.verbose:
             quiet_native_warnings()
@@ -72,7 +75,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("sam2fewshot: error: out of memory: try a smaller model, --image-size or --device cpu", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        restore()
+        for undo in restore:
+            undo()
+
+
+def _console_log(verbose: bool):
+    """The engine's messages on stderr, a line each (INFO ones too with --verbose), whatever logging the
+    host process set up; returns the undo."""
+    logger = logging.getLogger(__package__.partition(".")[0])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+    return undo
 
 
 def quiet_native_warnings() -> None:

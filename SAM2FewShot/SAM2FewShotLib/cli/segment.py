@@ -30,6 +30,17 @@ from ..run.outputs import default_report_path
 from ..run.request import Request
 from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 
+# Options that belong to some methods: given with another, they would be silently ignored, so they are refused.
+OPTION_METHODS = {
+    "scheme": ("matched-support",), "augmentations": ("matched-support", "guided"),
+    "slices_per_structure": ("matched-support", "guided"), "features": ("matched-support", "guided"),
+    "top_k": ("matched-support", "retrieval", "guided"), "extent": ("matched-support", "retrieval", "guided"),
+    "position_weight": ("matched-support", "guided"), "library_features": ("retrieval",),
+    "position_window": ("retrieval",), "prior": ("guided",), "prior_scheme": ("guided",),
+    "prompt_type": ("guided",), "box_margin": ("guided",), "lora_steps": ("guided",), "lora_rank": ("guided",),
+    "lora_decoder": ("guided",), "transform": ("registration", "guided"), "fusion": ("registration", "guided"),
+    "labels": ("propagate",),
+}
 # The option that gives each kind of conditioning, and the method it runs by default.
 INPUT_OPTIONS = {SUPPORTS: "--support", LIBRARY: "--library", PROMPTS: "--prompt-labels or --prompts"}
 DEFAULT_METHODS = {SUPPORTS: "matched-support", LIBRARY: "retrieval", PROMPTS: "propagate"}
@@ -101,6 +112,7 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
              "nested group, e.g. fewshot.neighbours=2); repeat for several")
     add_model_args(seg)
     add_frame_args(seg)
+    seg.set_defaults(option_defaults={a.dest: a.default for a in seg._actions if a.dest in OPTION_METHODS})
     return seg
 
 
@@ -127,6 +139,11 @@ def segment_method(args: argparse.Namespace) -> str:
     method = spec.key if spec is not None else DEFAULT_METHODS[kinds[0]]
     if args.lora_steps and method != "guided":
         raise InputError("--lora-steps works with --method guided")
+    for dest, default in getattr(args, "option_defaults", {}).items():
+        if getattr(args, dest) != default and method not in OPTION_METHODS[dest]:
+            option = "--" + dest.replace("_", "-")
+            raise InputError(f"{option} does not apply to the {method} method (it is for "
+                             f"{' and '.join(OPTION_METHODS[dest])}): leave it out")
     return method
 
 

@@ -14,9 +14,11 @@ import logging
 import os
 import re
 import struct
+import sys
+import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -50,6 +52,30 @@ def sidecar_path(path: PathLike) -> Path:
     """Where the names and colours of a plain label file live: case_label.nii.gz -> case_label.json."""
     path = Path(path)
     return path.with_name(path.name[: len(path.name) - len(image_suffix(path))] + ".json")
+
+
+@contextlib.contextmanager
+def native_output_captured() -> Iterator[None]:
+    """What the C libraries inside ITK (niftilib, GDCM, ITK's own warnings) print on the process's
+    stderr, kept off the terminal: our one-line error says what went wrong. The text is logged at
+    INFO level (the CLI shows it with --verbose)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace").strip()
+            if text:
+                log.info("ITK: %s", " ".join(text.split()))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -90,7 +116,8 @@ def read_geometry(path: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
-            reader.ReadImageInformation()
+            with native_output_captured():
+                reader.ReadImageInformation()
         except RuntimeError as exc:
             raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from exc
         if reader.GetDimension() == 3:
@@ -113,7 +140,8 @@ def _read_sitk(path: Path):
             f"(expected {', '.join(READ_SUFFIXES)} or a DICOM series folder)"
         )
     try:
-        image = sitk.ReadImage(str(path))
+        with native_output_captured():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from exc
     if _is_nifti(path) and not _nifti_is_complete(path):
@@ -126,7 +154,8 @@ def _read_dicom_series(folder: Path):
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))}
+    with native_output_captured():
+        series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))}
     if not series:
         raise InputError(f"cannot read {folder}: the folder holds no DICOM series")
     chosen = max(series, key=lambda sid: len(series[sid]))
@@ -134,7 +163,8 @@ def _read_dicom_series(folder: Path):
         log.info("%s holds %d DICOM series; reading %s (%d files)", folder, len(series), chosen, len(series[chosen]))
     reader.SetFileNames(series[chosen])
     try:
-        return reader.Execute()
+        with native_output_captured():
+            return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(exc)}") from exc
 
@@ -324,7 +354,8 @@ def _require_suffix(path: Path, allowed: Sequence[str]) -> None:
 def _write_image(image, path: Path, compress: bool) -> None:
     import SimpleITK as sitk
 
-    sitk.WriteImage(image, str(path), useCompression=compress)
+    with native_output_captured():
+        sitk.WriteImage(image, str(path), useCompression=compress)
     if _is_nifti(path) and not _nifti_is_complete(path):
         raise OSError("the file was written incompletely (disk full or file size limit?)")
 

@@ -48,8 +48,7 @@ class GuidedParams:
             raise InputError(f"the box margin must be 0 or more pixels, got {self.box_margin}")
         if self.max_prompt_memories < 2:
             raise InputError("at least 2 prompted slices must condition each unprompted slice")
-        if self.prior == "sam2":
-            self.fewshot.check()
+        self.fewshot.check()  # used by the sam2 prior; never left invalid
         self.lora.check()
         if self.lora.steps:
             require_peft()

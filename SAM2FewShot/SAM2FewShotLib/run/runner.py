@@ -192,11 +192,19 @@ def check_request(request: Request) -> tuple[MethodSpec, object]:
         check_model_options(request.model)
     params = spec.params(request.params, seed=request.model.seed)
     for path in request.input_files():
-        if not Path(path).exists():
-            raise InputError(f"{path} does not exist")
+        try:
+            exists = Path(path).exists()
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+            raise InputError(f"{_short(path)} is not a usable file name: {getattr(exc, 'strerror', None) or exc}") from None
+        if not exists:
+            raise InputError(f"{_short(path)} does not exist")
     if request.out is not None:
         check_outputs(request.out, request.report, request.input_files())
     return spec, params
+
+
+def _short(path: str, limit: int = 200) -> str:
+    return path if len(path) <= limit else path[: limit - 3] + "..."
 
 
 def check_model_options(options: ModelOptions) -> None:
@@ -205,6 +213,8 @@ def check_model_options(options: ModelOptions) -> None:
     from ..sam2.build import size_overrides
     from ..sam2.registry import REGISTRY
 
+    if options.random_weights and options.checkpoint:
+        raise InputError("random weights and a checkpoint file exclude each other: give one of them")
     if options.name not in REGISTRY:
         raise ModelError(f"unknown model '{options.name}': known models are {', '.join(REGISTRY)}")
     if options.image_size is not None:
@@ -240,11 +250,20 @@ def read_library(request: Request):
 
 
 def read_prompt_labels(request: Request, query):
+    """The prompt label file on the query's grid, with the label values the request names in it."""
     if request.prompt_labels is None:
         return None
     from ..io.volume_io import read_labels
 
-    return read_labels(request.prompt_labels, reference=query)
+    labels = read_labels(request.prompt_labels, reference=query)
+    array = labels.volume.array
+    if not array.any():
+        raise InputError(f"the prompt label file {request.prompt_labels} has no labelled voxel")
+    missing = [v for v in request.values or () if not (array == v).any()]
+    if missing:
+        present = [s.value for s in labels.segments if (array == s.value).any()]
+        raise InputError(f"label value {missing[0]} does not exist in the prompt labels (values: {present})")
+    return labels
 
 
 def read_prompts(request: Request, query) -> list:
