@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from phantoms import SHARED_DATA  # noqa: E402
+
+# Everything the engine keeps in the user cache (weights, saved support features, indexes, scratch)
+# goes to a folder of this test session, for this process and the subprocesses it starts.
+TEST_CACHE = os.environ["SAM2FEWSHOT_CACHE"] = tempfile.mkdtemp(prefix="sam2fewshot-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 TEST_IMAGE_SIZE = 256  # the real sam2.1 tiny architecture, at a reduced input size for CPU speed
 TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"

@@ -261,8 +261,7 @@ def _run_one(method: BenchVariant, runner, case: QueryCase, settings: BenchSetti
         request = case.request(method, settings)
         if settings.cold_sessions:
             runner.forget_sessions()
-        elif method.needs_model:  # every variant encodes its own supports
-            runner.session(request.query, request.frames, request.model).drop_supports()
+        runner.forget_supports()  # every variant encodes its own supports
         with PeakMemory(device) as mem:
             start = time.perf_counter()
             labels, report = runner.run(request, progress)

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         plan = plan_queries(cases, settings)
     _prepare_out(args.out)  # only once the input is known to be good
 
-    runner, predictor, model_info = Runner(), None, None
+    runner, predictor, model_info = Runner(save_support_features=False), None, None  # supports timed every run
     if any(m.needs_model for m in methods) or args.peer_speed or counts:
         predictor, model_info = runner.model(settings.model)
     results = {"tool": "sam2fewshot bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -35,8 +35,10 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 class Runner:
     """Runs requests; owns the warm model and query sessions between them."""
 
-    def __init__(self, max_sessions: int = MAX_SESSIONS):
+    def __init__(self, max_sessions: int = MAX_SESSIONS, save_support_features: bool = True):
         self.max_sessions = max(1, int(max_sessions))
+        self.save_support_features = save_support_features  # kept in the user cache between runs
+        self._supports = None  # the loaded model's SupportFeatureStore, shared by its sessions
         self._model_key: Optional[tuple] = None
         self._predictor = None
         self._model_info: dict = {}
@@ -88,10 +90,14 @@ class Runner:
             progress = progress or _no_progress
             self.forget()  # one model at a time: its sessions hold its features
             from ..sam2.build import load_model
+            from ..sam2.support_store import SupportFeatureStore
 
             progress(LOAD_MODEL, 0, 1)
             self._predictor, self._model_info = load_model(options, progress)
             self._model_key = key
+            budget = support_features_budget() if self.save_support_features else 0
+            self._supports = SupportFeatureStore(self._predictor, support_features_folder() if budget else None,
+                                                 disk_budget=budget)
             progress(LOAD_MODEL, 1, 1)
         return self._predictor, dict(self._model_info)
 
@@ -111,12 +117,19 @@ class Runner:
             session.close()
         self._sessions.clear()
 
+    def forget_supports(self) -> None:
+        """Drop the support features held in memory (saved ones stay saved)."""
+        if self._supports is not None:
+            self._supports.drop()
+
     def forget(self) -> None:
         """Drop the model and all sessions (after an out-of-memory error), freeing what can be freed."""
         import gc
 
         self.forget_sessions()
-        self._predictor, self._model_key, self._model_info = None, None, {}
+        if self._supports is not None:
+            self._supports.close()  # complete support sets are saved for the next run
+        self._predictor, self._model_key, self._model_info, self._supports = None, None, {}, None
         gc.collect()
         try:
             import torch
@@ -139,7 +152,7 @@ class Runner:
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key], True
-        session = VolumeSession(predictor, query, request.frames.axis, normalization)
+        session = VolumeSession(predictor, query, request.frames.axis, normalization, supports=self._supports)
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)[1].close()
@@ -163,6 +176,26 @@ class Runner:
         if stamp not in self._digests:
             self._digests[stamp] = content_digest(path, files)
         return self._digests[stamp]
+
+
+def support_features_folder():
+    from ..common.cache import cache_dir
+
+    return cache_dir() / "support_features"
+
+
+SUPPORT_FEATURES_ENV = "SAM2FEWSHOT_SUPPORT_FEATURES_GB"  # disk kept for saved support features (0: none)
+
+
+def support_features_budget() -> int:
+    """Bytes of support features kept between runs: $SAM2FEWSHOT_SUPPORT_FEATURES_GB, default 2 GB."""
+    import os
+
+    text = os.environ.get(SUPPORT_FEATURES_ENV, "2")
+    try:
+        return max(0, int(float(text) * (1 << 30)))
+    except ValueError:
+        raise InputError(f"{SUPPORT_FEATURES_ENV} must be a number of gigabytes, got '{text}'") from None
 
 
 NO_MODEL = {"name": None, "weights": None, "config": None, "image_size": None, "device": "cpu"}

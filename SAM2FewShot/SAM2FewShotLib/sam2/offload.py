@@ -77,7 +77,7 @@ class SpillFile:
         try:
             self._file.seek(self._end)
             for t in tensors:
-                _write_all(self._file, _bytes_of(t.detach().to("cpu")).numpy())
+                write_exactly(self._file, tensor_bytes(t.detach().to("cpu")).numpy())
         except OSError as exc:  # a full or failing disk: keep going, re-encoding instead
             log.warning("feature offloading stopped (%s); evicted slices will be encoded again", exc)
             self.max_bytes = 0
@@ -92,7 +92,7 @@ class SpillFile:
         out = []
         for shape, dtype in self._layout:
             t = torch.empty(shape, dtype=dtype)
-            _read_all(self._file, _bytes_of(t).numpy())
+            read_exactly(self._file, tensor_bytes(t).numpy())
             out.append(t)
         return out
 
@@ -182,21 +182,21 @@ class OffloadedDict:
         return t.numel() * t.element_size()
 
 
-def _write_all(file, data) -> None:
+def write_exactly(file, data) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[file.write(view):]
 
 
-def _read_all(file, data) -> None:
+def read_exactly(file, data) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = file.readinto(view)
         if not n:
-            raise OSError("the scratch file is shorter than what was written to it")
+            raise OSError("the file is shorter than what was written to it")
         view = view[n:]
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's memory as a flat uint8 tensor (works for bfloat16, which numpy lacks)."""
     return t.contiguous().reshape(-1).view(torch.uint8)

@@ -6,17 +6,17 @@ method on the same volume) does not encode the volume again.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 
-from ..common.progress import ENCODE_SUPPORTS
 from ..io.normalization import Normalization
 from ..io.slicing import from_slices, slicing_axis, to_slices
 from ..io.volume import LabelMap, Volume
 from .feature_cache import DEFAULT_MEMORY_BYTES, FeatureCache
 from .frames import FrameSource
 from .offload import DEFAULT_SPILL_BYTES
+from .support_store import SupportFeatureStore
 
 AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
 
@@ -33,38 +33,32 @@ class VolumeSession:
         batch_size: int = 4,
         feature_budget_bytes: int = DEFAULT_MEMORY_BYTES,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
+        supports: Optional[SupportFeatureStore] = None,
     ):
         self.predictor = predictor
         self.volume = volume
         self.axis = axis if isinstance(axis, int) else slicing_axis(volume, axis)
         self.normalization = normalization.resolved(volume.array)
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
-        self.spill_bytes = spill_bytes  # each cache's own file may shrink it (free space, a full disk)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
                                   max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
-        self.support_caches: "OrderedDict[str, FeatureCache]" = OrderedDict()  # by support content
+        self._own_supports = supports is None  # a store of its own, or one shared by the runner's sessions
+        self.supports = supports or SupportFeatureStore(predictor, batch_size=batch_size,
+                                                        max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
 
-    def support_cache(self, key: str, frames: FrameSource, keep: int = 2) -> FeatureCache:
-        """Encoder features of support frames, kept for the next run with the same supports."""
-        if key not in self.support_caches:
-            self.support_caches[key] = FeatureCache(self.predictor, frames, self.predictor.device,
-                                                    batch_size=self.cache.batch_size, max_bytes=self.cache.max_bytes,
-                                                    spill_bytes=self.spill_bytes, stage=ENCODE_SUPPORTS)
-            while len(self.support_caches) > keep:
-                self.support_caches.popitem(last=False)[1].close()
-        self.support_caches.move_to_end(key)
-        return self.support_caches[key]
+    def support_cache(self, key: str, frames: FrameSource) -> FeatureCache:
+        """Encoder features of support frames, kept for the next run (and query) with the same supports."""
+        return self.supports.cache(key, frames)
 
     def drop_supports(self) -> None:
-        """Forget the supports' features (the next run encodes its supports again)."""
-        for cache in self.support_caches.values():
-            cache.close()
-        self.support_caches.clear()
+        """Forget the supports' features held in memory (the next run encodes its supports again)."""
+        self.supports.drop()
 
     def close(self) -> None:
-        """Release the features (memory and scratch file) of the volume and its supports."""
+        """Release the volume's features (memory and scratch file), and the supports' when they are its own."""
         self.cache.close()
-        self.drop_supports()
+        if self._own_supports:
+            self.supports.close()
 
     @property
     def num_slices(self) -> int:
