@@ -187,35 +187,6 @@ class StackedCache:
                 return cache, idx - off
         raise IndexError(idx)
 
-    @property
-    def complete(self) -> bool:
-        """True when every frame is encoded and still held (in memory or offloaded): it can be saved."""
-        return len(self.embeddings) == len(self.frames) and self._pos_enc is not None and all(
-            i in self._features or i in self.spill for i in range(len(self.frames)))
-
-    def save(self, path) -> bool:
-        """Every frame's features into a file (feature_files.py), one frame at a time; False when the
-        cache is not complete (frames re-encoded rather than kept) and nothing was written."""
-        from .feature_files import write_features
-
-        if not self.complete:
-            return False
-        frames = ((self._features[i] if i in self._features else self.spill.get(i), self.embeddings[i])
-                  for i in range(len(self.frames)))
-        write_features(Path(path), self._pos_enc, frames, len(self.frames))
-        return True
-
-    def restore(self, path) -> None:
-        """The features a save wrote, for these same frames: nothing is encoded. FeatureFileError
-        when the file does not fit (then the cache is left as it was)."""
-        from .feature_files import read_features
-
-        pos_enc, frames = read_features(Path(path), len(self.frames))
-        self._pos_enc = [p.to(self.device) for p in pos_enc]
-        for i, (fpn, embedding) in enumerate(frames):
-            self.embeddings[i] = embedding
-            self._keep(i, [f.to(self.storage_device) for f in fpn])
-
     def get(self, idx: int) -> dict:
         cache, local = self._locate(idx)
         return cache.get(local)
