@@ -119,7 +119,7 @@ def test_help_imports_neither_torch_nor_sam2_nor_simpleitk():
     code = ("import sys, contextlib, io\n"
             "from SAM2FewShotLib.cli.main import main\n"
             "for argv in (['--help'], ['segment', '--help'], ['bench', '--help'], ['library', 'build', '--help'], "
-            "['demo', '--help'], ['models', 'list', '--help']):\n"
+            "['demo', '--help'], ['models', 'list', '--help'], ['batch', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        try: main(argv)\n"
             "        except SystemExit: pass\n"

@@ -10,7 +10,7 @@ import pytest
 from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS
-from SAM2FewShotLib.run import protocol
+from SAM2FewShotLib.run import protocol, reports
 from SAM2FewShotLib.slicer import panel
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
@@ -102,8 +102,8 @@ def real_report(random_predictor):
 
 
 def test_low_confidence_slices_are_the_undecided_ones_most_doubtful_first(real_report):
-    every = panel.low_confidence_slices(real_report, margin=float("inf"))
-    flags = panel.low_confidence_slices(real_report, margin=2.0)
+    every = reports.low_confidence_slices(real_report, margin=float("inf"))
+    flags = reports.low_confidence_slices(real_report, margin=2.0)
     expected = {(s["slice"], name) for s in real_report["slices"] for name, o in s["objects"].items()
                 if o["object_score"] is not None and abs(o["object_score"]) < 2.0 and not o["source"].endswith("prompt")
                 and o["source"] != "not visited"}
@@ -113,13 +113,13 @@ def test_low_confidence_slices_are_the_undecided_ones_most_doubtful_first(real_r
     scores = [abs(f.score) for f in every]
     assert scores == sorted(scores)
     assert all(0.0 < f.confidence < 1.0 and (f.confidence > 0.5) == (f.score > 0) for f in every)
-    assert len(panel.low_confidence_slices(real_report, margin=float("inf"), limit=3)) == 3
-    assert panel.report_axis(real_report) == 0
+    assert len(reports.low_confidence_slices(real_report, margin=float("inf"), limit=3)) == 3
+    assert reports.report_axis(real_report) == 0
 
 
 def test_a_report_without_an_axis_is_refused():
     with pytest.raises(InputError):
-        panel.report_axis({"session": {}})
+        reports.report_axis({"session": {}})
 
 
 # --- refine: edited slices -------------------------------------------------------------------------

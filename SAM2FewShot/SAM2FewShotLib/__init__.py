@@ -4,7 +4,8 @@ Subpackages are layers; a module may import its own package and the layers below
 above or beside it (Testing/test_layers.py checks every import, and that there are no cycles):
 
     cli                  the sam2fewshot command: argparse -> Request -> Runner
-    slicer | bench       the Slicer panel's Qt-free logic and MRML bridge | benchmarks
+    batch                cohorts: many queries, one warm model, resumable, on one machine or Ray
+    slicer | bench       the Slicer panel's Qt-free logic and MRML bridge | benchmarks, metrics
     run                  Request, Runner, outputs, the worker process, its protocol and client
     methods              propagate, matched support, retrieval, guided, registration (+ registry)
     library              support libraries: cases, on-disk embedding index, sync
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 
 # Lowest first; packages on one line are siblings that do not import each other.
 LAYERS = (("common",), ("io",), ("sam2", "registration"), ("support",), ("library",), ("methods",), ("run",),
-          ("slicer", "bench"), ("cli",))
+          ("slicer", "bench"), ("batch",), ("cli",))

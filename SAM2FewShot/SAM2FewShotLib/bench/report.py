@@ -162,6 +162,13 @@ def _memory_section(m: dict) -> list[str]:
 
 def plot_all(results: dict, out_dir: Path) -> list[Path]:
     """PNG plots (matplotlib, Agg): Dice per structure and method, time per slice, scaling, peer."""
+    return write_plots((("dice.png", _plot_dice), ("time_per_slice.png", _plot_time),
+                        ("memory_scaling.png", _plot_memory), ("peer_speed.png", _plot_peer)), results, out_dir)
+
+
+def write_plots(drawings, data, out_dir: Path) -> list[Path]:
+    """Each (file name, draw(plt, data) -> figure or None) as a PNG in ``out_dir``, atomically; none
+    without matplotlib (an optional extra), which a warning says."""
     try:
         import matplotlib
 
@@ -171,9 +178,8 @@ def plot_all(results: dict, out_dir: Path) -> list[Path]:
         log.warning("matplotlib is not installed (pip install 'sam2fewshot[plot]'): no plots")
         return []
     paths = []
-    for name, draw in (("dice.png", _plot_dice), ("time_per_slice.png", _plot_time),
-                       ("memory_scaling.png", _plot_memory), ("peer_speed.png", _plot_peer)):
-        fig = draw(plt, results)
+    for name, draw in drawings:
+        fig = draw(plt, data)
         if fig is not None:
             fig.tight_layout()
             try:

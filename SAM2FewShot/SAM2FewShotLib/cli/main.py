@@ -27,6 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import add_batch_parser
     from .bench import add_bench_parser
     from .demo import add_demo_parser
     from .library import add_library_parser
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_bench_parser(sub)
     add_library_parser(sub)
+    add_batch_parser(sub)
     return parser
 
 
@@ -135,6 +137,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .models import run_models
 
         return run_models(args)
+    if args.command == "batch":
+        from .batch import run_batch
+
+        return run_batch(args)
     if args.command == "library":
         from .library import run_library
 

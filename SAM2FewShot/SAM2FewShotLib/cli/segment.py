@@ -62,6 +62,12 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
                     help="a label file on the query's grid with masks on some slices")
     pr.add_argument("--labels", metavar="V,V,...", help="label values to use from --prompt-labels (default: all)")
     pr.add_argument("--prompts", type=Path, metavar="FILE", help="a JSON file of boxes/points in voxel coordinates")
+    add_method_args(seg)
+    return seg
+
+
+def add_method_args(seg: argparse.ArgumentParser) -> None:
+    """Everything but the query, its prompts and the outputs: the options segment and batch share."""
     fs = seg.add_argument_group("matched support (--support; also the guided sam2 prior)")
     fs.add_argument("--support", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
                     help="a labelled support case; repeat for several")
@@ -113,7 +119,6 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     add_model_args(seg)
     add_frame_args(seg)
     seg.set_defaults(option_defaults={a.dest: a.default for a in seg._actions if a.dest in OPTION_METHODS})
-    return seg
 
 
 def _existing(text: str) -> Path:
@@ -123,10 +128,12 @@ def _existing(text: str) -> Path:
     return path
 
 
-def segment_method(args: argparse.Namespace) -> str:
-    """The method the options ask for; options that contradict each other fail here, before any work."""
-    given = {SUPPORTS: bool(args.support), LIBRARY: args.library is not None,
-             PROMPTS: args.prompt_labels is not None or args.prompts is not None}
+def segment_method(args: argparse.Namespace, prompted: Optional[bool] = None) -> str:
+    """The method the options ask for; options that contradict each other fail here, before any work.
+    ``prompted``: whether prompts are given (default: --prompt-labels or --prompts)."""
+    if prompted is None:
+        prompted = args.prompt_labels is not None or args.prompts is not None
+    given = {SUPPORTS: bool(args.support), LIBRARY: args.library is not None, PROMPTS: prompted}
     kinds = [kind for kind, present in given.items() if present]
     if len(kinds) > 1:
         raise InputError("give one of --support (matched support), --library (retrieval) or "
@@ -203,6 +210,14 @@ def request_from_args(args: argparse.Namespace) -> Request:
                    prompt_labels=args.prompt_labels, values=label_values(args.labels), prompts=args.prompts,
                    supports=tuple(args.support or ()), library=args.library, model=model_options(args),
                    frames=frame_options(args), params=method_params(method, args))
+
+
+def template_from_args(args: argparse.Namespace, query, prompted: bool) -> Request:
+    """The request every case of a cohort shares (its query and prompt labels are each case's own)."""
+    method = segment_method(args, prompted)
+    return Request(method=method, query=query, supports=tuple(args.support or ()),
+                   library=args.library, model=model_options(args), frames=frame_options(args),
+                   params=method_params(method, args))
 
 
 def run_segment(args: argparse.Namespace) -> int:

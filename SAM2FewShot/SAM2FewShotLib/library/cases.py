@@ -141,7 +141,7 @@ def find_cases(folder: Path) -> list[LibraryCase]:
     """Labelled cases under ``folder`` (recursively; hidden folders and the index skipped), sorted by id."""
     cases = []
     for labels in sorted(_image_files(folder)):
-        base = _label_base(labels)
+        base = label_base(labels)
         if base is None:
             continue
         image = _image_for(labels, base)
@@ -161,7 +161,7 @@ def _image_files(folder: Path) -> Iterable[Path]:
                 yield path
 
 
-def _label_base(path: Path) -> Optional[str]:
+def label_base(path: Path) -> Optional[str]:
     """The case name a label file belongs to, or None when the file does not look like labels."""
     suffix = image_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)]
@@ -184,7 +184,7 @@ def _image_for(labels: Path, base: str) -> Optional[Path]:
         for token in IMAGE_TOKENS:
             for suffix in READ_SUFFIXES:
                 candidate = folder / f"{base}{token}{suffix}"
-                if suffix != SEG_NRRD and candidate != labels and candidate.is_file() and _label_base(candidate) is None:
+                if suffix != SEG_NRRD and candidate != labels and candidate.is_file() and label_base(candidate) is None:
                     return candidate
     return None
 

@@ -80,11 +80,17 @@ def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
 
 def support_entries(supports: Sequence[SupportCase], session: VolumeSession, segments, params: FewShotParams,
                     device: torch.device) -> SupportEntries:
-    """Representative support slices per structure, augmented, in the query's anatomical plane."""
+    """Representative support slices per structure, augmented, in the query's anatomical plane.
+
+    They are stacked at the supports' own largest slice size, not the query's: the model sees every
+    frame at its image size anyway, and entries that do not depend on the query are encoded once for
+    a whole cohort (support_store.py).
+    """
     from ..support.augment import augment_slices
     from ..support.slices import select_support_slices, stack_support
 
     plane = anatomical_plane(session.volume, session.axis)
+    size = support_slice_size(supports, plane)
     wanted = {seg.value for seg in segments}
     images, masks, structure, meta = [], [], [], []
     for case, (image, labels) in enumerate(supports):
@@ -94,7 +100,7 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
         if not present:
             continue
         picked = select_support_slices(image01, labels, axis, params.slices_per_structure, case, present)
-        imgs, msks = stack_support(picked, (session.frames.height, session.frames.width))
+        imgs, msks = stack_support(picked, size)
         aug = augment_slices(imgs, msks, params.augmentations, seed=params.seed + case, device=device)
         for m in range(aug.images.shape[0]):
             src = picked[int(aug.source[m])]
@@ -106,6 +112,12 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
     if not images:
         raise InputError("the supports have no slice with the chosen structures")
     return SupportEntries(torch.cat(images), torch.cat(masks), np.asarray(structure), meta)
+
+
+def support_slice_size(supports: Sequence[SupportCase], plane: str) -> tuple[int, int]:
+    """(H, W): the largest slice of any support cut in ``plane``."""
+    shapes = [np.delete(image.array.shape, slicing_axis(image, plane)) for image, _ in supports]
+    return int(max(s[0] for s in shapes)), int(max(s[1] for s in shapes))
 
 
 def match_entries(session: VolumeSession, entries: SupportEntries, support_cache: FeatureCache,

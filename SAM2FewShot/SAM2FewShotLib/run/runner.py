@@ -11,6 +11,8 @@ the Slicer client writes every job's files into a fresh private folder.
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +27,7 @@ from .outputs import check_outputs
 from .request import FrameOptions, Request
 
 MAX_SESSIONS = 3
+log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 
 
@@ -45,6 +48,7 @@ class Runner:
         self._sessions: "OrderedDict[tuple, object]" = OrderedDict()
         self._digests: dict[tuple, str] = {}
         self._notes: dict[str, Optional[dict]] = {}  # what was repaired in a query, by its content
+        self._lock = threading.RLock()  # prepare() may read the next query while a run computes
 
     def run(self, request: Request, progress: Optional[ProgressFn] = None,
             should_cancel: Optional[Callable[[], bool]] = None):
@@ -56,9 +60,10 @@ class Runner:
         spec, params = check_request(request)
         normalization = Normalization.parse(request.frames.normalization,
                                             per_slice=request.frames.per_slice_normalization)
-        key = self._session_key(request, normalization) if spec.needs_model else None
-        warm = self._sessions.get(key) if key is not None else None
-        query = warm.volume if warm is not None else self._read_query(request.query)
+        with self._lock:
+            key = self._session_key(request, normalization) if spec.needs_model else None
+            warm = self._sessions.get(key) if key is not None else None
+            query = warm.volume if warm is not None else self._read_query(request.query)
         frame_range = checked_frame_range(request.frames.slice_range,
                                           query.array.shape[slicing_axis(query, request.frames.axis)])
         supports, notes = read_supports(request)
@@ -82,6 +87,24 @@ class Runner:
             report["input_notes"] = notes
         report["run"] = {"session_reused": reused}
         return labels, report
+
+    def prepare(self, request: Request) -> None:
+        """Read, check and normalise the request's query into a warm session ahead of its run (a
+        cohort prefetches the next query while the model works); a no-op before a model is loaded
+        or for a method without one. Failures are left for the run itself to report."""
+        try:
+            spec = get_method(request.method)
+            if not spec.needs_model or self._model_key != request.model.key():
+                return
+            normalization = Normalization.parse(request.frames.normalization,
+                                                per_slice=request.frames.per_slice_normalization)
+            with self._lock:
+                key = self._session_key(request, normalization)
+                if key not in self._sessions:
+                    query = self._read_query(request.query)
+                    self._session_for(key, query, request, normalization, _no_progress)
+        except Exception:  # noqa: BLE001 - the run reads it again and says what is wrong
+            log.debug("prefetch of %s failed", request.query, exc_info=True)
 
     def model(self, options: ModelOptions, progress: Optional[ProgressFn] = None):
         """The loaded predictor for these options (loaded now unless it is the warm one) and its report entry."""
@@ -146,9 +169,13 @@ class Runner:
 
     def _session_for(self, key: tuple, query, request: Request, normalization: Normalization, progress: ProgressFn):
         """The warm session under ``key``, or a new one on ``query`` (evicting the oldest); loads the model."""
+        predictor, _ = self.model(request.model, progress)  # a new model drops every session
+        with self._lock:
+            return self._warm_session(key, predictor, query, request, normalization)
+
+    def _warm_session(self, key: tuple, predictor, query, request: Request, normalization: Normalization):
         from ..sam2.session import VolumeSession
 
-        predictor, _ = self.model(request.model, progress)  # a new model drops every session
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key], True

@@ -9,7 +9,6 @@ Imports numpy and the engine's light modules only: it runs in Slicer before torc
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -133,51 +132,6 @@ def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
     except ValueError:
         return None
     return (first, last) if 0 <= first <= last else None
-
-
-# --- the report: low-confidence slices -------------------------------------------------------------
-
-AXIS_INDEX = {"k": 0, "j": 1, "i": 2}  # report axis name -> numpy axis of a (k, j, i) array
-
-
-@dataclass(frozen=True)
-class SliceFlag:
-    slice: int
-    segment: str
-    score: float  # SAM2's object-score logit: > 0 means "the structure is on this slice"
-    voxels: int
-    source: str
-
-    @property
-    def confidence(self) -> float:
-        """The object score as a probability that the structure is present."""
-        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, self.score))))
-
-
-def report_axis(report: dict) -> int:
-    """The numpy axis (of the query's (k, j, i) array) the run sliced along."""
-    name = report.get("session", {}).get("axis")
-    if name not in AXIS_INDEX:
-        raise InputError(f"the report names no slicing axis (got {name!r})")
-    return AXIS_INDEX[name]
-
-
-def low_confidence_slices(report: dict, margin: float = 2.0, limit: int = 500) -> list[SliceFlag]:
-    """Slices where SAM2 was unsure a structure is there: |object score| below ``margin``.
-
-    Prompted slices (the user's or the support's own masks) and slices the run never visited are
-    left out. Most doubtful first; at most ``limit`` rows.
-    """
-    flags = []
-    for entry in report.get("slices", []):
-        for name, obj in entry.get("objects", {}).items():
-            score, source = obj.get("object_score"), str(obj.get("source", ""))
-            if score is None or source.endswith("prompt") or source == "not visited":
-                continue
-            if abs(float(score)) < margin:
-                flags.append(SliceFlag(int(entry["slice"]), name, float(score), int(obj.get("voxels", 0)), source))
-    flags.sort(key=lambda f: (abs(f.score), f.slice, f.segment))
-    return flags[:limit]
 
 
 # --- refine: the slices the user edited ---------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from ..common.errors import InputError
 from ..methods.registry import get_method
+from ..run.reports import SliceFlag, low_confidence_slices
 from . import panel, scene_io
 from .panel import PanelChoices
 
@@ -157,8 +158,8 @@ class RunController:
     def output_node(self):
         return self.scene.GetNodeByID(self.last.output_node_id) if self.last is not None else None
 
-    def low_confidence(self) -> list[panel.SliceFlag]:
-        return panel.low_confidence_slices(self.last.report) if self.last is not None else []
+    def low_confidence(self) -> list[SliceFlag]:
+        return low_confidence_slices(self.last.report) if self.last is not None else []
 
     def slice_position(self, index: int) -> tuple[float, float, float]:
         if self.last is None:

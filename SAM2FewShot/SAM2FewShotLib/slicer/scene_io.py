@@ -17,9 +17,10 @@ import numpy as np
 from ..common.errors import InputError
 from ..io.volume import LabelMap, Volume
 from ..methods.registry import MethodSpec
+from ..run.reports import report_axis
 from .mrml_segments import add_labels_to_segmentation, labels_from_segmentation
 from .mrml_volume import volume_from_node
-from .panel import library_cases, refine_prompts, report_axis, slice_center_ras
+from .panel import library_cases, refine_prompts, slice_center_ras
 
 SupportCase = Union[tuple[Volume, LabelMap], tuple[Path, Path]]
 

@@ -1,0 +1,107 @@
+"""What a cohort's output folder holds: one record per case in ``manifest.json``, written atomically.
+
+A case counts as done only when its record says so, was made with the same options, from the same
+query file, and its label file and report are still there with the sizes and SHA-256 recorded: a
+half-written or damaged output is done again. Failed cases are recorded with their one-line error.
+Only the process driving the cohort writes the manifest (Ray actors return their records to it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..common.errors import InputError
+from ..common.files import sha256_of, write_json_atomic
+from ..run.request import Request
+from .cohort import Case
+
+MANIFEST = "manifest.json"
+FORMAT = "sam2fewshot-cohort-1"
+
+
+def options_digest(template: Request) -> str:
+    """What the outputs depend on besides the query: method, parameters, supports (with their files'
+    sizes and times), library, model, frames. A change means the existing outputs are another run's."""
+    data = asdict(template)
+    for key in ("query", "out", "report", "prompt_labels"):
+        data.pop(key, None)
+    data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def input_stamp(case: Case) -> list:
+    """The case's own inputs as they are now: a query edited since is segmented again."""
+    return [file_stamp(case.query), file_stamp(case.prompt_labels) if case.prompt_labels else None]
+
+
+def file_stamp(path) -> list:
+    """[name, size, mtime] of a file, or of every file in a folder (a DICOM series)."""
+    path = Path(path)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [str(path), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
+    except OSError:
+        return [str(path), None, None]
+
+
+@dataclass
+class Manifest:
+    folder: Path
+    cases: dict
+
+    @classmethod
+    def open(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.exists():
+            return cls(Path(folder), {})
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return cls(Path(folder), dict(data["cases"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{path} is not a cohort manifest this version can read ({exc}): give another --out "
+                             "folder") from None
+
+    def save(self) -> None:
+        write_json_atomic({"format": FORMAT, "cases": self.cases}, self.folder / MANIFEST)
+
+    def record(self, case_id: str, record: dict) -> None:
+        self.cases[case_id] = record
+        self.save()
+
+    def status(self, case: Case, options: str) -> str:
+        """'done', 'failed', 'other options' (done by another run's options), or 'todo'."""
+        entry = self.cases.get(case.id)
+        if entry is None or entry.get("input") != input_stamp(case):
+            return "todo"
+        if entry.get("options") != options:
+            return "other options"
+        if entry.get("status") == "failed":
+            return "failed"
+        return "done" if entry.get("status") == "done" and self.outputs_intact(entry) else "todo"
+
+    def outputs_intact(self, entry: dict) -> bool:
+        for name, (size, digest) in entry.get("files", {}).items():
+            path = self.folder / name
+            if not path.is_file() or path.stat().st_size != size or sha256_of(path) != digest:
+                return False
+        return bool(entry.get("files"))
+
+
+def output_names(case: Case, suffix: str) -> tuple[str, str]:
+    """The label file and the report of a case, relative to the output folder."""
+    return f"{case.id}{suffix}", f"{case.id}_report.json"
+
+
+def files_record(folder: Path, names) -> dict:
+    """name -> [size, sha256] of written outputs (the sidecar of a plain label file included)."""
+    return {str(Path(p).relative_to(folder)): [os.path.getsize(p), sha256_of(p)] for p in names if Path(p).is_file()}
+
+
+def failed(case: Case, options: str, error: str, attempts: int = 1) -> dict:
+    return {"status": "failed", "options": options, "input": input_stamp(case), "error": error, "attempts": attempts}

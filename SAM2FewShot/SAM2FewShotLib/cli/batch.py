@@ -1,0 +1,123 @@
+"""`sam2fewshot batch`: one set of options over a cohort of queries, resumable, on this machine or Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..common.errors import InputError
+from ..run.outputs import LABEL_SUFFIXES
+from .options import add_command
+from .segment import add_method_args
+
+EXIT_SOME_FAILED = 1
+
+
+def add_batch_parser(sub) -> None:
+    p = add_command(sub, "batch", "segment a cohort of volumes with one set of options, resumably",
+                    description="Segments every volume of a folder (or every row of a CSV with a 'query' column, "
+                                "optional 'id', 'labels' and 'prompt_labels') into --out: one label file and "
+                                "report per case, a manifest that lets a rerun skip finished cases, and the cohort "
+                                "report (cohort.csv, cohort.md, cohort.png). Exit code 1 when a case failed.")
+    p.add_argument("--queries", required=True, type=Path, metavar="DIR|LIST.csv", help="the volumes to segment")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--labels", dest="truth", type=Path, metavar="DIR",
+                   help="ground truth, found by case name (X.nii.gz, X_label.nii.gz, ...): Dice and HD95 per case")
+    p.add_argument("--suffix", default=".nii.gz", choices=list(LABEL_SUFFIXES), help="format of the label files")
+    runs = p.add_argument_group("resuming")
+    runs.add_argument("--retry-failed", action="store_true", help="run only the cases that failed before")
+    runs.add_argument("--force", action="store_true",
+                      help="redo cases that were segmented with other options (otherwise refused)")
+    ray = p.add_argument_group("Ray (pip install 'sam2fewshot[cluster]')")
+    ray.add_argument("--ray", action="store_true", help="run on a new local Ray instance")
+    ray.add_argument("--ray-address", metavar="ADDRESS", help="run on an existing Ray cluster, e.g. ray://head:10001")
+    ray.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
+    ray.add_argument("--max-retries", type=int, default=2, help="times a case is retried when its worker dies")
+    add_method_args(p)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from ..batch.case import add_missing_scores
+    from ..batch.cohort import find_cases
+    from ..batch.manifest import Manifest, options_digest
+    from ..batch.report import write_report
+    from ..common.files import writable_folder
+    from ..run.runner import check_request
+    from .segment import template_from_args
+
+    cases = find_cases(args.queries, args.truth)
+    prompted = any(c.prompt_labels for c in cases)
+    template = template_from_args(args, cases[0].query, prompted)
+    if template.method == "propagate" and not all(c.prompt_labels for c in cases):
+        raise InputError("propagate needs a prompt_labels column with a file for every case of the CSV")
+    check_request(replace(template, query=str(cases[0].query), prompt_labels=cases[0].prompt_labels))
+    if args.workers is not None and args.workers < 1:
+        raise InputError("--workers must be at least 1")
+    if (args.workers or args.ray_address) and not args.ray and not args.ray_address:
+        raise InputError("--workers is for Ray: add --ray or --ray-address")
+    if not writable_folder(args.out):
+        raise InputError(f"cannot write into {args.out}: it cannot be made, or it is not writable")
+    manifest = Manifest.open(args.out)
+    options = options_digest(template)
+    todo = plan(cases, manifest, options, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run_cases(todo, template, args, manifest, options)
+    add_missing_scores(cases, manifest.cases, args.out)
+    manifest.save()
+    paths = write_report(cases, manifest.cases, args.out, time.perf_counter() - start)
+    failed = [c.id for c in cases if manifest.cases.get(c.id, {}).get("status") == "failed"]
+    done = sum(manifest.cases.get(c.id, {}).get("status") == "done" for c in cases)
+    print(f"{done} of {len(cases)} cases done, {len(failed)} failed; {len(todo)} run now, {len(cases) - len(todo)} "
+          f"left as they were; wrote {', '.join(str(p) for p in paths)}")
+    if failed:
+        print(f"sam2fewshot: {len(failed)} case(s) failed (see {args.out / 'cohort.md'}): {', '.join(failed[:5])}"
+              + (", ..." if len(failed) > 5 else ""), file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def plan(cases, manifest, options: str, args: argparse.Namespace) -> list:
+    """The cases to run now; cases done with other options refused unless --force."""
+    status = {c.id: manifest.status(c, options) for c in cases}
+    other = [c.id for c in cases if status[c.id] == "other options"]
+    if other and not args.force:
+        raise InputError(f"{len(other)} case(s) in {args.out} were segmented with other options (e.g. {other[0]}): "
+                         "add --force to redo them with these, or give another --out")
+    if args.retry_failed:
+        return [c for c in cases if status[c.id] == "failed"]
+    return [c for c in cases if status[c.id] in ("todo", "other options")]
+
+
+def run_cases(todo, template, args: argparse.Namespace, manifest, options: str) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="cohort", unit="case", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    failures = 0
+
+    def on_record(case, record: dict) -> None:
+        nonlocal failures
+        manifest.record(case.id, record)
+        failures += record["status"] == "failed"
+        bar.set_postfix_str(f"failed {failures}" if failures else "", refresh=False)
+        if bar.n + 1 < bar.total:
+            bar.update(1)
+        else:
+            bar.n += 1  # the last one: close() draws the final line, once
+
+    try:
+        if args.ray or args.ray_address:
+            from ..batch.on_ray import run_on_ray
+
+            run_on_ray(todo, template, args.out, args.suffix, options, on_record, address=args.ray_address,
+                       workers=args.workers, max_retries=args.max_retries)
+        else:
+            from ..batch.local import run_local
+
+            run_local(todo, template, args.out, args.suffix, options, on_record,
+                      on_stage=lambda stage: bar.set_description(f"cohort ({stage})", refresh=False))
+    finally:
+        bar.close()
