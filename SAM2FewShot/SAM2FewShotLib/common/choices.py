@@ -8,6 +8,9 @@ the panel stay fast).
 AXES = ("auto", "axial", "coronal", "sagittal")  # auto: the acquisition axis (the largest spacing)
 DEVICES = ("auto", "cuda", "mps", "cpu")
 SCHEMES = ("pair", "video", "video+memory")  # how matched supports condition SAM2
+SUPPORT_SELECTIONS = ("matched", "middle")  # per query slice by similarity, or each structure's middle slice
+PLACEMENTS = ("behind", "before-query", "after-query")  # where support memories sit in the video
+PASS_ORDERS = ("both", "forward", "middle-out")  # how memory-conditioned passes sweep the volume
 SIMILARITY_FEATURES = ("sam2", "intensity")  # matched support: how support and query slices are compared
 LIBRARY_FEATURES = ("sam2", "dinov2-small", "dinov2-base", "dinov2-large")  # retrieval descriptors
 EXTENTS = ("largest-run", "score")  # a structure's longest run of accepted slices, or every accepted slice

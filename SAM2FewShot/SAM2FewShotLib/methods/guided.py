@@ -109,19 +109,15 @@ def prompts_from_pseudo_masks(
 
 
 class NearestPromptsPolicy(MemoryPolicy):
-    """An unprompted slice is conditioned by its nearest prompted slices only (sam2's own choice rule).
+    """An unprompted slice attends to its nearest prompted slices only, by sam2's own rule
+    (``max_cond_frames_in_attn``; the others still serve as its memories of neighbouring slices).
 
     Guided prompts cover most slices; attending to all of them would make every unprompted slice
     cost as much as the whole volume.
     """
 
     def __init__(self, max_prompts: int):
-        self.max_prompts = max_prompts
-
-    def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
-        from sam2.modeling.sam2_utils import select_closest_cond_frames
-
-        return select_closest_cond_frames(frame, prompts, self.max_prompts)[0]
+        self.max_cond_frames = max_prompts
 
 
 def segment_guided(

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..common.choices import EXTENTS, SCHEMES
+from ..common.choices import EXTENTS, PASS_ORDERS, PLACEMENTS, SCHEMES, SUPPORT_SELECTIONS
 from ..common.choices import SIMILARITY_FEATURES as FEATURES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
@@ -41,6 +41,9 @@ class FewShotParams:
     position_weight: float = 0.0
     extent: str = "largest-run"  # or "score": keep every slice SAM2's object score accepts
     seed: int = 0
+    selection: str = "matched"  # or "middle": every slice gets each structure's middle support slice
+    placement: str = "behind"  # video+memory: where the memories sit (behind | before-query | after-query)
+    passes: str = "both"  # video+memory: both | forward | middle-out (sam2/propagation.py)
 
     def check(self) -> None:
         if self.scheme not in SCHEMES:
@@ -51,6 +54,12 @@ class FewShotParams:
             raise InputError(f"unknown extent rule '{self.extent}': use {' or '.join(EXTENTS)}")
         if self.augmentations < 1 or self.slices_per_structure < 1 or self.top_k < 1:
             raise InputError("augmentations, slices per structure and top-k must be at least 1")
+        for name, value, allowed in (("selection", self.selection, SUPPORT_SELECTIONS),
+                                     ("placement", self.placement, PLACEMENTS), ("passes", self.passes, PASS_ORDERS)):
+            if value not in allowed:
+                raise InputError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
+        if self.scheme != "video+memory" and (self.placement, self.passes) != ("behind", "both"):
+            raise InputError(f"placement and passes apply to the video+memory scheme, not to {self.scheme}")
 
 
 def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
@@ -99,7 +108,8 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
         present = sorted(wanted & set(np.unique(labels.volume.array).tolist()))
         if not present:
             continue
-        picked = select_support_slices(image01, labels, axis, params.slices_per_structure, case, present)
+        picked = select_support_slices(image01, labels, axis, params.slices_per_structure, case, present,
+                                       rule="middle" if params.selection == "middle" else "spread")
         imgs, msks = stack_support(picked, size)
         aug = augment_slices(imgs, msks, params.augmentations, seed=params.seed + case, device=device)
         for m in range(aug.images.shape[0]):
@@ -137,6 +147,17 @@ def match_entries(session: VolumeSession, entries: SupportEntries, support_cache
                         params.position_weight, entries.structure, params.top_k)
 
 
+def fixed_matches(entries: SupportEntries, num_query: int, top_k: int) -> Matches:
+    """Every query slice gets the same entries per structure (the first ``top_k``, in support order):
+    FS-MedSAM2's fixed support, with no similarity involved."""
+    picks, nan = {}, {}
+    for value in np.unique(entries.structure):
+        rows = np.flatnonzero(entries.structure == value)[:top_k]
+        picks[int(value)] = np.tile(rows, (num_query, 1))
+        nan[int(value)] = np.full(picks[int(value)].shape, np.nan, dtype=np.float32)
+    return Matches(picks, nan, nan)
+
+
 def segment_fewshot(
     session: VolumeSession,
     supports: Sequence[SupportCase],
@@ -157,9 +178,13 @@ def segment_fewshot(
     key = hashlib.sha1(entries.images01.numpy().tobytes() + entries.masks.numpy().tobytes()).hexdigest()
     support_cache = session.support_cache(key, FrameSource(entries.images01, predictor.image_size))
     support_encoded_before = support_cache.encoded_frames
-    matches = match_entries(session, entries, support_cache, params, progress, frame_range)
+    if params.selection == "middle":
+        matches = fixed_matches(entries, session.num_slices, params.top_k)
+    else:
+        matches = match_entries(session, entries, support_cache, params, progress, frame_range)
     policy = SupportMemoryPolicy(entries, matches, session.num_slices, params.scheme, params.neighbours,
-                                 max_memories=params.top_k)
+                                 max_memories=params.top_k, placement=params.placement, passes=params.passes,
+                                 frame_range=frame_range)
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
                        policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
     if params.extent == "largest-run":
@@ -171,7 +196,8 @@ def segment_fewshot(
                           + support_cache.encoded_frames - support_encoded_before)
     report["fewshot"] = {"scheme": params.scheme, "augmentations": params.augmentations,
                          "slices_per_structure": params.slices_per_structure, "features": params.features,
-                         "top_k": params.top_k, "extent": params.extent, "support_entries": len(entries),
+                         "top_k": params.top_k, "extent": params.extent, "selection": params.selection,
+                         "placement": params.placement, "passes": params.passes, "support_entries": len(entries),
                          "supports": len(supports)}
     return labels, report
 

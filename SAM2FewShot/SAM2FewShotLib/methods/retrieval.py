@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..common.choices import EXTENTS, LIBRARY_FEATURES
+from ..common.choices import EXTENTS, LIBRARY_FEATURES, PASS_ORDERS, PLACEMENTS
 from ..common.errors import Cancelled, InputError
 from ..common.progress import ENCODE_SUPPORTS, ProgressFn
 from ..io.normalization import Normalization
@@ -42,6 +42,8 @@ class RetrievalParams:
     neighbours: int = 1  # a slice is also conditioned by its neighbours' retrievals (up to top_k memories)
     extent: str = "largest-run"
     normalization: Normalization = field(default_factory=Normalization)  # how library images become [0, 1]
+    placement: str = "behind"  # where the memories sit in the video: behind | before-query | after-query
+    passes: str = "both"  # both | forward | middle-out (support/memory.py, sam2/propagation.py)
 
     FROM_REQUEST = ("normalization",)  # the request's own: library images are normalised like the query
 
@@ -54,6 +56,10 @@ class RetrievalParams:
             raise InputError(f"the position window must be 0 or more, got {self.window}")
         if self.extent not in EXTENTS:
             raise InputError(f"unknown extent rule '{self.extent}': use {' or '.join(EXTENTS)}")
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"unknown placement '{self.placement}': use one of {', '.join(PLACEMENTS)}")
+        if self.passes not in PASS_ORDERS:
+            raise InputError(f"unknown pass order '{self.passes}': use one of {', '.join(PASS_ORDERS)}")
 
 
 def query_embeddings(session: VolumeSession, features: LibraryFeatures,
@@ -135,7 +141,8 @@ def segment_retrieval(
     support_cache = FeatureCache(predictor, FrameSource(entries.images01, predictor.image_size), predictor.device,
                                  batch_size=session.cache.batch_size, stage=ENCODE_SUPPORTS)
     policy = SupportMemoryPolicy(entries, matches, session.num_slices, "video+memory", params.neighbours,
-                                 max_memories=params.top_k)
+                                 max_memories=params.top_k, placement=params.placement, passes=params.passes,
+                                 frame_range=frame_range)
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
                        policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
     segments = [data.segments[v] for v in sorted(hits)]
@@ -149,7 +156,8 @@ def segment_retrieval(
     report["retrieval"] = {
         "library": str(library.list_file or library.root), "cases": len(library), "features": features.key,
         "plane": plane, "top_k": params.top_k, "window": params.window, "neighbours": params.neighbours,
-        "extent": params.extent, "support_entries": len(entries),
+        "extent": params.extent, "placement": params.placement, "passes": params.passes,
+        "support_entries": len(entries),
         "index": {"folder": str(index.folder), "embeddings": len(data), "rows": int(len(data.rows)),
                   **stats.as_dict()},
     }

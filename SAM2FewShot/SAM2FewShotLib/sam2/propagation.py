@@ -12,8 +12,9 @@ to a scratch file: memory does not grow with the number of slices.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,11 @@ class MemoryPolicy:
     """
 
     temporal = True  # use the memory of neighbouring slices' predictions
+    # Without prompts, how the passes sweep the volume: "both" ways in full, averaged; "forward"
+    # only; "middle-out": backward from the middle, then forward from the slice after it, the
+    # memory carried over (FATE-SAM's order). Prompts always propagate both ways.
+    passes = "both"
+    max_cond_frames: Optional[int] = None  # sam2's max_cond_frames_in_attn for the run (None: the model's)
     obj_ids: tuple[int, ...] = ()  # objects conditioned by the policy's own memories, not by prompts
 
     def prepare(self, predictor, state: dict) -> None:
@@ -67,6 +73,11 @@ class MemoryPolicy:
 
     def describe(self, obj_idx: int, frame: int) -> Optional[dict]:
         """Per-slice report entries of this policy (what conditioned the slice)."""
+        return None
+
+    def video_length(self, obj_idx: int, frame: int) -> Optional[int]:
+        """The length of the video this slice is computed in, if not the volume's own stack: sam2
+        scales object-pointer distances by it (a pair is a 2-frame video, whatever the volume)."""
         return None
 
 
@@ -82,6 +93,34 @@ class PropagationResult:
     details: list[dict] = field(default_factory=list)  # per slice: policy report entries
 
 
+@dataclass
+class PropagationCall:
+    """One propagate() call as a watcher sees it once it returns: its inputs and every slice's
+    merged logits (compared with stock sam2 by bench/equivalence.py)."""
+
+    predictor: object
+    frames: FrameSource
+    prompts: list[Prompt]
+    policy: MemoryPolicy
+    frame_range: tuple[int, int]
+    obj_ids: list[int]
+    logits: dict[int, torch.Tensor]  # slice -> (n_obj, H, W), before mask prompts replace their slice's
+
+
+_watchers: list[Callable[[PropagationCall], None]] = []
+
+
+@contextmanager
+def watched(callback: Callable[[PropagationCall], None]) -> Iterator[None]:
+    """Hand every propagate() call made inside the block to ``callback`` as it returns, while the
+    model is exactly as the call saw it (a LoRA adapter is still applied)."""
+    _watchers.append(callback)
+    try:
+        yield
+    finally:
+        _watchers.remove(callback)
+
+
 def propagate(
     predictor,
     frames: FrameSource,
@@ -91,8 +130,14 @@ def propagate(
     progress: Optional[ProgressFn] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     frame_range: Optional[tuple[int, int]] = None,
+    on_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> PropagationResult:
-    """Segment every slice of ``frames`` (or ``frame_range``, inclusive) from the prompts."""
+    """Segment every slice of ``frames`` (or ``frame_range``, inclusive) from the prompts.
+
+    ``on_logits(slice, logits)`` receives each slice's merged (n_obj, H, W) logits as the passes
+    decide them, before a mask prompt replaces its own slice's: what the equivalence checks
+    compare with stock sam2 (bench/equivalence.py).
+    """
     policy = policy or MemoryPolicy()
     if not prompts and not policy.obj_ids:
         raise InputError("no prompt was given: nothing to propagate")
@@ -102,14 +147,41 @@ def propagate(
         if not 0 <= p.frame < n:
             raise InputError(f"prompt on slice {p.frame} is outside the volume (0..{n - 1})")
     device = predictor.device
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device), _cond_frame_limit(predictor, policy.max_cond_frames):
         state = predictor.init_volume_state(frames, cache=cache)
         obj_ids = sorted({p.obj_id for p in prompts} | set(policy.obj_ids))
         _add_prompts(predictor, state, prompts, obj_ids)
         policy.prepare(predictor, state)
         predictor.propagate_in_video_preflight(state)
-        run = _Run(predictor, state, prompts, obj_ids, policy, progress, should_cancel, (lo, hi))
-        return run.execute()
+        seen: dict[int, torch.Tensor] = {}
+        if _watchers:
+            on_logits = _also(on_logits, seen.__setitem__)
+        run = _Run(predictor, state, prompts, obj_ids, policy, progress, should_cancel, (lo, hi), on_logits)
+        result = run.execute()
+    if _watchers:
+        call = PropagationCall(predictor, frames, list(prompts), policy, (lo, hi), obj_ids, seen)
+        for watcher in list(_watchers):
+            watcher(call)
+    return result
+
+
+@contextmanager
+def _cond_frame_limit(predictor, limit: Optional[int]) -> Iterator[None]:
+    previous = predictor.max_cond_frames_in_attn
+    if limit is not None:
+        predictor.max_cond_frames_in_attn = int(limit)
+    try:
+        yield
+    finally:
+        predictor.max_cond_frames_in_attn = previous
+
+
+def _also(first: Optional[Callable], second: Callable) -> Callable:
+    def both(t: int, logits: torch.Tensor) -> None:
+        if first is not None:
+            first(t, logits)
+        second(t, logits)
+    return both
 
 
 def _add_prompts(predictor, state: dict, prompts: Sequence[Prompt], obj_ids: list[int]) -> None:
@@ -152,11 +224,21 @@ def labels_from_logits(logits: torch.Tensor, obj_ids: Sequence[int]) -> np.ndarr
     return torch.where(best.values > 0, ids[best.indices], 0).numpy()
 
 
+def choose_pass(t: int, before: Optional[int], after: Optional[int], forward: bool, backward: bool) -> str:
+    """Which pass decides slice ``t`` for an object: the one whose source prompt (``before`` or
+    ``after`` it) is nearer; 'both' (averaged) at equal distance. The passes that ran are given."""
+    if not (forward and backward):
+        return "forward" if not backward else "backward"
+    df = t - before if before is not None else np.inf
+    db = after - t if after is not None else np.inf
+    return "forward" if df < db else "backward" if db < df else "both"
+
+
 class _Run:
     """One propagation: two passes, their merge, and the bookkeeping for the report."""
 
-    def __init__(self, predictor, state, prompts, obj_ids, policy, progress, should_cancel, frame_range):
-        self.p, self.state, self.policy = predictor, state, policy
+    def __init__(self, predictor, state, prompts, obj_ids, policy, progress, should_cancel, frame_range, on_logits):
+        self.p, self.state, self.policy, self.on_logits = predictor, state, policy, on_logits
         self.obj_ids = obj_ids
         self.progress, self.should_cancel = progress, should_cancel
         self.lo, self.hi = frame_range
@@ -178,17 +260,26 @@ class _Run:
         if prompts:  # from the first prompt forward, from the last one backward
             first = min(q.frame for q in prompts)
             last = max(q.frame for q in prompts)
+        elif policy.passes == "middle-out":
+            first = self.lo + (self.hi - self.lo + 1) // 2 + 1
+            last = first - 1
         else:  # conditioned by memories alone: every slice, once or both ways
-            first, last = self.lo, (self.hi if policy.temporal else self.lo - 1)
+            both = policy.temporal and policy.passes == "both"
+            first, last = self.lo, (self.hi if both else self.lo - 1)
+        self.middle_out = not prompts and policy.passes == "middle-out"
         self.forward = list(range(max(first, self.lo), self.hi + 1)) if first <= self.hi else []
         self.backward = list(range(min(last, self.hi), self.lo - 1, -1)) if last >= self.lo else []
         self.window = max(predictor.num_maskmem * predictor.memory_temporal_stride_for_eval,
                           predictor.max_obj_ptrs_in_encoder) + 1
 
     def execute(self) -> PropagationResult:
-        self._pass(self.forward, reverse=False)
-        self._reset_temporal_memory()
-        self._pass(self.backward, reverse=True)
+        if self.middle_out:  # the forward pass goes on from the backward pass's memory
+            self._pass(self.backward, reverse=True)
+            self._pass(self.forward, reverse=False)
+        else:  # each pass from the prompts alone
+            self._pass(self.forward, reverse=False)
+            self._reset_temporal_memory()
+            self._pass(self.backward, reverse=True)
         for t in self.pending.keys():  # frames no backward pass reached
             self._finalize(t, self.pending.pop(t), None)
         self.pending.close()
@@ -223,11 +314,16 @@ class _Run:
                     "cond_frame_outputs": self.policy.cond_outputs(o, t, reverse, od["cond_frame_outputs"]),
                     "non_cond_frame_outputs": od["non_cond_frame_outputs"] if self.policy.temporal else {},
                 }
-                out, _ = self.p._run_single_frame_inference(
-                    inference_state=self.state, output_dict=view, frame_idx=t, batch_size=1,
-                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
-                    run_mem_encoder=self.policy.temporal,
-                )
+                length, self.state["num_frames"] = self.state["num_frames"], (
+                    self.policy.video_length(o, t) or self.state["num_frames"])
+                try:
+                    out, _ = self.p._run_single_frame_inference(
+                        inference_state=self.state, output_dict=view, frame_idx=t, batch_size=1,
+                        is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
+                        run_mem_encoder=self.policy.temporal,
+                    )
+                finally:
+                    self.state["num_frames"] = length
                 if self.policy.temporal:
                     od["non_cond_frame_outputs"][t] = out
                 self.state["frames_tracked_per_obj"][o][t] = {"reverse": reverse}
@@ -262,7 +358,7 @@ class _Run:
             return False
         for o in range(len(self.obj_ids)):
             before, after = self._source_frames(o, t)
-            if (t, o) not in self.prompt_kind and self._choose(t, before, after, True, True) != "forward":
+            if (t, o) not in self.prompt_kind and choose_pass(t, before, after, True, True) != "forward":
                 return True
         return False
 
@@ -272,7 +368,7 @@ class _Run:
         merged = torch.empty((len(self.obj_ids), self.h, self.w))
         for o, obj_id in enumerate(self.obj_ids):
             before, after = self._source_frames(o, t)
-            choice = self._choose(t, before, after, fwd, bwd)
+            choice = choose_pass(t, before, after, fwd is not None, bwd is not None)
             if (t, o) in self.prompt_kind:
                 merged[o] = (fwd if fwd is not None else bwd)[o]
                 self.sources[t][obj_id] = f"{self.prompt_kind[(t, o)]} prompt"
@@ -290,24 +386,20 @@ class _Run:
                 self.scores[t, o] = 0.5 * (self.scores[t, o] + bwd_scores[o])
                 self.sources[t][obj_id] = (f"forward from slice {before} + backward from slice {after}"
                                            if before is not None else "forward + backward passes")
+        if self.on_logits is not None:
+            self.on_logits(t, merged.clone())
+        for o in range(len(self.obj_ids)):
             if (t, o) in self.mask_prompts:  # the user's mask is kept verbatim
                 m = torch.from_numpy(self.mask_prompts[(t, o)])
                 merged[o] = torch.where(m, MASK_LOGIT, -MASK_LOGIT)
         self.labels[t] = labels_from_logits(merged, self.obj_ids)
         self.final[t] = True
 
-    @staticmethod
-    def _choose(t: int, before: Optional[int], after: Optional[int], fwd, bwd) -> str:
-        """The pass whose source prompt is nearer; both (averaged) at equal distance or no prompt."""
-        if fwd is None or bwd is None:
-            return "forward" if bwd is None else "backward"
-        df = t - before if before is not None else np.inf
-        db = after - t if after is not None else np.inf
-        return "forward" if df < db else "backward" if db < df else "both"
-
     def _trim(self, t: int, reverse: bool) -> None:
         """Drop prediction memories that no later slice of this pass can attend to."""
         old = t + self.window if reverse else t - self.window
+        if self.middle_out and reverse and self.forward and old >= self.forward[0] - self.window:
+            return  # the forward pass starts from these
         for od in self.state["output_dict_per_obj"].values():
             od["non_cond_frame_outputs"].pop(old, None)
 

@@ -7,6 +7,8 @@ best-matching entries. Three schemes:
   video         the query as one video, conditioned by the matched supports of the slice and its
                 neighbours (no memory of the query's own predictions);
   video+memory  video, plus SAM2's temporal memory of neighbouring query predictions, both ways.
+Where the memories sit in the video (placement) and how the passes sweep it are settings too, so
+that published constructions are reproduced exactly (methods/presets.py).
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..common.choices import SCHEMES
+from ..common.choices import PASS_ORDERS, PLACEMENTS, SCHEMES
 from ..common.errors import InputError
 from ..sam2.propagation import MemoryPolicy
 from .matching import Matches
@@ -41,35 +42,37 @@ class SupportMemoryPolicy(MemoryPolicy):
     """Conditions every query slice on the memories of its matched support entries."""
 
     def __init__(self, support: SupportEntries, matches: Matches, num_query: int,
-                 scheme: str = "video+memory", neighbours: int = 1, max_memories: int = 3):
+                 scheme: str = "video+memory", neighbours: int = 1, max_memories: int = 3,
+                 placement: str = "behind", passes: str = "both",
+                 frame_range: Optional[tuple[int, int]] = None):
         if scheme not in SCHEMES:
             raise InputError(f"unknown scheme '{scheme}': use one of {', '.join(SCHEMES)}")
+        if placement not in PLACEMENTS:
+            raise InputError(f"unknown placement '{placement}': use one of {', '.join(PLACEMENTS)}")
+        if passes not in PASS_ORDERS:
+            raise InputError(f"unknown pass order '{passes}': use one of {', '.join(PASS_ORDERS)}")
         self.support, self.matches, self.n = support, matches, num_query
         self.scheme = scheme
         self.temporal = scheme == "video+memory"
         self.neighbours = 0 if scheme == "pair" else int(neighbours)
         self.max_memories = 1 if scheme == "pair" else int(max_memories)
+        self.placement, self.passes = placement, passes
+        self.lo, self.hi = frame_range if frame_range is not None else (0, num_query - 1)
         self.obj_ids = tuple(sorted(matches.entries))
-        self.outputs: dict[int, dict[int, dict]] = {}  # obj_idx -> entry -> conditioning output
+        self.state: Optional[dict] = None  # the inference state the entries were added to
 
     def prepare(self, predictor, state: dict) -> None:
-        """Encode every entry some query slice uses as a mask-prompted conditioning frame."""
+        """Every entry some query slice uses becomes a mask-prompted conditioning frame of its
+        structure's object, added as stock sam2 adds a mask (``add_new_mask``; the memory is encoded
+        when propagation starts): support frames follow the query's in the stacked cache."""
+        self.state = state
         for obj_idx, value in enumerate(self.obj_ids):
-            od = state["output_dict_per_obj"][obj_idx]
-            self.outputs[obj_idx] = {}
             for m in np.unique(self.matches.entries[value]):
-                frame = self.n + int(m)  # support frames follow the query's in the stacked cache
-                mask = self.support.masks[int(m)].float()[None, None].to(state["device"])
-                size = predictor.image_size
-                mask = (F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False,
-                                      antialias=True) >= 0.5).float()
-                out, _ = predictor._run_single_frame_inference(
-                    inference_state=state, output_dict=od, frame_idx=frame, batch_size=1,
-                    is_init_cond_frame=True, point_inputs=None, mask_inputs=mask, reverse=False,
-                    run_mem_encoder=True,
-                )
-                self.outputs[obj_idx][int(m)] = out
-                od["cond_frame_outputs"][frame] = out  # a conditioning frame of the state, as sam2 expects
+                predictor.add_new_mask(state, self.n + int(m), value, self.support.masks[int(m)])
+
+    def output(self, obj_idx: int, entry: int) -> dict:
+        """The conditioning output of one support entry (encoded by sam2's propagation preflight)."""
+        return self.state["output_dict_per_obj"][obj_idx]["cond_frame_outputs"][self.n + entry]
 
     def chosen(self, obj_idx: int, frame: int) -> list[int]:
         """Entries conditioning this slice: its own best matches first, then its neighbours'."""
@@ -84,17 +87,44 @@ class SupportMemoryPolicy(MemoryPolicy):
                     return picks
         return picks
 
-    def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
-        # Conditioning memories carry no temporal encoding; only object pointers do, and only
-        # from the past: so the supports sit just behind the slice in the tracking direction.
+    def placed(self, obj_idx: int, frame: int, reverse: bool) -> dict[int, int]:
+        """Frame index -> support entry: where this slice's memories sit in the video, best first.
+
+        behind: conditioning memories carry no temporal encoding; only object pointers do, and
+        only from the past: so the supports sit just behind the slice in the tracking direction.
+        before-query / after-query: at fixed frames before the first or after the last query
+        slice, as FS-MedSAM2 and FATE-SAM build their videos.
+        """
+        chosen = self.chosen(obj_idx, frame)
+        if self.placement == "before-query":
+            return {self.lo - 1 - r: m for r, m in enumerate(chosen)}
+        if self.placement == "after-query":
+            return {self.hi + 1 + r: m for r, m in enumerate(chosen)}
         step = 1 if reverse else -1
-        return {frame + step * (r + 1): self.outputs[obj_idx][m] for r, m in enumerate(self.chosen(obj_idx, frame))}
+        return {frame + step * (r + 1): m for r, m in enumerate(chosen)}
+
+    def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
+        return {t: self.output(obj_idx, m) for t, m in self.placed(obj_idx, frame, reverse).items()}
+
+    def video_length(self, obj_idx: int, frame: int) -> Optional[int]:
+        k = len(self.chosen(obj_idx, frame))
+        if not self.temporal:  # pair and video: each slice is its own short video, its supports then it
+            return k + 1
+        if self.placement == "behind":  # the query with every support entry after it: the state's own
+            return None
+        # The query range and its supports, as the published video. sam2 also stops its search for
+        # memories at the video's end, so a range that starts beyond slice k keeps the state's length
+        # (it differs only when that video is shorter than sam2's 16 object pointers).
+        length = self.hi - self.lo + 1 + k
+        return length if length > self.hi else None
 
     def describe(self, obj_idx: int, frame: int) -> Optional[dict]:
         value = self.obj_ids[obj_idx]
         best = int(self.matches.entries[value][frame, 0])
         entry = dict(self.support.meta[best]) if self.support.meta else {}
         entry["support_entry"] = best
-        entry["similarity"] = round(float(self.matches.similarity[value][frame, 0]), 4)
+        similarity = float(self.matches.similarity[value][frame, 0])
+        if np.isfinite(similarity):  # a fixed support has none
+            entry["similarity"] = round(similarity, 4)
         entry["memories"] = self.chosen(obj_idx, frame)
         return entry

@@ -42,8 +42,11 @@ def select_support_slices(
     per_structure: Optional[int] = 5,
     case: int = 0,
     structures: Optional[Sequence[int]] = None,
+    rule: str = "spread",
 ) -> list[SupportSlice]:
-    """Per structure, ``per_structure`` slices spread evenly over its extent, the largest always in.
+    """Per structure, ``per_structure`` slices spread evenly over its extent, the largest always in;
+    or, with ``rule="middle"``, the one slice halfway through the slices that contain it (the
+    support slice FS-MedSAM2 gives its video: ``zlist[int(0.5 * len(zlist))]``).
 
     ``per_structure=None`` keeps every slice that contains the structure. ``structures`` (label
     values) defaults to the label map's segments that have voxels (or every label value present
@@ -76,7 +79,9 @@ def select_support_slices(
         if present.size == 0:
             raise InputError(f"structure {names.get(value, value)} (label {value}) is absent from support case {case}")
         first, last = int(present[0]), int(present[-1])
-        for idx in spread_indices(present, areas[present], per_structure):
+        picks = [int(present[len(present) // 2])] if rule == "middle" else spread_indices(
+            present, areas[present], per_structure)
+        for idx in picks:
             pos = 0.5 if last == first else (idx - first) / (last - first)
             out.append(
                 SupportSlice(
