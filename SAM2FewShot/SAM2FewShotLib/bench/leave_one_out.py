@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class BenchVariant:
     method: str  # the registered method its requests name
     params: Callable[[dict], dict]  # the settings' shared few-shot parameters -> the method's parameters
     uses_query_truth: bool = False
+    extent_from_truth: bool = False  # segment only the query's labelled slice range (a paper's protocol)
 
     @property
     def needs_model(self) -> bool:
@@ -90,14 +91,27 @@ for _prior in ("registration", "sam2"):
                                   lambda fs, p=_prior: {"prior": p, "fewshot": {**fs, "scheme": "video"}}))
 
 
-def choose_methods(names: Optional[Sequence[str]] = None) -> list[BenchVariant]:
-    """The named variants (all by default), in registry order."""
+def preset_variant(name: str) -> BenchVariant:
+    """A published construction (methods/presets.py) as a bench variant, with the paper's own parameters."""
+    from ..methods.presets import get_preset
+
+    preset = get_preset(name)
+    extent = " on the query's labelled slice range (reads its ground truth)" if preset.extent_from_truth else ""
+    return BenchVariant(f"preset:{preset.name}", f"{preset.construction}{extent}; after {preset.source}",
+                        preset.method, lambda fs, p=preset: dict(p.params), uses_query_truth=preset.extent_from_truth,
+                        extent_from_truth=preset.extent_from_truth)
+
+
+def choose_methods(names: Optional[Sequence[str]] = None, presets: Sequence[str] = ()) -> list[BenchVariant]:
+    """The named variants (all by default, unless presets alone are asked for), in registry order,
+    then the presets'."""
+    chosen = [preset_variant(p) for p in presets]
     if not names:
-        return list(VARIANTS.values())
+        return chosen if chosen else list(VARIANTS.values())
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
-    return [v for v in VARIANTS.values() if v.name in names]
+    return [v for v in VARIANTS.values() if v.name in names] + chosen
 
 
 def bench_cases(folder: Path) -> dict[str, CasePaths]:
@@ -153,6 +167,15 @@ def truth_prompt_labels(truth: LabelMap, axis: int) -> LabelMap:
     return truth.with_array(prompt)
 
 
+def labelled_range(truth: LabelMap, axis: int) -> tuple[int, int]:
+    """First and last slice along ``axis`` with any labelled voxel."""
+    present = np.flatnonzero(np.moveaxis(truth.volume.array, axis, 0).reshape(truth.volume.array.shape[axis], -1)
+                             .any(axis=1))
+    if present.size == 0:
+        raise InputError("the query's ground truth has no labelled voxel")
+    return int(present[0]), int(present[-1])
+
+
 class BenchProgress:
     """One console bar over cases x methods; the engine's own stages show as its postfix."""
 
@@ -186,6 +209,7 @@ class QueryCase:
     truth: LabelMap
     supports: list[CasePaths]
     scratch: Path
+    support_names: list[str] = field(default_factory=list)
 
     def request(self, variant: BenchVariant, settings: BenchSettings) -> Request:
         """The request of one variant on this query; prompts and a library are made in the scratch folder."""
@@ -195,7 +219,11 @@ class QueryCase:
             inputs = {"prompt_labels": self._truth_prompts(settings)}
         elif spec.inputs == LIBRARY:
             inputs = {"library": self._library()}
-        return Request(method=variant.method, query=self.paths[0], model=settings.model, frames=settings.frames,
+        frames = settings.frames
+        if variant.extent_from_truth:
+            axis = slicing_axis(self.truth.volume, frames.axis)
+            frames = replace(frames, slice_range=labelled_range(self.truth, axis))
+        return Request(method=variant.method, query=self.paths[0], model=settings.model, frames=frames,
                        params=variant.params(dict(settings.fewshot)), **inputs)
 
     def _truth_prompts(self, settings: BenchSettings) -> Path:
@@ -213,32 +241,39 @@ class QueryCase:
         return write_list_file(self.supports, tempfile.mkdtemp(prefix="library_", dir=self.scratch))
 
 
-def run_leave_one_out(cases: dict[str, CasePaths], methods: Sequence[BenchVariant], runner,
-                      settings: BenchSettings, progress: Optional[BenchProgress] = None) -> list[dict]:
-    """One record per (query, method): scores per structure, time, peak memory, or the error."""
+def query_cases(cases: dict[str, CasePaths], settings: BenchSettings) -> Iterator[QueryCase]:
+    """The plan's queries in turn, each with its truth read and a scratch folder that lasts its turn."""
     from ..io.volume_io import read_labels, read_volume
 
-    runs = []
     for query_name, support_names in plan_queries(cases, settings):
         with tempfile.TemporaryDirectory(prefix="sam2fewshot_bench_") as scratch:
             paths = cases[query_name]
             truth = read_labels(paths[1], reference=read_volume(paths[0]))
-            case = QueryCase(query_name, paths, truth, [cases[n] for n in support_names], Path(scratch))
-            encode = {"encode_s": 0.0}
-            if any(m.needs_model for m in methods) and not settings.cold_sessions:
-                encode = _encode_query(runner, paths[0], settings, progress)
-            for method in methods:
-                if progress:
-                    progress.start(query_name, method.name)
-                record = {"case": query_name, "method": method.name, "supports": support_names,
-                          "uses_query_truth": method.uses_query_truth}
-                record.update(_run_one(method, runner, case, settings, encode if method.needs_model else
-                                       {"encode_s": 0.0}, progress))
-                if record["status"] != "ok" and progress:
-                    progress.write(f"{query_name} {method.name}: {record['error']}")
-                runs.append(record)
-                if progress:
-                    progress.advance()
+            supports = [cases[n] for n in support_names]
+            yield QueryCase(query_name, paths, truth, supports, Path(scratch), support_names)
+
+
+def run_leave_one_out(cases: dict[str, CasePaths], methods: Sequence[BenchVariant], runner,
+                      settings: BenchSettings, progress: Optional[BenchProgress] = None) -> list[dict]:
+    """One record per (query, method): scores per structure, time, peak memory, or the error."""
+    runs = []
+    for case in query_cases(cases, settings):
+        query_name, paths, support_names = case.name, case.paths, case.support_names
+        encode = {"encode_s": 0.0}
+        if any(m.needs_model for m in methods) and not settings.cold_sessions:
+            encode = _encode_query(runner, paths[0], settings, progress)
+        for method in methods:
+            if progress:
+                progress.start(query_name, method.name)
+            record = {"case": query_name, "method": method.name, "supports": support_names,
+                      "uses_query_truth": method.uses_query_truth}
+            record.update(_run_one(method, runner, case, settings, encode if method.needs_model else
+                                   {"encode_s": 0.0}, progress))
+            if record["status"] != "ok" and progress:
+                progress.write(f"{query_name} {method.name}: {record['error']}")
+            runs.append(record)
+            if progress:
+                progress.advance()
         runner.forget_sessions()  # a finished query's features are not needed again
     return runs
 

@@ -83,6 +83,10 @@ def markdown(results: dict) -> str:
             lines.append(f"- failed: {r['case']} {r['method']}: {r['error']}")
         if failed:
             lines.append("")
+    if results.get("equivalence"):
+        from .equivalence import equivalence_markdown
+
+        lines += equivalence_markdown(results["equivalence"]) + [""]
     if results.get("peer_speed"):
         lines += _peer_section(results["peer_speed"]) + [""]
     if results.get("memory_scaling"):

@@ -17,6 +17,7 @@ from .options import add_command, add_frame_args, add_model_args, frame_options,
 
 def add_bench_parser(sub) -> None:
     from ..bench.leave_one_out import VARIANTS
+    from ..methods.presets import PRESETS
 
     p = add_command(sub, "bench", "leave-one-out accuracy, speed and memory of every method",
                     description="Each labelled case in turn is the query, the others its supports. "
@@ -24,6 +25,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--data", type=Path, help="folder of labelled cases (MSD layout, *_img/*_label or *_seg pairs)")
     p.add_argument("--out", required=True, type=Path, help="report folder (created if missing)")
     p.add_argument("--methods", metavar="M,M,...", help=f"comma-separated (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--preset", metavar="NAME,...",
+                   help="a published construction with the paper's parameters (" + ", ".join(PRESETS) + "); "
+                        "alone, only the presets run; with --methods, after them")
+    p.add_argument("--check-equivalence", action="store_true",
+                   help="instead of scoring: replay every SAM2 method's propagation on stock sam2 (same weights, "
+                        "same conditioning) and print the max logit difference and Dice per method")
     p.add_argument("--support", metavar="CASE", help="one fixed support case instead of leave-one-out")
     p.add_argument("--max-cases", type=int, help="at most this many query cases (the first by name)")
     p.add_argument("--max-supports", type=int, help="at most this many supports per query")
@@ -85,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     counts = _counts(args.memory_scaling)
     if args.data is None and not args.peer_speed and not counts:
         raise InputError("nothing to benchmark: give --data, --peer-speed or --memory-scaling")
+    if args.check_equivalence and args.data is None:
+        raise InputError("--check-equivalence runs the methods on --data: give a folder of labelled cases")
     fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
                "features": args.features, "top_k": args.top_k}
     checked = get_method("matched-support").params(fewshot, seed=args.seed)  # bad values fail before any work
@@ -93,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
                              args.max_cases, args.max_supports, args.cold_sessions)
     methods, cases, plan = [], {}, []
     if args.data is not None:
-        methods = choose_methods(args.methods.split(",") if args.methods else None)
+        presets = [p.strip() for p in args.preset.split(",") if p.strip()] if args.preset else []
+        methods = choose_methods(args.methods.split(",") if args.methods else None, presets)
         cases = bench_cases(args.data)
         plan = plan_queries(cases, settings)
     _prepare_out(args.out)  # only once the input is known to be good
@@ -111,7 +121,16 @@ def _run(args: argparse.Namespace) -> int:
                "methods": {m.name: {"description": m.description, "uses_query_truth": m.uses_query_truth,
                                     "needs_model": m.needs_model} for m in methods},
                "runs": []}
-    if plan:
+    if plan and args.check_equivalence:
+        from ..bench.equivalence import check_variants
+
+        progress = BenchProgress(len(plan) * sum(m.needs_model for m in methods), enabled=not args.quiet)
+        try:
+            results["equivalence"] = check_variants(cases, methods, runner, settings, progress)
+        finally:
+            progress.close()
+            runner.forget_sessions()
+    elif plan:
         progress = BenchProgress(len(plan) * len(methods), enabled=not args.quiet)
         try:
             results["runs"] = run_leave_one_out(cases, methods, runner, settings, progress)
@@ -130,6 +149,11 @@ def _run(args: argparse.Namespace) -> int:
     paths = write_results(results, args.out)
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
+    unequal = [r for r in results.get("equivalence", []) if not r["equal"]]
+    if unequal:
+        print(f"sam2fewshot: {len(unequal)} method(s) differ from stock sam2: "
+              + ", ".join(f"{r['case']} {r['method']}" for r in unequal))
+        return 1
     failed = [r for r in results["runs"] if r["status"] != "ok"]
     if failed:
         print(f"sam2fewshot: {len(failed)} of {len(results['runs'])} runs failed (see {args.out / 'results.md'})")

@@ -25,6 +25,7 @@ from ..common.choices import (
     TRANSFORMS,
 )
 from ..common.errors import InputError
+from ..methods.presets import PRESETS
 from ..methods.registry import LIBRARY, METHODS, PROMPTS, SUPPORTS, get_method
 from ..run.outputs import default_report_path
 from ..run.request import Request
@@ -112,7 +113,11 @@ def add_method_args(seg: argparse.ArgumentParser) -> None:
     rg.add_argument("--transform", default="affine", choices=TRANSFORMS, help="affine, or affine then B-spline")
     rg.add_argument("--fusion", default="weighted", choices=FUSION_METHODS,
                     help="how the warped labels of several supports are fused")
-    seg.add_argument_group("any method").add_argument(
+    anyg = seg.add_argument_group("any method")
+    anyg.add_argument("--preset", choices=list(PRESETS),
+                      help="a published construction's method and parameters (options given as well change them): "
+                           + "; ".join(f"{p.name}: {p.title}, {p.method} method" for p in PRESETS.values()))
+    anyg.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE",
         help="a method parameter without an option of its own (VALUE as JSON, else text; NAME.FIELD for a "
              "nested group, e.g. fewshot.neighbours=2); repeat for several")
@@ -139,6 +144,14 @@ def segment_method(args: argparse.Namespace, prompted: Optional[bool] = None) ->
         raise InputError("give one of --support (matched support), --library (retrieval) or "
                          "--prompt-labels/--prompts (propagate)")
     spec = get_method(args.method) if args.method else None
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
+    if preset is not None:
+        if spec is not None and spec.key != preset.method:
+            raise InputError(f"--preset {preset.name} runs the {preset.method} method, not {spec.key}: "
+                             "leave --method out")
+        spec = get_method(preset.method)
+        if not given[spec.inputs]:
+            raise InputError(f"--preset {preset.name} needs {INPUT_OPTIONS[spec.inputs]}")
     if spec is not None and not given[spec.inputs]:
         raise InputError(f"--method {spec.key} needs {INPUT_OPTIONS[spec.inputs]}")
     if not kinds:
@@ -171,6 +184,9 @@ def method_params(method: str, args: argparse.Namespace) -> dict:
                    "lora": {"steps": args.lora_steps, "rank": args.lora_rank, "decoder": args.lora_decoder}},
     }
     params = options.get(method, {})  # a method without options of its own: its defaults, and --param
+    if getattr(args, "preset", None):  # the preset's values, except where an option was given
+        given = _options_given(args)
+        params.update({k: v for k, v in PRESETS[args.preset].params.items() if k not in given})
     for item in args.param:
         name, value = parse_param(item)
         *groups, last = name.split(".")
@@ -181,6 +197,13 @@ def method_params(method: str, args: argparse.Namespace) -> dict:
                 raise InputError(f"--param {item}: {group} is not a group of parameters")
         target[last] = value
     return params
+
+
+def _options_given(args: argparse.Namespace) -> set[str]:
+    """Parameter names set by an option the user changed from its default."""
+    names = {"library_features": "features", "position_window": "window"}
+    return {names.get(dest, dest) for dest, default in getattr(args, "option_defaults", {}).items()
+            if getattr(args, dest) != default}
 
 
 def parse_param(item: str) -> tuple[str, object]:
