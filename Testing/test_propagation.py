@@ -151,3 +151,51 @@ def test_real_hippocampus_propagation(random_predictor, shared_data):
     assert out.volume.same_grid(img, tol=0)
     assert np.array_equal(s.slices_of(out.volume.array)[mid], s.slices_of(lab.array)[mid])
     assert len(rep["slices"]) == s.num_slices and rep["timing"]["frames_encoded"] == s.num_slices
+
+
+def test_mask_slices_choose_the_prompt_slices_and_an_erased_slice_stays_empty(random_predictor):
+    """A refine lists each label's prompt slices; where the user erased a structure, it stays absent."""
+    from SAM2FewShotLib.methods.propagate import Params, parse_mask_slices
+
+    img, truth = phantom()
+    s = VolumeSession(random_predictor, img)
+    mid = s.num_slices // 2
+    labels = _only_slices(s, truth, [mid, mid + 2])
+    s.slices_of(labels.volume.array)[mid + 2][s.slices_of(labels.volume.array)[mid + 2] == 1] = 0  # 1 erased
+    chosen = parse_mask_slices(f"1:{mid},{mid + 2};2:{mid}")
+    prompts = prompts_from_labels(s, labels, mask_slices=chosen)
+    assert sorted((p.frame, p.obj_id, p.erased) for p in prompts) == [(mid, 1, False), (mid, 2, False),
+                                                                      (mid + 2, 1, True)]
+    out, _ = segment_propagate(s, prompts, truth.segments)
+    result = s.slices_of(out.volume.array)
+    assert not (result[mid + 2] == 1).any()  # the erased slice is a prompt: label 1 absent there
+    assert np.array_equal(result[mid], s.slices_of(labels.volume.array)[mid])
+    default = prompts_from_labels(s, labels)  # without mask_slices: slices with voxels only
+    assert sorted((p.frame, p.obj_id) for p in default) == [(mid, 1), (mid, 2), (mid + 2, 2)]
+    for bad, message in (("1:x", "is not"), ("0:3", "labels are 1"), ("1:", "labels are 1")):
+        with pytest.raises(InputError, match=message):
+            Params(mask_slices=bad).check()
+    with pytest.raises(InputError, match="outside"):
+        prompts_from_labels(s, labels, mask_slices={1: [s.num_slices + 3]})
+    with pytest.raises(InputError, match="is empty"):  # an empty mask not asked for is still refused
+        propagate(random_predictor, s.frames, [Prompt(frame=mid, obj_id=1, mask=np.zeros(result[0].shape, bool))])
+
+
+def test_the_slicing_axis_follows_the_plane_the_prompts_were_drawn_in():
+    from SAM2FewShotLib.io.slicing import PromptPlanesError, drawn_axis, prompt_plane
+
+    img, truth = phantom((24, 32, 32), spacing=(1.0, 1.0, 1.0))  # isotropic: spacing says nothing
+    labels = truth.volume.array
+    sagittal = np.zeros_like(labels)
+    sagittal[:, :, [12, 20]] = labels[:, :, [12, 20]]
+    axial = np.zeros_like(labels)
+    axial[[8, 9, 10]] = labels[[8, 9, 10]]  # a slab of three adjacent slices is still axial
+    assert drawn_axis(sagittal) == 2 and prompt_plane(img, sagittal) == "sagittal"
+    assert drawn_axis(axial) == 0 and prompt_plane(img, axial) == "axial"
+    assert drawn_axis(labels) is None and prompt_plane(img, labels) == "auto"  # solid 3D masks: no plane
+    both = np.maximum(sagittal, axial)
+    with pytest.raises(PromptPlanesError) as caught:
+        drawn_axis(both)
+    assert caught.value.axes == (0, 2)
+    with pytest.raises(InputError, match=r"more than one plane \(axial and sagittal\).*--axis"):
+        prompt_plane(img, both)

@@ -60,7 +60,8 @@ def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True) -> None
     add_console_args(p)
     g = p.add_argument_group("frames")
     g.add_argument("--axis", default="auto", choices=AXES,
-                   help="slicing axis; auto: the acquisition axis (the largest voxel spacing), axial when isotropic")
+                   help="slicing axis; auto: the plane the prompt masks were drawn in (propagate), else the "
+                        "acquisition axis (the largest voxel spacing), axial when isotropic")
     add_normalization_args(g)
     if slice_range:
         g.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"),

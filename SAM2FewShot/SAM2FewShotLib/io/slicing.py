@@ -6,6 +6,8 @@ library and the Slicer panel use it without torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from ..common.errors import InputError
@@ -61,3 +63,78 @@ def anatomical_plane(volume: Volume, axis: int) -> str:
 def _plane(direction: np.ndarray, axis: int) -> str:
     column = direction[:, 2 - axis]
     return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(column)))]
+
+
+def prompt_plane(query: Volume, prompt_labels: np.ndarray, choose: str = "with --axis") -> str:
+    """The plane the prompt masks were drawn in ("auto" when they are solid in 3D): propagation
+    runs across the slices the user drew on, whatever the voxel spacing says. ``choose`` tells
+    the user where to choose a plane, in their front end's words."""
+    try:
+        axis = drawn_axis(prompt_labels)
+    except PromptPlanesError as exc:
+        planes = " and ".join(anatomical_plane(query, a) for a in exc.axes)
+        raise InputError(f"the prompt masks are drawn on slices of more than one plane ({planes}): "
+                         f"draw them in one plane, or choose the plane {choose}") from None
+    if axis is None:
+        return "auto"
+    plane = anatomical_plane(query, axis)
+    if slicing_axis(query, plane) != axis:  # an oblique volume: no plane name picks this voxel axis
+        raise InputError(f"the prompt masks lie on oblique slices; choose the plane to slice along {choose}")
+    return plane
+
+
+class PromptPlanesError(InputError):
+    """Prompt masks drawn in more than one plane: the caller asks the user which to slice along."""
+
+    def __init__(self, axes: tuple[int, ...], message: str):
+        super().__init__(message)
+        self.axes = axes
+
+
+def drawn_axis(labels: np.ndarray) -> Optional[int]:
+    """The numpy axis perpendicular to the slices the user drew prompt masks on, or None.
+
+    A voxel painted in a slice view is part of a layer one or a few slices thick along the view's
+    axis and wider in the view's plane; each voxel votes for the axis of its shortest run of
+    same-label voxels when that run is clearly (2x) shorter than along the other axes. Drawn masks
+    give most voxels such a vote; masks solid in 3D (fewer than half the voxels vote) give None,
+    and the caller slices along the acquisition axis. PromptPlanesError when two axes each get
+    the votes of a tenth of the voxels.
+    """
+    votes, voxels = np.zeros(3, dtype=np.int64), 0
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = labels == value
+        votes += _axis_votes(mask)
+        voxels += int(np.count_nonzero(mask))
+    share = votes / max(voxels, 1)
+    drawn = tuple(int(a) for a in np.flatnonzero(share >= 0.1))
+    if share[list(drawn)].sum() < 0.5:
+        return None  # solid in 3D: no plane was drawn in
+    if len(drawn) > 1:
+        raise PromptPlanesError(drawn, "prompt masks are drawn on slices of more than one plane")
+    return drawn[0]
+
+
+def _axis_votes(mask: np.ndarray) -> np.ndarray:
+    """Per axis, how many voxels of ``mask`` lie in a layer clearly thinnest along that axis."""
+    nonzero = np.nonzero(mask)
+    crop = mask[tuple(slice(int(ax.min()), int(ax.max()) + 1) for ax in nonzero)]
+    runs = np.stack([_run_lengths(crop, axis)[crop] for axis in range(3)])  # (3, voxels)
+    order = np.sort(runs, axis=0)
+    clear = 2 * order[0] <= order[1]
+    return np.bincount(np.argmin(runs, axis=0)[clear], minlength=3)
+
+
+def _run_lengths(mask: np.ndarray, axis: int) -> np.ndarray:
+    """For each voxel of ``mask``, the length of the run of set voxels through it along ``axis``."""
+    m = np.moveaxis(mask, axis, -1)
+
+    def ending_here(a: np.ndarray) -> np.ndarray:
+        counts = np.cumsum(a, axis=-1, dtype=np.int32)
+        return counts - np.maximum.accumulate(np.where(a, 0, counts), axis=-1)
+
+    forward = ending_here(m)
+    backward = ending_here(m[..., ::-1])[..., ::-1]
+    return np.moveaxis(np.where(m, forward + backward - 1, 0), -1, axis)

@@ -29,10 +29,32 @@ from .common import MethodInputs, build_report
 
 @dataclass(frozen=True)
 class Params:
-    """Propagate is conditioned by the request's prompts alone: it has no parameters of its own."""
+    """Propagate is conditioned by the request's prompts; ``mask_slices`` says which slices of the
+    prompt label file are mask prompts, per label: "1:3,10;2:5" (label 1 on slices 3 and 10, label 2
+    on slice 5). A listed slice without voxels of its label is a prompt too: the structure is absent
+    there (a refine, after the user erased a leak). Default: every slice with voxels of a label."""
+
+    mask_slices: str = ""
 
     def check(self) -> None:
-        pass
+        parse_mask_slices(self.mask_slices)
+
+
+def parse_mask_slices(text: str) -> Optional[dict[int, list[int]]]:
+    """"1:3,10;2:5" -> {1: [3, 10], 2: [5]}; "" -> None (every slice with voxels)."""
+    if not text.strip():
+        return None
+    chosen: dict[int, list[int]] = {}
+    for part in text.split(";"):
+        label, _, slices = part.partition(":")
+        try:
+            value = int(label)
+            chosen[value] = sorted({int(t) for t in slices.split(",") if t.strip()})
+        except ValueError:
+            raise InputError(f"mask_slices '{text}' is not 'label:slice,slice;label:slice'") from None
+        if value < 1 or not chosen[value] or min(chosen[value]) < 0:
+            raise InputError(f"mask_slices '{text}': labels are 1 or more, with slices 0 or more")
+    return chosen
 
 
 def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
@@ -40,7 +62,8 @@ def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     session = inputs.session
     prompts, segments = [], []
     if inputs.prompt_labels is not None:
-        prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values)
+        prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values,
+                                       parse_mask_slices(params.mask_slices))
         segments = list(inputs.prompt_labels.segments)
     prompts += list(inputs.prompts)  # boxes and points, read before the model loaded
     known = {s.value for s in segments}
@@ -49,22 +72,32 @@ def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
                              frame_range=inputs.frame_range)
 
 
-def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Optional[Sequence[int]] = None) -> list[Prompt]:
-    """One mask prompt per label value and slice where the label file has voxels of it."""
+def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Optional[Sequence[int]] = None,
+                        mask_slices: Optional[dict[int, list[int]]] = None) -> list[Prompt]:
+    """One mask prompt per label value and slice where the label file has voxels of it, or on the
+    slices ``mask_slices`` lists for a label (an empty one says the structure is absent there)."""
     session.volume.require_same_grid(labels.volume, "prompt labels")
     slices = session.slices_of(labels.volume.array)
     present = [int(v) for v in np.unique(slices) if v != 0]
     if not present:
         raise InputError("the prompt label file has no labelled voxel")
     chosen = present if values is None else [int(v) for v in values]
+    if mask_slices is not None:
+        chosen = [v for v in chosen if v in mask_slices] if values is None else chosen
+        absent = [v for v in chosen if v not in mask_slices]
+        if absent:
+            raise InputError(f"mask_slices names no slice for label {absent[0]}")
     for v in chosen:
         if v not in present:
             raise InputError(f"label value {v} does not exist in the prompt labels (values: {present})")
     prompts = []
     for v in chosen:
         hit = slices == v
-        for t in np.flatnonzero(hit.any(axis=(1, 2))):
-            prompts.append(Prompt(frame=int(t), obj_id=v, mask=hit[t]))
+        frames = np.flatnonzero(hit.any(axis=(1, 2))) if mask_slices is None else mask_slices[v]
+        for t in frames:
+            if not 0 <= t < len(slices):
+                raise InputError(f"mask_slices: slice {t} is outside the query's {len(slices)} slices")
+            prompts.append(Prompt(frame=int(t), obj_id=v, mask=hit[t], erased=not hit[t].any()))
     return prompts
 
 

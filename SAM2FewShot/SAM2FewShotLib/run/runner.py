@@ -10,6 +10,7 @@ the Slicer client writes every job's files into a fresh private folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 from ..common.errors import InputError
 from ..common.progress import LOAD_MODEL, ProgressFn
 from ..io.normalization import Normalization
-from ..io.slicing import slicing_axis
+from ..io.slicing import prompt_plane, slicing_axis
 from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
 from ..sam2.build import ModelOptions
 from .outputs import check_outputs
@@ -64,10 +65,15 @@ class Runner:
             key = self._session_key(request, normalization) if spec.needs_model else None
             warm = self._sessions.get(key) if key is not None else None
             query = warm.volume if warm is not None else self._read_query(request.query)
+        prompt_labels = read_prompt_labels(request, query)
+        axis = frames_axis(request, query, prompt_labels)
+        if axis != request.frames.axis:  # one name per voxel axis: a warm session is found whatever was asked
+            request = dataclasses.replace(request, frames=dataclasses.replace(request.frames, axis=axis))
+            key = self._session_key(request, normalization) if spec.needs_model else None
         frame_range = checked_frame_range(request.frames.slice_range,
                                           query.array.shape[slicing_axis(query, request.frames.axis)])
         supports, notes = read_supports(request)
-        library, prompt_labels = read_library(request), read_prompt_labels(request, query)
+        library = read_library(request)
         prompts = read_prompts(request, query)
         session, reused = None, False
         if spec.needs_model:
@@ -324,6 +330,15 @@ def read_prompt_labels(request: Request, query):
         present = [s.value for s in labels.segments if (array == s.value).any()]
         raise InputError(f"label value {missing[0]} does not exist in the prompt labels (values: {present})")
     return labels
+
+
+def frames_axis(request: Request, query, prompt_labels) -> str:
+    """The request's slicing axis as one name per voxel axis: "auto" when it is the acquisition axis;
+    with "auto" and prompt masks, the plane they were drawn in (io/slicing.prompt_plane)."""
+    choice = request.frames.axis
+    if choice.lower() == "auto" and prompt_labels is not None:
+        choice = prompt_plane(query, prompt_labels.volume.array)
+    return "auto" if slicing_axis(query, choice) == slicing_axis(query, "auto") else choice
 
 
 def read_prompts(request: Request, query) -> list:

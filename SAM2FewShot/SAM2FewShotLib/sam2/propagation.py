@@ -41,6 +41,7 @@ class Prompt:
     points: Optional[np.ndarray] = None  # (P, 2) x, y
     point_labels: Optional[np.ndarray] = None  # 1 positive, 0 negative
     mask_hint: Optional[np.ndarray] = None  # with box/points (or alone): a dense hint SAM2 refines, never kept
+    erased: bool = False  # an empty mask meant as such: the object is absent on this slice
 
     @property
     def kind(self) -> str:
@@ -193,7 +194,7 @@ def _add_prompts(predictor, state: dict, prompts: Sequence[Prompt], obj_ids: lis
             if mask.shape != (state["video_height"], state["video_width"]):
                 raise InputError(f"mask prompt on slice {p.frame} has shape {mask.shape}, slices are "
                                  f"{(state['video_height'], state['video_width'])}")
-            if not mask.any():
+            if not mask.any() and not p.erased:
                 raise InputError(f"the mask prompt for label {p.obj_id} on slice {p.frame} is empty")
             predictor.add_new_mask(state, p.frame, p.obj_id, torch.from_numpy(mask))
         else:
