@@ -316,8 +316,11 @@ def test_a_signal_mid_run_leaves_no_output_and_the_old_one_whole(world, tmp_path
     out = tmp_path / "result.nii.gz"
     old = b"an earlier result"
     out.write_bytes(old)
+    # A suite started in the background (`pytest &`) runs with SIGINT ignored, and a child would inherit
+    # that (Python then installs no KeyboardInterrupt handler): the CLI starts as a terminal starts it.
     run = _cli(["--query", tmp_path / "big.nrrd", "--prompt-labels", tmp_path / "big_prompt.nii.gz", "--out", out,
-                "--report", tmp_path / "report.json", *RANDOM])
+                "--report", tmp_path / "report.json", *RANDOM],
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     seen = ""
     while "propagate" not in seen and time.monotonic() < deadline and run.poll() is None:
