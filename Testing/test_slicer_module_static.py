@@ -23,6 +23,8 @@ MODULE_DIR = ROOT / "SAM2FewShot"
 MODULE_FILE = MODULE_DIR / "SAM2FewShot.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SAM2FewShot.ui"
 ENGINE = MODULE_DIR / "SAM2FewShotLib"
+PANEL = MODULE_DIR / "SAM2FewShotPanel"  # the module's Logic, parameter node and self-test (Qt allowed)
+LOGIC_FILE = PANEL / "logic.py"
 BRIDGE_FILES = {"slicer/mrml_volume.py", "slicer/mrml_segments.py"}  # may import Slicer's MRML classes
 
 # Widget-name suffix -> the class the panel must use for it (longest suffix first).
@@ -42,7 +44,7 @@ API = {
     "QCheckBox": {"text", "checked"},
     "QLabel": {"text", "wordWrap"},
     "QComboBox": {"addItem", "addItems", "setItemData", "model", "findData", "currentIndex", "currentData",
-                  "currentText", "setCurrentText", "count", "clear", "itemData"},
+                  "currentText", "setCurrentText", "count", "clear", "itemData", "lineEdit"},
     "QSpinBox": {"value", "minimum", "maximum", "setRange"},
     "QProgressBar": {"value", "setValue", "maximum", "minimum", "format"},
     "QPlainTextEdit": {"appendPlainText", "plainText", "clear", "setPlainText"},
@@ -56,7 +58,7 @@ API = {
 }
 SIGNALS = {
     "clicked(bool)": {"QPushButton"}, "toggled(bool)": {"QCheckBox", "QRadioButton", "QPushButton"},
-    "currentIndexChanged(int)": {"QComboBox"}, "editTextChanged(QString)": {"QComboBox"},
+    "currentIndexChanged(int)": {"QComboBox"}, "editTextChanged(QString)": {"QComboBox"}, "activated(int)": {"QComboBox"},
     "valueChanged(int)": {"QSpinBox"}, "currentNodeChanged(vtkMRMLNode*)": {"qMRMLNodeComboBox"},
     "currentPathChanged(QString)": {"ctkPathLineEdit"}, "itemChanged(QListWidgetItem*)": {"QListWidget"},
     "cellClicked(int,int)": {"QTableWidget"},
@@ -85,8 +87,8 @@ def expected_class(name: str) -> str:
     return next(cls for suffix, cls in SUFFIX_CLASSES if name.lower().endswith(suffix.lower()))
 
 
-def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+def module_tree(path: Path = MODULE_FILE) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
 def ui_attribute_uses(tree: ast.Module) -> list[tuple[str, str]]:
@@ -137,16 +139,25 @@ def png_size(path: Path) -> tuple[int, int]:
 # --- the module file -------------------------------------------------------------------------------
 
 
-def test_module_file_compiles_for_python_311_and_parses(tmp_path):
-    source = MODULE_FILE.read_text(encoding="utf-8")
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(PANEL.glob("*.py"))], ids=lambda p: p.name)
+def test_module_files_compile_for_python_311_and_parse(tmp_path, path):
+    source = path.read_text(encoding="utf-8")
     ast.parse(source, feature_version=(3, 11))
-    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "module.pyc"), doraise=True)
-    names = {n.name for n in module_tree().body if isinstance(n, ast.ClassDef)}
-    assert {"SAM2FewShot", "SAM2FewShotWidget", "SAM2FewShotLogic", "SAM2FewShotTest"} <= names
+    py_compile.compile(str(path), cfile=str(tmp_path / "module.pyc"), doraise=True)
+
+
+def test_the_module_defines_its_widget_and_imports_its_logic_and_self_test():
+    tree = module_tree()
+    names = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"SAM2FewShot", "SAM2FewShotWidget"} <= names
+    imported = {a.name for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(
+        "SAM2FewShotPanel") for a in n.names}
+    assert {"SAM2FewShotLogic", "SAM2FewShotTest"} <= imported  # Slicer looks them up in the module's namespace
 
 
 def test_module_file_stays_small():
-    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) <= 650
+    for path in [MODULE_FILE, *PANEL.glob("*.py")]:
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 500, path.name
 
 
 def test_every_widget_the_code_uses_exists_with_the_expected_class():
@@ -168,14 +179,33 @@ def test_the_code_uses_only_attributes_its_widgets_have():
     assert not bad, f"attributes used on widgets whose class lacks them: {bad}"
 
 
-def test_parameter_widget_tables_and_their_signals_match_the_ui():
-    widgets, tree = ui_widgets(), module_tree()
-    for table, cls in (("NODE_SELECTORS", "qMRMLNodeComboBox"), ("COMBO_BOXES", "QComboBox"), ("SPIN_BOXES", "QSpinBox")):
-        for name in module_constant(tree, table).values():
-            assert widgets.get(name) == cls, f"{table}: {name} is {widgets.get(name)}, expected {cls}"
-    for name, signal in module_constant(tree, "PARAMETER_SIGNALS"):
-        assert widgets[name] in SIGNALS[signal], f"{name} ({widgets[name]}) has no signal {signal}"
-    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
+def parameter_annotations() -> dict[str, str]:
+    """Parameter name -> its annotation's source, from the @parameterNodeWrapper class in logic.py."""
+    for node in module_tree(LOGIC_FILE).body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", "") == "parameterNodeWrapper" for d in node.decorator_list):
+            return {a.target.id: ast.unparse(a.annotation) for a in node.body if isinstance(a, ast.AnnAssign)}
+    raise AssertionError("logic.py has no @parameterNodeWrapper class")
+
+
+def test_bound_widgets_are_parameters_of_a_type_slicer_510_can_connect():
+    """connectGui (Slicer 5.10's guiConnectors.py) matches widget classes exactly and needs a Choice
+    for a combo box of strings and bounds for a spin box, else it raises when the panel opens."""
+    root, parameters = ET.parse(UI_FILE).getroot(), parameter_annotations()
+    bound = {w.get("name"): (w.get("class"), w.findtext("property[@name='SlicerParameterName']/string"))
+             for w in root.iter("widget") if w.find("property[@name='SlicerParameterName']") is not None}
+    assert len(bound) >= 15
+    for name, (cls, parameter) in bound.items():
+        assert parameter in parameters, f"{name} is bound to '{parameter}', which the parameter node lacks"
+        annotation = parameters[parameter]
+        ok = {"qMRMLNodeComboBox": annotation.startswith("vtkMRML"),
+              "QComboBox": "Choice(" in annotation or annotation == "MethodChoice",
+              "QSpinBox": annotation.startswith("Annotated[int, WithinRange("),
+              "QCheckBox": annotation == "bool"}.get(cls, False)
+        assert ok, f"{name} ({cls}) cannot be connected to {parameter}: {annotation}"
+    unbound = {"supportFromLibrary", "libraryFolder", "normalization", "excludedSegments"}  # set by hand
+    assert set(parameters) == {p for _, p in bound.values()} | unbound
+    widgets = ui_widgets()
+    for call in (n for n in ast.walk(module_tree()) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
         target = call.func.value
         if call.func.attr == "connect" and isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) \
                 and target.value.attr == "ui":
@@ -220,7 +250,7 @@ def test_module_cmakelists_names_every_script_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
     listed = {p.replace("${MODULE_NAME}", name) for p in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
-    scripts = {"SAM2FewShot.py"} | {str(p.relative_to(MODULE_DIR)) for p in ENGINE.rglob("*.py")}
+    scripts = {"SAM2FewShot.py"} | {str(p.relative_to(MODULE_DIR)) for d in (ENGINE, PANEL) for p in d.rglob("*.py")}
     block = "\n".join(f"  {p.replace('SAM2FewShot', '${MODULE_NAME}', 1)}" for p in sorted(scripts))
     assert listed == scripts, (f"missing from CMakeLists: {sorted(scripts - listed)}; listed but absent: "
                                f"{sorted(listed - scripts)}. The list to paste:\n{block}")
@@ -271,8 +301,22 @@ def test_engine_never_imports_qt_ctk_or_slicer_gui(path):
 
 
 def test_panel_helpers_import_neither_torch_nor_qt():
-    """What the panel imports before first-use setup must load in a Slicer without torch."""
-    code = ("import sys; import SAM2FewShotLib.slicer.runs, SAM2FewShotLib.slicer.install; "
+    """What the module and its Logic import must load in a Slicer without torch, and never bring torch
+    (or a CUDA context) into Slicer's own process: the worker reports GPU memory instead."""
+    import importlib.util
+
+    imports = [n for path in [MODULE_FILE, *PANEL.glob("*.py")] for n in ast.walk(module_tree(path))
+               if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("SAM2FewShotLib")]
+    names = {n.module for n in imports} | {f"{n.module}.{a.name}" for n in imports for a in n.names}
+    def is_module(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a function or class of a module, not a submodule
+            return False
+
+    modules = sorted(m for m in names if is_module(m))
+    assert "SAM2FewShotLib.slicer.panel" in modules
+    code = (f"import sys; import {', '.join(modules)}; "
             "print(sorted(m for m in ('torch', 'sam2', 'qt', 'slicer', 'SimpleITK') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -280,10 +324,16 @@ def test_panel_helpers_import_neither_torch_nor_qt():
 
 def test_every_engine_name_the_module_uses_exists():
     """The module cannot run here: every engine module, name and module attribute it uses must exist."""
+    checked = 0
+    for tree in (module_tree(), *(module_tree(p) for p in PANEL.glob("*.py"))):
+        checked += _check_engine_names(tree)
+    assert checked >= 12
+
+
+def _check_engine_names(tree: ast.Module) -> int:
     import importlib
     import types
 
-    tree = module_tree()
     used = {(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
     checked = 0
     for node in tree.body:
@@ -298,4 +348,4 @@ def test_every_engine_name_the_module_uses_exists():
                     missing = sorted(attr for name, attr in used if name == local and not hasattr(value, attr))
                     assert not missing, f"{node.module}.{alias.name} has no {missing}"
                 checked += 1
-    assert checked >= 8
+    return checked

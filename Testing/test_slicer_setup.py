@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from SAM2FewShotLib.common.cache import CACHE_ENV
-from SAM2FewShotLib.common.errors import ModelError
+from SAM2FewShotLib.common.errors import InputError, ModelError
 from SAM2FewShotLib.sam2.registry import REGISTRY
 from SAM2FewShotLib.slicer import install
 from SAM2FewShotLib.slicer.install import REQUIREMENTS, plan_install
@@ -44,7 +44,7 @@ def test_pip_commands_put_sam2_alone_and_never_touch_slicers_own_packages():
     flat = [a for c in commands for a in c]
     for own in ("numpy", "SimpleITK", "pillow"):
         assert not any(a.startswith(own) for a in flat)
-    assert "huggingface_hub==2.4.0" in commands[1] and "hydra-core==1.3.2" in commands[1]
+    assert "huggingface_hub>=1.1.0" in commands[1] and "hydra-core>=1.3.2" in commands[1]  # minimums in Slicer
     assert install.pip_commands([]) == []
     assert install.PIP_ENVIRONMENT == {"SAM2_BUILD_CUDA": "0"}
 
@@ -57,6 +57,9 @@ def test_the_plan_installs_what_is_missing_or_too_old():
     assert [r.distribution for r in plan.install] == ["hydra-core", "tqdm"] and not plan.unfixable
     broken = plan_install({**installed, "numpy": None, "SimpleITK": "2.0.0"})
     assert not broken.install and len(broken.unfixable) == 2 and "reinstall Slicer" in broken.unfixable[0]
+    shared = plan_install({**installed, "huggingface_hub": "1.5.0", "tqdm": "4.69.1"})  # another extension's
+    assert not shared.needed  # newer than our minimums: kept, not upgraded to our pins
+    assert "older than 2.4.0" in plan_install({**installed, "SimpleITK": "2.3.1"}).unfixable[0]
     without_sam2 = plan_install({}, requirements=install.requirements_for(needs_model=False))
     assert "sam2" not in [r.distribution for r in without_sam2.install]
 
@@ -91,16 +94,19 @@ def test_consent_names_everything_that_will_be_installed():
 
 
 def test_gpu_advice_suggests_a_smaller_model_of_the_same_family_or_the_cpu():
+    torch = pytest.importorskip("torch")
+    from SAM2FewShotLib.sam2 import devices
+
     gib = 2 ** 30
     for name in REGISTRY:
-        assert install.gpu_advice(name, 80 * gib) is None
-    advice = install.gpu_advice("sam2.1-large", 5 * gib)
+        assert devices.gpu_advice(name, 80 * gib) is None
+    advice = devices.gpu_advice("sam2.1-large", 5 * gib)
     assert "sam2.1-small" in advice and "5.0 GiB is free" in advice
-    assert "sam2-small" in install.gpu_advice("sam2-large", 5 * gib)
-    assert "CPU" in install.gpu_advice("sam2.1-tiny", 1 * gib)
-    sizes = [install.gpu_gib_needed(n) for n in ("sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")]
+    assert "sam2-small" in devices.gpu_advice("sam2-large", 5 * gib)
+    assert "CPU" in devices.gpu_advice("sam2.1-tiny", 1 * gib)
+    sizes = [devices.gpu_gib_needed(n) for n in ("sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")]
     assert sizes == sorted(sizes)
-    assert install.gpu_advice_for("sam2.1-large", "cpu") is None
+    assert devices.gpu_advice_for("sam2.1-large", torch.device("cpu")) is None  # measured on CUDA only
 
 
 def test_a_download_that_cannot_happen_ends_with_one_clear_error(tmp_path, monkeypatch):
@@ -111,3 +117,55 @@ def test_a_download_that_cannot_happen_ends_with_one_clear_error(tmp_path, monke
     assert "offline" in str(download.error) and download.fraction == 0.0
     assert not any(tmp_path.rglob("*.pt"))
 
+
+
+def test_an_old_slicer_is_told_so_before_anything_is_installed_or_asked():
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        return True
+
+    for slicer_version, python in (((5, 8), (3, 9)), ((5, 10), (3, 9)), ((4, 11), (3, 12))):
+        with pytest.raises(InputError, match=r"needs 3D Slicer 5\.10 or later .*download\.slicer\.org") as caught:
+            install.ensure_installed(True, record, record, record, record, slicer_version, python)
+        assert "\n" not in str(caught.value)
+    assert calls == []  # no question, no pip, no PyTorch
+    assert install.host_problem((5, 10), (3, 12)) is None and install.host_problem((5, 12), (3, 12)) is None
+
+
+def test_install_asks_for_minimums_and_holds_every_package_already_there(monkeypatch):
+    """Slicer's Python is shared: pip gets '>=minimum' and a constraints file pinning what is installed."""
+    plan = plan_install({"numpy": "2.2.0", "SimpleITK": "2.5.0", "pillow": "11.0.0"})
+    installed = {"numpy": "2.2.0", "simpleitk": "2.5.0", "requests": "2.32.3", "tqdm": "4.60.0"}
+    text = install.constraints_text(installed, plan.install)
+    assert "numpy==2.2.0\n" in text and "simpleitk==2.5.0\n" in text and "requests==2.32.3\n" in text
+    assert "tqdm" not in text  # being installed (too old): not held
+    seen = []
+    monkeypatch.setattr(install, "installed_distributions", lambda: installed)
+    monkeypatch.setattr(install, "plan_install", lambda requirements: plan)
+    monkeypatch.setattr(install, "torch_problem", lambda version: None)
+
+    def pip(arguments):
+        constraints = arguments[arguments.index("-c") + 1]
+        seen.append((arguments, Path(constraints).read_text(encoding="utf-8")))
+
+    assert install.ensure_installed(True, lambda question: True, pip, None, lambda line: None)
+    assert [a[0] for a, _ in seen] == ["sam2==1.1.0", "huggingface_hub>=1.1.0"]  # sam2 exact and alone
+    assert all(text == held for _, held in seen) and not Path(seen[0][0][-1]).exists()  # removed after
+
+
+def test_one_install_at_a_time_and_the_panel_can_tell(monkeypatch):
+    shipped = {"numpy": "2.2.0", "SimpleITK": "2.5.0", "pillow": "11.0.0"}  # what Slicer brings
+    monkeypatch.setattr(install, "plan_install", lambda requirements: plan_install(shipped))
+    monkeypatch.setattr(install, "torch_problem", lambda version: None)
+    inner = []
+
+    def pip(arguments):  # while pip runs (Slicer keeps processing events), the user clicks Apply again
+        assert install.is_installing()
+        with pytest.raises(InputError, match="being installed"):
+            install.ensure_installed(False, lambda q: True, pip, None, lambda line: None)
+        inner.append(arguments)
+
+    assert install.ensure_installed(False, lambda q: True, pip, None, lambda line: None)
+    assert inner and not install.is_installing()

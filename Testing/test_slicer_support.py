@@ -11,6 +11,7 @@ from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS
 from SAM2FewShotLib.run import protocol, reports
+from SAM2FewShotLib.sam2.registry import get_spec
 from SAM2FewShotLib.slicer import panel
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
@@ -36,10 +37,9 @@ def test_a_method_is_offered_exactly_when_the_worker_runs_it_and_the_engine_has_
 def test_panel_choices_are_the_engines_own():
     from SAM2FewShotLib.io.normalization import Normalization
     from SAM2FewShotLib.io.slicing import ANATOMICAL_AXES, slicing_axis
-    from SAM2FewShotLib.slicer.mrml_segments import POLICIES
     from SAM2FewShotLib.support.memory import SCHEMES
 
-    assert panel.SCHEMES == SCHEMES and panel.POLICIES == POLICIES
+    assert panel.SCHEMES == SCHEMES
     assert set(panel.AXES) == {"auto", *ANATOMICAL_AXES}
     image, _ = phantom()
     assert {slicing_axis(image, a) for a in panel.AXES} <= {0, 1, 2}
@@ -47,15 +47,61 @@ def test_panel_choices_are_the_engines_own():
         Normalization.parse(text)  # every offered preset is one the engine understands
 
 
-def test_parameters_become_typed_choices_with_defaults_for_unreadable_values():
-    defaults = panel.choices_from_parameters({})
-    assert defaults == PanelChoices()
-    choices = panel.choices_from_parameters(
-        {"Method": "matched-support", "Model": "sam2.1-small", "TopK": "x", "Augmentations": "0", "SliceRange": "4,9"})
-    assert (choices.method, choices.model, choices.top_k, choices.augmentations) == ("matched-support", "sam2.1-small", 3, 1)
-    assert choices.slice_range == (4, 9)
-    assert panel.parse_slice_range("9,4") is None and panel.parse_slice_range("") is None
-    assert set(panel.REMEMBERED) <= set(panel.PARAMETER_DEFAULTS)
+def test_remembered_settings_come_back_typed_and_messages_read_as_sentences():
+    import enum
+
+    class Colour(enum.Enum):
+        red = "red"
+
+    assert panel.remembered_value("true", False) is True and panel.remembered_value("false", True) is False
+    assert panel.remembered_value(True, False) is True  # Qt may hand back a bool
+    assert panel.remembered_value("7", 3) == 7 and panel.remembered_value("red", Colour.red) is Colour.red
+    assert panel.remembered_value("/data", "") == "/data"
+    for bad, current in (("x", 3), ("blue", Colour.red)):
+        with pytest.raises(ValueError):
+            panel.remembered_value(bad, current)
+    assert panel.panel_message("select the query volume to segment") == "Select the query volume to segment."
+    assert panel.panel_message("Done.") == "Done." and panel.panel_message("") == ""
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda: weights_module().ModelError("weights for sam2.1-tiny are not in the cache and cannot be downloaded "
+                                        "(offline): use --checkpoint FILE or sam2fewshot models import sam2.1-tiny FILE"),
+    lambda: weights_module()._network_error(get_spec("sam2.1-tiny"), TimeoutError("timed out")),
+    lambda: prompt_plane_error(),
+    lambda: InputError("invalid job: a retrieval job needs 'library'"),
+], ids=["offline", "download", "planes", "protocol"])
+def test_messages_in_the_panel_name_its_controls_not_cli_options(make_error):
+    message = panel.panel_message(str(make_error()))
+    assert "sam2fewshot" not in message and "--" not in message and "invalid job" not in message, message
+    assert message[0].isupper() and message.endswith(".")
+
+
+def weights_module():
+    from SAM2FewShotLib.sam2 import weights
+
+    return weights
+
+
+def prompt_plane_error() -> InputError:
+    from SAM2FewShotLib.io.slicing import prompt_plane
+
+    image, truth = phantom((16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    both = np.zeros_like(truth.volume.array)
+    both[:, :, [6, 10]] = truth.volume.array[:, :, [6, 10]]
+    both[8] = truth.volume.array[8]
+    with pytest.raises(InputError) as caught:
+        prompt_plane(image, both)
+    return caught.value
+
+
+def test_the_library_is_scanned_off_the_calling_thread(shared_data, tmp_path):
+    import threading
+
+    scan = panel.LibraryScan(str(shared_data / "msd_hippocampus"))
+    assert scan.wait(timeout=60) == "5 labelled case(s)" and scan.done
+    assert scan.thread_id is not None and scan.thread_id != threading.get_ident()
+    assert "no labelled case" in panel.LibraryScan(str(tmp_path)).wait(timeout=60)
 
 
 def test_jobs_from_the_panel_pass_the_workers_own_validation(tmp_path):
@@ -126,7 +172,7 @@ def test_a_report_without_an_axis_is_refused():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_edited_slices_become_the_only_prompts(axis):
+def test_edited_slices_are_found_along_the_run_axis(axis):
     _, truth = phantom((10, 24, 28))
     previous = truth.volume.array
     current = previous.copy()
@@ -137,22 +183,11 @@ def test_edited_slices_become_the_only_prompts(axis):
     view[2, 3:6, 4:9] = 1  # a slice redrawn
     view[mid][view[mid] > 0] = 3  # a slice relabelled
     assert panel.edited_slices(current, previous, axis) == [2, mid]
-    prompts, slices = panel.refine_prompts(current, previous, axis)
-    assert slices == [2, mid]
-    kept = np.moveaxis(prompts, axis, 0)
-    assert np.array_equal(kept[slices], view[slices])
-    assert not np.delete(kept, slices, axis=0).any()
 
 
-def test_refine_needs_an_edit_that_leaves_something_to_propagate_from():
+def test_edits_must_be_on_the_grid_of_the_last_result():
     _, truth = phantom((10, 24, 28))
     previous = truth.volume.array
-    with pytest.raises(InputError, match="no slice differs"):
-        panel.refine_prompts(previous.copy(), previous, 0)
-    erased = previous.copy()
-    erased[5] = 0
-    with pytest.raises(InputError, match="no labelled voxel"):
-        panel.refine_prompts(erased, previous, 0)
     with pytest.raises(InputError, match="grid"):
         panel.edited_slices(previous[:5], previous, 0)
     assert panel.format_slices(list(range(3))) == "0, 1, 2"
@@ -204,3 +239,11 @@ def test_an_empty_library_is_explained(tmp_path):
     assert panel.describe_library("") == "Choose a folder of labelled cases."
     with pytest.raises(InputError):
         panel.library_cases(tmp_path / "absent")
+
+
+def test_the_worker_says_which_devices_it_sees():
+    assert protocol.describe_devices({"cuda": [{"name": "NVIDIA H200", "free_gib": 139.2, "total_gib": 139.8}]}) \
+        == "cuda: NVIDIA H200 (139.2 of 139.8 GiB free)"
+    assert protocol.describe_devices({"cuda": [], "mps": True}) == "Apple MPS"
+    assert protocol.describe_devices({}).startswith("CPU only")
+    assert protocol.parse_event(protocol.encode(protocol.ready(7, "0.1.0")))["devices"] == {"cuda": [], "mps": False}

@@ -185,6 +185,7 @@ class WorkerClient:
         self._proc: Optional[_Process] = None
         self._pending: dict[str, None] = {}  # submitted jobs without a result or error yet, in order
         self._backlog: list[dict] = []  # events of a finished worker, not yet polled
+        self.reapers: list[threading.Thread] = []  # threads killing cancelled workers
 
     # ---------------------------------------------------------------------------- process
 
@@ -247,11 +248,25 @@ class WorkerClient:
         return events
 
     def cancel(self) -> None:
-        """Kill the worker and its children now; unfinished jobs are dropped without events."""
+        """Kill the worker and its children; unfinished jobs are dropped without events.
+
+        Returns at once: the killing (up to a second or two while the process tree dies and its
+        pipes close) runs on a thread of its own, so a GUI that cancels never freezes.
+        ``join_reapers()`` waits for it (scripts and tests).
+        """
         proc, self._proc = self._proc, None
         self._pending.clear()
         if proc is not None:
-            proc.stop()
+            proc.expected_exit = True
+            reaper = threading.Thread(target=proc.stop, name="sam2fewshot-worker-reaper", daemon=True)
+            reaper.start()
+            self.reapers.append(reaper)
+
+    def join_reapers(self, timeout: Optional[float] = None) -> None:
+        """Wait until every cancelled worker is dead."""
+        for reaper in self.reapers:
+            reaper.join(timeout)
+        self.reapers = [r for r in self.reapers if r.is_alive()]
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish and exit; kill it if it has not within ``timeout`` seconds."""

@@ -29,7 +29,8 @@ Request (run/request.py) with an id: the worker hands it to the Runner as it is.
 
 Events (stdout)::
 
-    {"event": "ready", "pid": 123, "version": "0.1.0"}
+    {"event": "ready", "pid": 123, "version": "0.1.0",
+     "devices": {"cuda": [{"name": "NVIDIA H200", "free_gib": 139.2, "total_gib": 139.8}], "mps": false}}
     {"event": "progress", "id": "j1", "stage": "encode query" | "propagate forward" | ..., "done": 3, "total": 8}
     {"event": "log", "level": "info" | "warning" | "error", "message": "..."}
     {"event": "result", "id": "j1", "labels": path, "report": path, "seconds": 2.1,
@@ -214,8 +215,18 @@ def _get(data: dict, key: str, types: tuple, where: str, default: Any = _MISSING
 # ------------------------------------------------------------------------------------ events
 
 
-def ready(pid: int, version: str) -> dict:
-    return {"event": "ready", "pid": pid, "version": version}
+def ready(pid: int, version: str, devices: Optional[dict] = None) -> dict:
+    """``devices``: what the worker's torch sees (CUDA GPUs with free memory, MPS), so the panel can
+    say it without importing torch into Slicer's own process."""
+    return {"event": "ready", "pid": pid, "version": version, "devices": devices or {"cuda": [], "mps": False}}
+
+
+def describe_devices(devices: dict) -> str:
+    """'cuda: NVIDIA H200 (139.2 of 139.8 GiB free)', 'Apple MPS' or 'CPU only'."""
+    gpus = [f"{g['name']} ({g['free_gib']:.1f} of {g['total_gib']:.1f} GiB free)" for g in devices.get("cuda", [])]
+    if gpus:
+        return "cuda: " + "; ".join(gpus)
+    return "Apple MPS" if devices.get("mps") else "CPU only (no CUDA GPU or MPS seen by PyTorch)"
 
 
 def progress(job_id: str, stage: str, done: int, total: int) -> dict:

@@ -150,14 +150,23 @@ class Worker:
         return protocol.result(job.id, job.out, job.report, time.perf_counter() - start, encoded, reused)
 
 
-def preload(emitter: Emitter) -> None:
-    """Import torch and sam2 before the first job, so a job does not pay for it (or learn late that they are missing)."""
+def preload(emitter: Emitter) -> dict:
+    """Import torch and sam2 before the first job, so a job does not pay for it (or learn late that
+    they are missing); the devices torch sees, for the ready event."""
     try:
-        import torch  # noqa: F401
+        import torch
 
         from ..methods import matched_support, propagate  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken install must not stop the worker from answering
         emitter.send(protocol.log("warning", f"{error_message(exc)} (only the registration method can run)"))
+        return {"cuda": [], "mps": False}
+    gpus = []
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append({"name": torch.cuda.get_device_name(index), "free_gib": round(free / 2 ** 30, 1),
+                     "total_gib": round(total / 2 ** 30, 1)})
+    mps = getattr(torch.backends, "mps", None)
+    return {"cuda": gpus, "mps": bool(mps is not None and mps.is_available())}
 
 
 def _stop(signum, frame) -> None:
@@ -173,9 +182,9 @@ def main() -> int:
     engine_log.setLevel(logging.INFO)
     engine_log.propagate = False
     signal.signal(signal.SIGTERM, _stop)  # a polite stop ends like Ctrl-C: no traceback, exit code 130
-    preload(emitter)
+    devices = preload(emitter)
     worker = Worker(emitter)
-    emitter.send(protocol.ready(os.getpid(), __version__))
+    emitter.send(protocol.ready(os.getpid(), __version__, devices))
     try:
         for line in sys.stdin.buffer:
             if not worker.handle(line):

@@ -8,6 +8,7 @@ the Slicer panel builds requests before torch is installed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ from ..common.errors import ModelError
 from ..common.progress import ProgressFn
 from .registry import DEFAULT_MODEL, REGISTRY, get_spec
 from .weights import download
+
+log = logging.getLogger(__name__)
 
 # Our predictor subclass: batched, cached image features and in-memory frames (predictor.py).
 PREDICTOR_TARGET = "SAM2FewShotLib.sam2.predictor.VolumePredictor"
@@ -140,9 +143,12 @@ def load_model(options: ModelOptions = ModelOptions(), progress: Optional[Progre
     """
     import torch
 
-    from .devices import resolve_device
+    from .devices import gpu_advice_for, resolve_device
 
     device = resolve_device(options.device)
+    advice = gpu_advice_for(options.name, device)
+    if advice:
+        log.warning(advice)
     torch.manual_seed(options.seed)
     if options.random_weights:
         spec = get_spec(options.name)

@@ -1,9 +1,10 @@
-"""First use in 3D Slicer: which Python packages are missing, how to install them, GPU memory advice.
+"""First use in 3D Slicer: is this Slicer new enough, which Python packages are missing, installing them.
 
 No Qt and no Slicer here (the module asks the user and runs pip); nothing is imported that may be
-missing, so this runs in a fresh Slicer before torch exists. The pins are pyproject.toml's
-(a test keeps them equal). Packages Slicer ships (numpy, SimpleITK, pillow) are used as they
-are and never replaced: replacing them under a running Slicer breaks it.
+missing, so this runs in a fresh Slicer before torch exists. Slicer's Python is shared by every
+extension: packages are asked for at the oldest version whose APIs we use (pyproject.toml pins
+the project's own environment; a test keeps the two consistent), and a constraints file holds
+every package already there (numpy, SimpleITK, other extensions' packages) at its version.
 """
 
 from __future__ import annotations
@@ -13,43 +14,54 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..common.errors import Cancelled, InputError
-from ..sam2.registry import REGISTRY, get_spec
 
 TORCH_REQUIREMENT = ">=2.5.1"  # sam2 1.1.0 needs torch 2.5.1 or later
 PIP_ENVIRONMENT = {"SAM2_BUILD_CUDA": "0"}  # sam2's optional CUDA extension is not needed
+
+
+MINIMUM_SLICER = (5, 10)  # the first 3D Slicer with Python 3.12
+MINIMUM_PYTHON = (3, 10)  # sam2 and huggingface_hub need it (Slicer 5.8 has 3.9)
+_installing = threading.Lock()  # one install at a time, however often the user clicks
 
 
 @dataclass(frozen=True)
 class Requirement:
     distribution: str  # the pip name
     module: str  # the import name
-    specifier: str  # what gets installed: "==1.1.0" (pyproject.toml's pin)
-    minimum: str  # an installed version at least this old is kept as it is
+    specifier: str  # pyproject.toml's pin, for the project's own environment: "==1.1.0"
+    minimum: str  # the oldest version whose APIs we use: installed in Slicer as ">=minimum"
     no_deps: bool = False  # install without its dependencies (sam2 would pull torchvision)
     slicer_provides: bool = False  # part of Slicer itself: never installed or replaced
+    exact: bool = False  # installed at the pin in Slicer too (sam2: our predictor subclasses its internals)
 
     @property
     def pip_argument(self) -> str:
-        return f"{self.distribution}{self.specifier}"
+        """What Slicer's pip is asked for: a minimum, so a newer version another extension installed stays."""
+        return f"{self.distribution}{self.specifier if self.exact else '>=' + self.minimum}"
 
 
+# Minimums: the oldest release with every API we (and sam2 1.1.0, installed without its dependencies)
+# use, each checked against its changelog and by the test suite in an environment holding them.
 REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement("sam2", "sam2", "==1.1.0", "1.1.0", no_deps=True),
-    Requirement("huggingface_hub", "huggingface_hub", "==2.4.0", "2.4.0"),
-    Requirement("hydra-core", "hydra", "==1.3.2", "1.3.2"),
-    Requirement("iopath", "iopath", "==0.1.10", "0.1.10"),
-    Requirement("tqdm", "tqdm", "==4.70.1", "4.66.1"),
-    Requirement("slicerio", "slicerio", "==1.4.0", "1.4.0"),
-    Requirement("pynrrd", "nrrd", "==1.1.3", "1.1.3"),
-    Requirement("psutil", "psutil", "==7.2.2", "5.9.0"),
-    Requirement("pillow", "PIL", "==13.0.0", "9.4.0", slicer_provides=True),
-    Requirement("SimpleITK", "SimpleITK", "==2.5.3", "2.2.0", slicer_provides=True),
-    Requirement("numpy", "numpy", ">=1.26,<2.5", "1.26.0", slicer_provides=True),
+    Requirement("sam2", "sam2", "==1.1.0", "1.1.0", no_deps=True, exact=True),
+    Requirement("huggingface_hub", "huggingface_hub", "==2.4.0", "1.1.0"),  # hf_hub_download(tqdm_class=)
+    Requirement("hydra-core", "hydra", "==1.3.2", "1.3.2"),  # sam2's floor (1.2 does not import on 3.11+)
+    Requirement("iopath", "iopath", "==0.1.10", "0.1.10"),  # sam2's floor
+    Requirement("tqdm", "tqdm", "==4.70.1", "4.69.1"),  # older ones can fail when Ctrl-C hits a first draw
+    Requirement("slicerio", "slicerio", "==1.4.0", "1.3.0"),  # slicerio.create_segmentation
+    Requirement("pynrrd", "nrrd", "==1.1.3", "1.1.0"),  # 1.0 does not import under numpy 2
+    Requirement("psutil", "psutil", "==7.2.2", "5.9.4"),  # the first with wheels for Python 3.12
+    Requirement("pillow", "PIL", "==13.0.0", "9.4.0", slicer_provides=True),  # sam2's floor
+    Requirement("SimpleITK", "SimpleITK", "==2.5.3", "2.4.0", slicer_provides=True),  # typed initializer transforms
+    Requirement("numpy", "numpy", ">=1.26,<2.5", "1.24.4", slicer_provides=True),  # sam2's floor
 )
 
 
@@ -114,15 +126,44 @@ def plan_install(versions: Optional[dict[str, Optional[str]]] = None,
     return InstallPlan(tuple(install), tuple(unfixable))
 
 
-def pip_commands(requirements: Sequence[Requirement]) -> list[list[str]]:
-    """pip install argument lists: --no-deps packages alone first, then the rest in one command.
-
-    Slicer's own packages are never in them.
-    """
+def pip_commands(requirements: Sequence[Requirement], constraints: Optional[str] = None) -> list[list[str]]:
+    """pip install argument lists: --no-deps packages alone first, then the rest in one command,
+    each with ``-c constraints`` when given. Slicer's own packages are never in them."""
     requirements = [r for r in requirements if not r.slicer_provides]
-    commands = [[r.pip_argument, "--no-deps", "--no-build-isolation"] for r in requirements if r.no_deps]
+    keep = ["-c", str(constraints)] if constraints else []
+    commands = [[r.pip_argument, "--no-deps", "--no-build-isolation", *keep] for r in requirements if r.no_deps]
     rest = [r.pip_argument for r in requirements if not r.no_deps]
-    return commands + ([rest] if rest else [])
+    return commands + ([rest + keep] if rest else [])
+
+
+def installed_distributions() -> dict[str, str]:
+    """name -> version of every distribution in this Python (names as pip normalises them)."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
+    return found
+
+
+def constraints_text(installed: dict[str, str], installing: Sequence[Requirement]) -> str:
+    """A pip constraints file keeping every package already in Slicer's Python at its version (numpy,
+    SimpleITK, and what other extensions installed), except the ones being installed now: pip
+    then only adds packages, and a requirement that would change a shared one fails instead."""
+    ours = {re.sub(r"[-_.]+", "-", r.distribution).lower() for r in installing}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()) if name not in ours)
+
+
+def host_problem(slicer_version: Sequence[int], python_version: Sequence[int]) -> Optional[str]:
+    """None on a 3D Slicer SAM2FewShot runs in, else one sentence saying why not (checked first,
+    before anything is installed)."""
+    if tuple(slicer_version[:2]) < MINIMUM_SLICER or tuple(python_version[:2]) < MINIMUM_PYTHON:
+        need = ".".join(map(str, MINIMUM_SLICER))
+        have = ".".join(map(str, slicer_version[:2]))
+        python = ".".join(map(str, python_version[:2]))
+        return (f"SAM2FewShot needs 3D Slicer {need} or later (this is {have}, with Python {python}): "
+                f"install the current 3D Slicer from download.slicer.org.")
+    return None
 
 
 def torch_problem(version: Optional[str]) -> Optional[str]:
@@ -151,12 +192,28 @@ def consent_text(plan: InstallPlan, torch_missing: Optional[str]) -> str:
 
 
 def ensure_installed(needs_model: bool, confirm: Callable[[str], bool], pip_install: Callable[[list[str]], object],
-                     install_torch: Callable[[str], None], log: Callable[[str], None] = print) -> bool:
+                     install_torch: Callable[[str], None], log: Callable[[str], None] = print,
+                     slicer_version: Sequence[int] = MINIMUM_SLICER,
+                     python_version: Sequence[int] = tuple(sys.version_info[:2])) -> bool:
     """Install what is missing once ``confirm(question)`` agrees; False when the user declines.
 
-    ``pip_install`` and ``install_torch`` are the host's (in Slicer: slicer.util.pip_install and
-    the PyTorch extension); nothing is installed without consent, and Slicer's own packages never.
+    The host is checked first (an old Slicer is told so before anything is installed); one install
+    at a time (InputError while another runs). ``pip_install`` and ``install_torch`` are the host's
+    (in Slicer: slicer.util.pip_install and the PyTorch extension); nothing is installed without
+    consent, at minimum versions, with every package already there held at its version.
     """
+    problem = host_problem(slicer_version, python_version)
+    if problem:
+        raise InputError(problem)
+    if not _installing.acquire(blocking=False):
+        raise InputError("Python packages are being installed for SAM2FewShot: wait until that finishes")
+    try:
+        return _install(needs_model, confirm, pip_install, install_torch, log)
+    finally:
+        _installing.release()
+
+
+def _install(needs_model, confirm, pip_install, install_torch, log) -> bool:
     plan = plan_install(requirements=requirements_for(needs_model))
     problem = torch_problem(torch_version()) if needs_model else None
     if plan.unfixable:
@@ -168,61 +225,19 @@ def ensure_installed(needs_model: bool, confirm: Callable[[str], bool], pip_inst
     if problem:
         install_torch(problem)
     os.environ.update(PIP_ENVIRONMENT)
-    for arguments in pip_commands(plan.install):
-        log("pip install " + " ".join(arguments))
-        pip_install(arguments)
+    with tempfile.TemporaryDirectory(prefix="sam2fewshot-pip-") as folder:
+        constraints = Path(folder) / "constraints.txt"
+        constraints.write_text(constraints_text(installed_distributions(), plan.install), encoding="utf-8")
+        for arguments in pip_commands(plan.install, constraints):
+            log("pip install " + " ".join(arguments))
+            pip_install(arguments)
     importlib.invalidate_caches()
     return True
 
 
-# --- GPU memory -----------------------------------------------------------------------------------
-
-# Rough free GPU memory (GiB) a run needs at the model's own image size: weights, activations of
-# one batch of 4 slices, SAM2's memory bank and the engine's 2 GiB encoder-feature cache. Guidance
-# for the warning only (not measured on these machines, which have no GPU): a run that does not
-# fit fails with a clear out-of-memory message and leaves the scene as it was.
-GPU_GIB_NEEDED = {"tiny": 4.0, "small": 4.5, "base-plus": 6.0, "large": 8.0}
-MEDSAM2_GIB = 3.5
-
-
-def gpu_gib_needed(model: str) -> float:
-    spec = get_spec(model)
-    if spec.family == "MedSAM2":
-        return MEDSAM2_GIB
-    return GPU_GIB_NEEDED[spec.name.split("-", 1)[1]]  # sam2.1-base-plus -> base-plus
-
-
-def gpu_advice(model: str, free_bytes: int, names: Optional[Sequence[str]] = None) -> Optional[str]:
-    """None when ``model`` fits in the free GPU memory, else a suggestion: a smaller model or the CPU."""
-    free = free_bytes / 2 ** 30
-    if gpu_gib_needed(model) <= free:
-        return None
-    fitting = [n for n in (names or list(REGISTRY)) if gpu_gib_needed(n) <= free
-               and get_spec(n).family == get_spec(model).family]
-    fitting.sort(key=gpu_gib_needed)
-    need = gpu_gib_needed(model)
-    text = f"{model} needs about {need:.1f} GiB of free GPU memory, and {free:.1f} GiB is free."
-    if fitting:
-        return f"{text} Use the smaller model {fitting[-1]}, or the CPU."
-    return f"{text} Close other GPU programs, or run on the CPU (slower)."
-
-
-def gpu_advice_for(model: str, device: str) -> Optional[str]:
-    """gpu_advice for a run on ``device``; None off CUDA (the CPU and MPS are not checked)."""
-    free = cuda_free_bytes() if device in ("auto", "cuda") else None
-    return None if free is None else gpu_advice(model, free)
-
-
-def cuda_free_bytes() -> Optional[int]:
-    """Free memory of the current CUDA device, or None without CUDA (torch imported only here)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info()
-    return int(free)
+def is_installing() -> bool:
+    """True while ensure_installed runs: the panel stays locked."""
+    return _installing.locked()
 
 
 # --- model download in the background ----------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -114,15 +114,95 @@ def add_labels_to_segmentation(
     if reference_node is not None:
         require_node(reference_node, "vtkMRMLScalarVolumeNode", "reference volume")
     register_segmentation_converters()
-    segmentation = seg_node.GetSegmentation()
-    writes = _plan_writes(segmentation, labels, existing)
-    layer = _shared_layer(labels, [w.segment.value for w in writes], seg_node) if writes else None
+    writes = _plan_writes(seg_node.GetSegmentation(), labels, existing)
     with one_undo_step(seg_node):
-        if reference_node is not None and not _reference_geometry_string(seg_node):
-            seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
-        if seg_node.GetScene() is not None and seg_node.GetDisplayNode() is None:
-            seg_node.CreateDefaultDisplayNodes()
-        return [_write_segment(seg_node, w, layer) for w in writes]
+        return _apply_writes(seg_node, labels, writes, reference_node)
+
+
+def write_segments(seg_node, labels: LabelMap, targets: Mapping[int, str], reference_node=None,
+                   remove: Sequence[str] = ()) -> list[str]:
+    """Write every segment of ``labels`` into the segment ``targets[value]`` (replaced in place:
+    id, name, colour and place kept) or, where the target is "" or missing, a new segment named
+    uniquely; first remove the segments ``remove`` names. One modification (and undo step).
+    Returns the written ids in the label map's order."""
+    require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
+    if reference_node is not None:
+        require_node(reference_node, "vtkMRMLScalarVolumeNode", "reference volume")
+    register_segmentation_converters()
+    segmentation = seg_node.GetSegmentation()
+    for segment_id in (*targets.values(), *remove):
+        if segment_id and segmentation.GetSegment(segment_id) is None:
+            raise InputError(f"segmentation '{seg_node.GetName()}' has no segment with id {segment_id}")
+    taken = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
+    writes = []
+    for segment in labels.segments:
+        target = targets.get(segment.value, "")
+        name = segment.name if target else unique_name(segment.name, taken)
+        taken.add(name)
+        writes.append(_Write(segment, name, target))
+    with one_undo_step(seg_node):
+        for segment_id in remove:
+            segmentation.RemoveSegment(segment_id)
+        return _apply_writes(seg_node, labels, writes, reference_node)
+
+
+def _apply_writes(seg_node, labels: LabelMap, writes: list["_Write"], reference_node) -> list[str]:
+    layer = _shared_layer(labels, [w.segment.value for w in writes], seg_node) if writes else None
+    if reference_node is not None and not _reference_geometry_string(seg_node):
+        seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    if seg_node.GetScene() is not None and seg_node.GetDisplayNode() is None:
+        seg_node.CreateDefaultDisplayNodes()
+    return [_write_segment(seg_node, w, layer) for w in writes]
+
+
+# --- snapshots (the panel's undo) ----------------------------------------------------------------
+
+@dataclass
+class SegmentSnapshot:
+    """A segment as it was: metadata, voxels in a layer of its own, display, place in the list."""
+
+    segment_id: str
+    index: int
+    segment: object  # vtkSegment, not in any segmentation
+    display: dict
+
+
+def snapshot_segment(seg_node, segment_id: str) -> SegmentSnapshot:
+    """A copy of the segment that later edits of the segmentation cannot reach."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    slicer = mrml()
+    segmentation = seg_node.GetSegmentation()
+    source = segmentation.GetSegment(segment_id)
+    copy = slicer.vtkSegment()
+    copy.DeepCopyMetadata(source)
+    layer = source.GetRepresentation(_labelmap_name())
+    if layer is not None:
+        own = slicer.vtkOrientedImageData()
+        own.DeepCopy(layer)  # a shared layer holds other segments' values too: keep this one's only
+        if own.GetPointData().GetScalars() is not None:
+            voxels = vtk_to_numpy(own.GetPointData().GetScalars())
+            voxels[:] = voxels == source.GetLabelValue()
+        copy.SetLabelValue(1)
+        copy.AddRepresentation(_labelmap_name(), own)
+    return SegmentSnapshot(segment_id, segmentation.GetSegmentIndex(segment_id), copy,
+                           _display_state(seg_node, segment_id))
+
+
+def restore_segments(seg_node, snapshots: Sequence[SegmentSnapshot], remove: Sequence[str] = ()) -> None:
+    """Remove the segments ``remove`` names, then put the snapshots back (same id and place)."""
+    segmentation = seg_node.GetSegmentation()
+    with one_undo_step(seg_node):
+        for segment_id in (*remove, *(s.segment_id for s in snapshots)):
+            if segmentation.GetSegment(segment_id) is not None:
+                segmentation.RemoveSegment(segment_id)
+        for snap in sorted(snapshots, key=lambda s: s.index):
+            before = segmentation.GetNthSegmentID(snap.index) if snap.index < segmentation.GetNumberOfSegments() else ""
+            segment = mrml().vtkSegment()
+            segment.DeepCopy(snap.segment)  # the snapshot stays usable
+            if not segmentation.AddSegment(segment, snap.segment_id, before or ""):
+                raise InputError(f"could not restore segment '{snap.segment.GetName()}'")
+            _restore_display(seg_node, snap.segment_id, snap.display)
 
 
 def segmentation_geometry_matches(seg_node, reference_node) -> bool:
@@ -257,11 +337,15 @@ def _color(segment) -> tuple[float, float, float]:
 
 
 def _terminology(segment) -> Optional[str]:
+    return segment_tag(segment, segment.GetTerminologyEntryTagName()) or None
+
+
+def segment_tag(segment, name: str) -> str:
+    """The value of a segment's tag, "" when it has none."""
     from vtkmodules.vtkCommonCore import reference
 
     value = reference("")
-    found = segment.GetTag(segment.GetTerminologyEntryTagName(), value)
-    return str(value) if found and str(value) else None
+    return str(value) if segment.GetTag(name, value) else ""
 
 
 # --- writing ---------------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """What the Slicer panel computes that needs neither Qt nor Slicer, so plain pytest can check it.
 
-The panel's methods and their availability, worker jobs from the panel's choices, the table of
-low-confidence slices from a run's report, slices the user edited since the last result (the
-prompts of a refine run), where a slice lies in the world, progress wording, support libraries.
+The panel's methods and their availability, worker jobs from the panel's choices, remembered
+settings, slices the user edited since the last result, where a slice lies in the world, the
+wording of progress and errors, support libraries scanned off the GUI thread.
 Imports numpy and the engine's light modules only: it runs in Slicer before torch is installed.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib.util
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +39,6 @@ from ..run.protocol import Job
 from ..run.request import FrameOptions
 from ..sam2.build import ModelOptions
 from ..sam2.registry import DEFAULT_MODEL
-from .mrml_segments import POLICIES  # noqa: F401 - the panel's choices for existing segments
 
 NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
 
@@ -79,15 +81,17 @@ class PanelChoices:
 
 def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
               prompt_labels: Optional[Path] = None, supports: Sequence[tuple[Path, Path]] = (),
-              library: Optional[str] = None) -> Job:
-    """The worker job for a run whose inputs were written into ``folder``."""
+              library: Optional[str] = None, params: Optional[dict] = None) -> Job:
+    """The worker job for a run whose inputs were written into ``folder`` (``params``: the method's
+    parameters the panel does not show, e.g. a refine's prompt slices)."""
     method = get_method(choices.method)
     folder = Path(folder)
-    params: dict = {}
+    params_extra, params = params, {}
     if method.key == "matched-support":
         params = {"scheme": choices.scheme, "augmentations": int(choices.augmentations), "top_k": int(choices.top_k)}
     elif method.key == "retrieval":
         params = {"top_k": int(choices.top_k)}
+    params.update(params_extra or {})
     model = ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
                          device=choices.device,
                          offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))
@@ -99,39 +103,39 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
                library=str(library) if library else None, model=model, frames=frames, params=params)
 
 
-# Parameter-node values (strings) behind the panel; the remembered ones are also the QSettings "last choices".
-PARAMETER_DEFAULTS = {
-    "Method": "propagate", "Model": DEFAULT_MODEL, "Device": "auto", "Axis": "auto", "Normalization": "auto",
-    "Scheme": "video+memory", "Augmentations": "4", "TopK": "3", "SliceRange": "", "SupportSource": "scene",
-    "LibraryFolder": "", "ExcludedSegments": "", "ExistingPolicy": "keep",
-}
-REMEMBERED = ("Method", "Model", "Device", "Axis", "Normalization", "Scheme", "Augmentations", "TopK",
-              "SupportSource", "LibraryFolder", "ExistingPolicy")
+def remembered_value(text, current):
+    """A QSettings string (or Qt's own bool/int) as the type of the parameter's ``current`` value;
+    ValueError when it is not one (the parameter keeps its default)."""
+    if isinstance(current, bool):
+        return str(text).lower() == "true"
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, enum.Enum):
+        return type(current)(str(text))
+    return str(text)
 
 
-def choices_from_parameters(values: Mapping[str, str]) -> PanelChoices:
-    """Typed run options from parameter-node strings; unreadable values fall back to the defaults."""
-    def get(name: str) -> str:
-        return values.get(name) or PARAMETER_DEFAULTS[name]
-
-    def number(name: str, low: int) -> int:
-        try:
-            return max(low, int(get(name)))
-        except ValueError:
-            return int(PARAMETER_DEFAULTS[name])
-
-    return PanelChoices(method=get("Method"), model=get("Model"), device=get("Device"), axis=get("Axis"),
-                        normalization=get("Normalization"), slice_range=parse_slice_range(values.get("SliceRange", "")),
-                        scheme=get("Scheme"), augmentations=number("Augmentations", 1), top_k=number("TopK", 1))
+# The engine's hints name CLI options; in the panel, its own controls do the same.
+_PANEL_WORDS = (
+    (re.compile(r"use --checkpoint FILE or sam2fewshot models import \S+ FILE"),
+     "use Import checkpoint file (under Method) with a copy of the weights"),
+    (re.compile(r"(?:run |use )?sam2fewshot models import \S+ FILE(?: \(or pass --checkpoint FILE\))?"),
+     "use Import checkpoint file (under Method)"),
+    (re.compile(r"with --axis\b"), "under Advanced (Slicing plane)"),
+    (re.compile(r"^invalid job: "), "the run could not start: "),
+)
 
 
-def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
-    """'10,40' -> (10, 40); '' or anything unreadable -> None (the whole volume)."""
-    try:
-        first, last = (int(v) for v in text.split(","))
-    except ValueError:
-        return None
-    return (first, last) if 0 <= first <= last else None
+def panel_message(message: str) -> str:
+    """An engine message as the panel shows it: the panel's controls instead of CLI options, a
+    capital first letter and a full stop."""
+    message = message.strip()
+    for pattern, words in _PANEL_WORDS:
+        message = pattern.sub(words, message)
+    if not message:
+        return message
+    message = message[0].upper() + message[1:]
+    return message if message.endswith((".", "!", "?")) else message + "."
 
 
 # --- refine: the slices the user edited ---------------------------------------------------------
@@ -143,23 +147,6 @@ def edited_slices(current: np.ndarray, previous: np.ndarray, axis: int) -> list[
         raise InputError(f"the segmentation ({current.shape}) is not on the grid of the last result ({previous.shape})")
     differs = np.moveaxis(np.asarray(current) != np.asarray(previous), axis, 0)
     return [int(t) for t in np.flatnonzero(differs.reshape(differs.shape[0], -1).any(axis=1))]
-
-
-def refine_prompts(current: np.ndarray, previous: np.ndarray, axis: int) -> tuple[np.ndarray, list[int]]:
-    """The labels of the edited slices only (zero elsewhere), and those slices: a propagate job's prompts.
-
-    InputError when nothing was edited, or when the edits erased every label of those slices
-    (an empty slice cannot be a prompt: propagation needs a mask to start from).
-    """
-    slices = edited_slices(current, previous, axis)
-    if not slices:
-        raise InputError("no slice differs from the last result: edit some slices with the Segment Editor first")
-    prompts = np.zeros_like(current)
-    src, dst = np.moveaxis(current, axis, 0), np.moveaxis(prompts, axis, 0)
-    dst[slices] = src[slices]
-    if not prompts.any():
-        raise InputError(f"the edited slices ({format_slices(slices)}) hold no labelled voxel to propagate from")
-    return prompts, slices
 
 
 def format_slices(slices: Sequence[int], limit: int = 12) -> str:
@@ -231,6 +218,33 @@ def library_cases(folder: Path) -> list[tuple[Path, Path]]:
     from ..library.cases import open_library
 
     return [(case.image, case.labels) for case in open_library(Path(folder)).cases]
+
+
+class LibraryScan:
+    """describe_library on a thread of its own (a folder of thousands of files, or a network share,
+    must not freeze Slicer): the panel polls ``done`` and shows ``result``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.result: Optional[str] = None
+        self.thread_id: Optional[int] = None
+        self._thread = threading.Thread(target=self._scan, name="sam2fewshot-library-scan", daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        self.thread_id = threading.get_ident()
+        try:
+            self.result = describe_library(self.folder)
+        except Exception as exc:  # noqa: BLE001 - shown in the panel's note, never raised in Qt's event loop
+            self.result = f"The folder could not be read: {exc}"
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[str]:
+        self._thread.join(timeout)
+        return self.result
 
 
 def describe_library(folder: str) -> str:

@@ -13,16 +13,24 @@ import time
 from typing import Callable, Optional, Sequence
 
 from ..common.errors import InputError
+from ..io.slicing import anatomical_plane, prompt_plane, slicing_axis
 from ..methods.registry import get_method
-from ..run.reports import SliceFlag, low_confidence_slices
-from . import panel, scene_io
+from ..run.protocol import describe_devices
+from ..run.reports import SliceFlag, low_confidence_slices, report_axis
+from . import outputs, panel, scene_io
+from .outputs import Change
 from .panel import PanelChoices
 
 log = logging.getLogger(__name__)
 
 
 class RunController:
-    """One run at a time on a persistent worker; the last result is kept for refining."""
+    """One run at a time on a persistent worker; the last result is kept for refining and undo.
+
+    Closing the scene cancels the run and forgets every result (the controller watches the scene
+    itself, so this holds headless too); a result is inserted only into the very nodes its run
+    started with.
+    """
 
     def __init__(self, scene, client_factory: Callable[[], object],
                  on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
@@ -36,7 +44,10 @@ class RunController:
         self.client = None
         self.run: Optional[scene_io.PendingRun] = None
         self.last: Optional[scene_io.Inserted] = None
+        self.changes: list[Change] = []  # insertions that can be undone, the latest last
         self.cancelled = False
+        self.show_3d = False
+        self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
 
     @property
     def is_running(self) -> bool:
@@ -45,33 +56,54 @@ class RunController:
     def elapsed(self) -> float:
         return 0.0 if self.run is None else time.monotonic() - self.run.start_time
 
-    def start_run(self, choices: PanelChoices, query_node, segmentation_node=None,
+    def check_run(self, choices: PanelChoices, query_node, segmentation_node=None,
                   segment_ids: Optional[Sequence[str]] = None, support_volume_node=None,
-                  library_folder: Optional[str] = None, output_node=None, existing: str = "keep") -> str:
-        """Read the inputs from the scene and submit the job; InputError before anything starts."""
+                  library_folder: Optional[str] = None) -> scene_io.RunInputs:
+        """The run's inputs read from the scene: InputError now, before any install or download."""
         if self.is_running:
             raise InputError("a run is in progress: cancel it first")
         unavailable = panel.method_availability().get(choices.method)
         if unavailable:
             raise InputError(f"{get_method(choices.method).label}: {unavailable}")
-        inputs = scene_io.gather_inputs(get_method(choices.method), query_node, segmentation_node, segment_ids,
-                                            support_volume_node, library_folder)
-        return self._submit(choices, query_node, inputs, output_node, existing)
+        if choices.slice_range is not None and choices.slice_range[0] > choices.slice_range[1]:
+            first, last = choices.slice_range
+            raise InputError(f"the slice range starts after it ends ({first} > {last}): correct it under Advanced")
+        return scene_io.gather_inputs(get_method(choices.method), query_node, segmentation_node, segment_ids,
+                                      support_volume_node, library_folder)
+
+    def start_run(self, choices: PanelChoices, query_node, segmentation_node=None,
+                  segment_ids: Optional[Sequence[str]] = None, support_volume_node=None,
+                  library_folder: Optional[str] = None, output_node=None,
+                  inputs: Optional[scene_io.RunInputs] = None) -> str:
+        """Submit the job (inputs read now unless ``check_run`` gave them); InputError before anything starts.
+
+        The result goes into ``output_node``, or the query's own output segmentation when None.
+        """
+        inputs = inputs or self.check_run(choices, query_node, segmentation_node, segment_ids, support_volume_node,
+                                          library_folder)
+        axis = slicing_axis(inputs.query, choices.axis if inputs.prompts is None or choices.axis != "auto"
+                            else prompt_plane(inputs.query, inputs.prompts.volume.array))
+        return self._submit(choices, query_node, inputs, output_node, scene_io.prompt_slices_of(inputs, axis))
 
     def can_refine(self) -> bool:
-        return self.last is not None and self.scene.GetNodeByID(self.last.output_node_id) is not None
+        return (self.last is not None and not self.is_running and outputs.same_node(self.scene, self.last.output_node)
+                and outputs.same_node(self.scene, self.last.query_node))
 
     def start_refine(self, choices: PanelChoices) -> str:
-        """Propagate from the slices edited since the last result, along the same axis; replace its segments."""
-        if self.is_running or not self.can_refine():
+        """Propagate the corrected segments from all their prompt slices; replace those segments only."""
+        if self.is_running or self.last is None:
             raise InputError("nothing to refine: run a segmentation first, and let it finish")
         last = self.last
-        query_node, output_node, inputs, slices = scene_io.refine_inputs(last, self.scene)
-        self.on_log(f"Refining from edited slices {panel.format_slices(slices)}")
-        choices = dataclasses.replace(choices, method="propagate", axis=last.axis_choice, slice_range=None)
-        return self._submit(choices, query_node, inputs, output_node, "replace", tuple(last.segment_ids))
+        inputs, targets, prompt_slices, corrected = scene_io.refine_inputs(last, self.scene)
+        names = ", ".join(s.name for s in inputs.prompts.segments)
+        self.on_log(f"Refining {names} from corrected slices {panel.format_slices(corrected)}")
+        axis = report_axis(last.report)
+        plane = anatomical_plane(last.query, axis)
+        choices = dataclasses.replace(choices, method="propagate", slice_range=None,
+                                      axis=plane if slicing_axis(last.query, plane) == axis else "auto")
+        return self._submit(choices, last.query_node, inputs, last.output_node, prompt_slices, targets)
 
-    def _submit(self, choices, query_node, inputs, output_node, existing, track=()) -> str:
+    def _submit(self, choices, query_node, inputs, output_node, prompt_slices, targets=None) -> str:
         """The job's files go into a private folder, removed when the run ends however it ends."""
         from ..run.client import JobFolder
 
@@ -79,15 +111,15 @@ class RunController:
         try:
             query, prompts, supports = scene_io.write_inputs(inputs, folder.path)
             job_id = f"job-{time.time_ns()}"
-            job = panel.build_job(job_id, choices, folder.path, query, prompts, supports, inputs.library)
+            params = {"mask_slices": inputs.mask_slices} if inputs.mask_slices else None
+            job = panel.build_job(job_id, choices, folder.path, query, prompts, supports, inputs.library, params)
             self.client = self.client or self.client_factory()
             self.client.submit(job)
         except BaseException:
             folder.remove()
             raise
-        self.run = scene_io.PendingRun(job_id, folder, query_node.GetID(), inputs.query,
-                                           output_node.GetID() if output_node is not None else None, existing,
-                                           choices.axis, tuple(track), time.monotonic())
+        self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, choices.axis,
+                                       prompt_slices, targets, time.monotonic())
         self.cancelled = False
         self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'"
                     + (f" with {len(supports)} support case(s)" if supports else ""))
@@ -101,6 +133,8 @@ class RunController:
             kind = event["event"]
             if kind == "log":
                 self.on_log(f"[{event['level']}] {event['message']}")
+            elif kind == "ready":
+                self.on_log(f"Background worker ready on {describe_devices(event.get('devices', {}))}")
             elif event.get("id") not in (self.run.job_id, None):
                 continue  # late events of a cancelled job
             elif kind == "progress":
@@ -117,27 +151,54 @@ class RunController:
         """The result into the scene in one step; any failure leaves the scene as it was."""
         from ..run.client import read_result
 
+        run = self.run
         try:
             labels, report = read_result(event)
-            self.before_insert(self.scene.GetNodeByID(self.run.output_node_id or ""))
-            self.last = scene_io.finish_run(self.run, labels, report, self.scene)
+            output = run.output_node if run.output_node is not None else outputs.find_output(run.query_node)
+            self.before_insert(output)
+            inserted = scene_io.finish_run(run, labels, report, self.last, self.show_3d, run.job_id)
         except Exception as exc:  # noqa: BLE001 - one message; the scene unchanged
             log.exception("the result could not be added")
-            self._end(False, f"The result could not be added to the scene: {exc}")
+            self._end(False, f"The result was not added: {exc}")
             return
+        self.last = inserted
+        self.changes.append(inserted.change)
         reused = ", warm worker" if event.get("session_reused") else ""
-        self._end(True, f"Done in {event['seconds']:.1f} s: {len(labels.segments)} segment(s) in "
-                        f"'{self.output_node().GetName()}' ({event['frames_encoded']} slices encoded{reused}).")
+        self._end(True, f"Done in {event['seconds']:.1f} s ({event['frames_encoded']} slices encoded{reused}). "
+                        f"{inserted.change.message()}")
 
-    def cancel(self) -> None:
-        """Kill the worker's process tree (the next job starts a fresh one); nothing reaches the scene."""
+    def can_undo(self) -> bool:
+        return bool(self.changes) and not self.is_running
+
+    def undo(self) -> str:
+        """Take the latest insertion back (whether or not the Segment Editor is open); the message."""
+        if not self.can_undo():
+            raise InputError("nothing to undo")
+        change = self.changes.pop()
+        message = outputs.undo(change)
+        if self.last is not None and self.last.change is change:
+            self.last = None  # its labels are gone: refining would compare with what is no longer there
+        return message
+
+    def cancel(self, message: str = "Cancelled.") -> None:
+        """Kill the worker's process tree in the background (the next job starts a fresh one); the
+        call returns at once and nothing of the run reaches the scene."""
         if self.run is not None:
             self.cancelled = True
             self.client.cancel()
-            self._end(False, "Cancelled.")
+            self._end(False, message)
+
+    def forget(self) -> None:
+        """Drop every result: refine and undo no longer refer to them."""
+        self.last = None
+        self.changes.clear()
+
+    def _on_scene_close(self, caller=None, event=None) -> None:
+        self.cancel("Cancelled: the scene was closed.")
+        self.forget()
 
     def shutdown(self) -> None:
-        """Stop the worker (killed when a job runs) and drop the run's files."""
+        """Stop the worker (killed when a job runs), drop the run's files, stop watching the scene."""
         if self.client is not None:
             if self.is_running:
                 self.client.cancel()
@@ -146,6 +207,9 @@ class RunController:
         if self.run is not None:
             self.run.folder.remove()
         self.run = None
+        if self._close_observer is not None:
+            self.scene.RemoveObserver(self._close_observer)
+            self._close_observer = None
 
     def _end(self, success: bool, message: str) -> None:
         if self.run is not None:
@@ -156,7 +220,7 @@ class RunController:
     # --- the last result -----------------------------------------------------------------------
 
     def output_node(self):
-        return self.scene.GetNodeByID(self.last.output_node_id) if self.last is not None else None
+        return self.last.output_node if self.last is not None else None
 
     def low_confidence(self) -> list[SliceFlag]:
         return low_confidence_slices(self.last.report) if self.last is not None else []

@@ -7,6 +7,7 @@ the scene until a result is inserted, and a failed insertion removes the node it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..common.errors import InputError
+from ..io.slicing import prompt_plane
 from ..io.volume import LabelMap, Volume
 from ..methods.registry import MethodSpec
 from ..run.reports import report_axis
-from .mrml_segments import add_labels_to_segmentation, labels_from_segmentation
+from .mrml_segments import labels_from_segmentation
 from .mrml_volume import volume_from_node
-from .panel import library_cases, refine_prompts, slice_center_ras
+from .outputs import Change, insert, same_node
+from .panel import edited_slices, library_cases, slice_center_ras
 
 SupportCase = Union[tuple[Volume, LabelMap], tuple[Path, Path]]
 
@@ -33,20 +36,26 @@ class RunInputs:
     prompts: Optional[LabelMap] = None
     supports: list = field(default_factory=list)  # (Volume, LabelMap) from the scene or (Path, Path) from a library
     library: Optional[str] = None  # retrieval: the library folder itself, indexed by the worker
+    mask_slices: str = ""  # propagate: each label's prompt slices, when not all slices with voxels (a refine)
 
 
 @dataclass
 class PendingRun:
-    """A job on the worker and where its result goes; its folder is removed when the run ends."""
+    """A job on the worker and where its result goes; its folder is removed when the run ends.
+
+    The nodes are kept as the objects they were: after a scene close, a new node can have the
+    same id, and must not receive this run's result.
+    """
 
     job_id: str
     folder: object  # run.client.JobFolder
-    query_node_id: str
+    scene: object
+    query_node: object
     query: Volume
-    output_node_id: Optional[str]
-    existing: str
+    output_node: object  # the segmentation chosen in the panel, None for the query's own output
     axis_choice: str
-    track: tuple  # segment ids the result record keeps tracking (a refine tracks the refined run's)
+    prompt_slices: dict  # label value -> the slices that were its prompts (propagate)
+    targets: Optional[dict]  # a refine: label value -> the segment id it replaces
     start_time: float
 
 
@@ -54,13 +63,15 @@ class PendingRun:
 class Inserted:
     """A result in the scene: the refine step compares the user's edits with ``labels``."""
 
-    output_node_id: str
-    query_node_id: str
+    query_node: object
+    output_node: object
     segment_ids: list[str]
     labels: np.ndarray  # on the query grid, values 1..N in segment_ids order, as read back from the node
     query: Volume
     axis_choice: str  # the panel's slicing-axis choice of the run, reused when refining
     report: dict
+    prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
+    change: Optional[Change] = None  # what the insertion changed, for the panel's message and undo
 
 
 def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Optional[Sequence[str]] = None,
@@ -74,6 +85,7 @@ def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segmen
                                            segment_ids)
         if not prompts.volume.array.any():
             raise InputError("the chosen segments have no voxel on the query: draw masks on a few slices first")
+        prompt_plane(query, prompts.volume.array, "under Advanced (Slicing plane)")  # a clear error now
         return RunInputs(query, prompts=prompts)
     if library_folder and method.key == "retrieval":
         library_cases(Path(library_folder))  # a clear error now for a folder without labelled cases
@@ -104,51 +116,76 @@ def write_inputs(inputs: RunInputs, folder: Path) -> tuple[Path, Optional[Path],
     return query, prompts, supports
 
 
-def insert_result(labels: LabelMap, report: dict, query_node, query: Volume, output_node=None, existing: str = "keep",
-                  axis_choice: str = "auto", also_track: Sequence[str] = ()) -> Inserted:
-    """Add the result's segments to ``output_node`` (a new segmentation when None), in one step.
+def prompt_slices_of(inputs: RunInputs, axis: int) -> dict[int, frozenset]:
+    """label value -> the slices (along ``axis``) where the run's prompt masks have voxels of it."""
+    if inputs.prompts is None:
+        return {}
+    slices = np.moveaxis(inputs.prompts.volume.array, axis, 0)
+    return {s.value: frozenset(int(t) for t in np.flatnonzero((slices == s.value).any(axis=(1, 2))))
+            for s in inputs.prompts.segments}
 
-    A node created here is removed again when adding fails, so a failure leaves the scene as it was.
-    The returned record tracks the inserted segments and ``also_track`` (a refine keeps tracking
-    every segment of the run it refines).
+
+def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Optional[Inserted] = None,
+               show_3d: bool = False, run_name: str = "run") -> Inserted:
+    """The worker's result into the scene in one step, only if the run's nodes are still the very
+    nodes it started with; a failure leaves the scene as it was."""
+    if not same_node(run.scene, run.query_node):
+        raise InputError("the query volume is no longer in the scene (removed, or the scene was closed)")
+    if run.output_node is not None and not same_node(run.scene, run.output_node):
+        raise InputError("the output segmentation is no longer in the scene")
+    change = insert(labels, run.query_node, run.output_node, run_name, run.targets, show_3d)
+    node = change.node
+    if run.targets is not None and last is not None:  # a refine: the run it refines stays tracked
+        ids = list(last.segment_ids)
+        prompt_slices = dict(last.prompt_slices)
+    else:
+        ids, prompt_slices = [], {}
+    ids += [i for i in change.written if i not in ids]
+    for segment, segment_id in zip(labels.segments, change.written):
+        prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
+    inserted = labels_from_segmentation(node, run.query, ids)
+    return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, run.axis_choice, report,
+                    prompt_slices, change)
+
+
+def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dict[int, frozenset], list[int]]:
+    """A propagate run's inputs for the segments the user corrected since the last result.
+
+    A corrected segment is propagated from every slice that was ever its prompt (the run's own
+    prompt slices and all corrections so far) plus the slices corrected now, each as it is now
+    (a slice where the user erased the segment says it is absent there); a segment nobody
+    touched is left out, and stays as it is. Returns the inputs, label value -> segment id to
+    replace, label value -> its prompt slices, and the slices corrected now.
     """
-    scene = query_node.GetScene()
-    created = None
-    if output_node is None:
-        name = scene.GenerateUniqueName(f"{query_node.GetName()} SAM2FewShot")
-        created = output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    try:
-        added = add_labels_to_segmentation(output_node, labels, query_node, existing)
-        kept = [i for i in also_track if output_node.GetSegmentation().GetSegment(i) is not None]
-        ids = list(dict.fromkeys([*kept, *added]))
-        inserted = labels_from_segmentation(output_node, query, ids)
-    except BaseException:
-        if created is not None:
-            scene.RemoveNode(created)
-        raise
-    return Inserted(output_node.GetID(), query_node.GetID(), ids, inserted.volume.array, query, axis_choice, report)
-
-
-def finish_run(run: PendingRun, labels: LabelMap, report: dict, scene) -> Inserted:
-    """The worker's result into the scene (see insert_result), unless the run's nodes are gone."""
-    query_node = scene.GetNodeByID(run.query_node_id)
-    if query_node is None:
-        raise InputError("the query volume was removed from the scene during the run")
-    output_node = scene.GetNodeByID(run.output_node_id) if run.output_node_id else None
-    if run.output_node_id and output_node is None:
-        raise InputError("the output segmentation was removed from the scene during the run")
-    return insert_result(labels, report, query_node, run.query, output_node, run.existing, run.axis_choice, run.track)
-
-
-def refine_inputs(last: Inserted, scene) -> tuple[object, object, RunInputs, list[int]]:
-    """Query node, output node, and a propagate run's inputs: the slices edited since the last result."""
-    query_node, output_node = scene.GetNodeByID(last.query_node_id), scene.GetNodeByID(last.output_node_id)
-    if query_node is None or output_node is None:
+    if not (same_node(scene, last.query_node) and same_node(scene, last.output_node)):
         raise InputError("the query volume or the segmentation of the last result is no longer in the scene")
-    current = labels_from_segmentation(output_node, last.query, last.segment_ids)
-    array, slices = refine_prompts(current.volume.array, last.labels, report_axis(last.report))
-    inputs = RunInputs(last.query, prompts=LabelMap(last.query.with_array(array), current.segments))
-    return query_node, output_node, inputs, slices
+    ids = [i for i in last.segment_ids if last.output_node.GetSegmentation().GetSegment(i) is not None]
+    current = labels_from_segmentation(last.output_node, last.query, ids)
+    axis = report_axis(last.report)
+    now, before = np.moveaxis(current.volume.array, axis, 0), np.moveaxis(last.labels, axis, 0)
+    prompts = np.zeros_like(now)
+    segments, targets, chosen, corrected = [], {}, {}, set()
+    for value, segment_id in enumerate(ids, start=1):
+        was = last.segment_ids.index(segment_id) + 1
+        edited = edited_slices(now == value, before == was, 0)
+        if not edited:
+            continue
+        corrected.update(edited)
+        slices = sorted(set(edited) | last.prompt_slices.get(segment_id, frozenset()))
+        new_value = len(segments) + 1
+        for t in slices:
+            prompts[t][now[t] == value] = new_value
+        segments.append(dataclasses.replace(current.segments[value - 1], value=new_value))
+        targets[new_value], chosen[new_value] = segment_id, frozenset(slices)
+    if not segments:
+        raise InputError("no slice differs from the last result: correct some slices with the Segment Editor first")
+    if not prompts.any():
+        raise InputError("the corrected segments have no voxel left to propagate from")
+    array = np.ascontiguousarray(np.moveaxis(prompts, 0, axis))
+    mask_slices = ";".join(f"{v}:{','.join(str(t) for t in sorted(s))}" for v, s in chosen.items())
+    inputs = RunInputs(last.query, prompts=LabelMap(last.query.with_array(array), tuple(segments)),
+                       mask_slices=mask_slices)
+    return inputs, targets, chosen, sorted(corrected)
 
 
 def slice_position(last: Inserted, index: int) -> tuple[float, float, float]:

@@ -1,0 +1,126 @@
+"""The module's self-test, run by Slicer's extension build (slicer_add_python_unittest) and by anyone
+with Slicer (Reload and Test): it drives the panel itself, as a user clicks.
+
+A synthetic scene (a query, a shifted support with a two-segment segmentation): Registration
+(no torch needed) through Apply, Apply again (replaces its own segments only), Undo, the scene
+closed during a run; then, when torch and sam2 are importable, Propagate and Refine with the
+random-weight SAM2 architecture.
+"""
+
+import importlib.util
+import time
+
+import numpy as np
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+
+from SAM2FewShotPanel.logic import MethodChoice
+
+TIMEOUT_S = 900
+
+
+def _sphere_volume(name, centre, spacing=(1.0, 1.0, 2.0), shape=(24, 48, 48)):
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    left = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < 36
+    right = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2] - 16) ** 2 < 25
+    noise = np.random.default_rng(len(name)).normal(0, 15, shape)
+    node = slicer.util.addVolumeFromArray((left * 300.0 + right * 500.0 - 100 + noise).astype(np.int16), name=name)
+    node.SetSpacing(*spacing)
+    return node, left, right
+
+
+def _segmentation(name, volume, masks):
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for (label, color), mask in zip((("Left", (0.9, 0.3, 0.2)), ("Right", (0.2, 0.6, 0.9))), masks):
+        segment_id = node.GetSegmentation().AddEmptySegment(label, label, color)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, volume)
+    return node
+
+
+class SAM2FewShotTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_panel_click_path()
+
+    def wait(self, widget):
+        deadline = time.monotonic() + TIMEOUT_S
+        while widget.logic.isRunning and time.monotonic() < deadline:
+            slicer.app.processEvents()  # the test waits; the panel never does
+            time.sleep(0.05)
+        self.assertFalse(widget.logic.isRunning, "the run did not end in time")
+
+    def test_panel_click_path(self):
+        slicer.util.selectModule("SAM2FewShot")
+        widget = slicer.modules.sam2fewshot.widgetRepresentation().self()
+        if not widget.logic.ensureDependencies(False, lambda question: False):
+            self.skipTest("SAM2FewShot's Python packages are not installed (its first use installs them)")
+        query, _, _ = _sphere_volume("Query", (12, 24, 16))
+        support, left, right = _sphere_volume("Support", (12, 22, 14))
+        labels = _segmentation("Support labels", support, (left, right))
+        messages = []
+        widget.logic.finishedCallback = lambda success, message: (messages.append((success, message)),
+                                                                  widget.onFinished(success, message))
+        p = widget._parameterNode
+        p.queryVolume, p.supportVolume, p.supportSegmentation = query, support, labels
+        p.method = MethodChoice.registration
+
+        widget.ui.applyButton.click()  # Apply: registration, no model
+        self.wait(widget)
+        self.assertTrue(messages[-1][0], messages[-1])
+        output = widget.logic.outputSegmentation()
+        names = sorted(output.GetSegmentation().GetNthSegment(n).GetName() for n in range(2))
+        self.assertEqual(names, ["Left", "Right"])
+        self.assertIn("added Left, Right", messages[-1][1])
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+
+        widget.ui.applyButton.click()  # Apply again: its own segments replaced, nothing added
+        self.wait(widget)
+        self.assertIn("replaced Left, Right", messages[-1][1])
+        self.assertIs(widget.logic.outputSegmentation(), output)
+        self.assertEqual((slicer.mrmlScene.GetNumberOfNodes(), output.GetSegmentation().GetNumberOfSegments()),
+                         (nodes, 2))
+        widget.ui.undoButton.click()  # the panel's Undo, the Segment Editor not open
+        self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 2)
+
+        widget.ui.applyButton.click()  # the scene closed during a run: nothing arrives anywhere
+        self.assertTrue(widget.logic.isRunning)
+        slicer.mrmlScene.Clear()
+        self.assertFalse(widget.logic.isRunning)
+        newcomer, _, _ = _sphere_volume("Another patient", (12, 24, 16))
+        time.sleep(2.0)
+        slicer.app.processEvents()
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 0)
+        self.assertIsNone(widget.logic.lastResult)
+
+        if not all(importlib.util.find_spec(m) for m in ("torch", "sam2")):
+            self.delayDisplay("SAM2FewShot self-test passed (Propagate and Refine skipped: torch and sam2 absent)")
+            return
+        widget.logic.developerChoices = {"random_weights": True, "image_size": 256, "device": "cpu"}
+        truth_left = np.asarray(slicer.util.arrayFromVolume(newcomer)) > 150
+        prompts = np.zeros_like(truth_left)
+        prompts[[9, 15]] = truth_left[[9, 15]]
+        drawn = _segmentation("Prompts", newcomer, (prompts,))
+        p = widget._parameterNode
+        p.queryVolume, p.supportSegmentation, p.method = newcomer, drawn, MethodChoice.propagate
+        widget.ui.applyButton.click()  # Propagate from masks on two slices
+        self.wait(widget)
+        self.assertTrue(messages[-1][0], messages[-1])
+        output = widget.logic.outputSegmentation()
+        segment_id = widget.logic.lastResult.segment_ids[0]
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(output, segment_id, newcomer)
+        for k in (9, 15):  # mask-prompted slices come back verbatim
+            np.testing.assert_array_equal(result[k] > 0, prompts[k])
+        corrected = result.copy()
+        corrected[4] = truth_left[4]  # the user corrects slice 4 with the Segment Editor
+        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8), output, segment_id, newcomer)
+        widget.ui.refineButton.click()
+        self.wait(widget)
+        self.assertTrue(messages[-1][0], messages[-1])
+        refined = slicer.util.arrayFromSegmentBinaryLabelmap(output, segment_id, newcomer)
+        for k in (4, 9, 15):  # the correction and the original prompts are all kept
+            np.testing.assert_array_equal(refined[k] > 0, corrected[k] > 0)
+        self.delayDisplay("SAM2FewShot self-test passed")
