@@ -365,7 +365,7 @@ def test_unreadable_inputs_fail_in_one_line(tmp_path):
     assert "2D image" in one_line_error(read_volume, flat)
     series = sitk.JoinSeries([sitk.Image(6, 5, 4, sitk.sitkFloat32)] * 3)
     sitk.WriteImage(series, str(tmp_path / "time.nii.gz"))
-    assert "4D image" in one_line_error(read_volume, tmp_path / "time.nii.gz")
+    assert "4D series of 3 frames" in one_line_error(read_volume, tmp_path / "time.nii.gz")  # --frame N
     rgb = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
     sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
     assert "3 components" in one_line_error(read_volume, tmp_path / "rgb.nrrd")

@@ -56,9 +56,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for everything random (augmentations, random weights)")
 
 
-def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True) -> None:
+def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True, query_frame: bool = False) -> None:
     add_console_args(p)
     g = p.add_argument_group("frames")
+    if query_frame:
+        g.add_argument("--frame", type=int, metavar="N",
+                       help="for a 4D query (cine, DWI, multi-echo): the frame to segment, from 0")
+        g.add_argument("--component", type=int, metavar="N",
+                       help="for a vector or colour query: the component to segment, from 0")
     g.add_argument("--axis", default="auto", choices=AXES,
                    help="slicing axis; auto: the plane the prompt masks were drawn in (propagate), else the "
                         "acquisition axis (the largest voxel spacing), axial when isotropic")
@@ -86,4 +91,5 @@ def frame_options(args: argparse.Namespace) -> FrameOptions:
     slice_range = getattr(args, "slice_range", None)
     return FrameOptions(axis=args.axis, normalization=args.normalization,
                         per_slice_normalization=args.per_slice_normalization,
-                        slice_range=tuple(slice_range) if slice_range else None)
+                        slice_range=tuple(slice_range) if slice_range else None,
+                        frame=getattr(args, "frame", None), component=getattr(args, "component", None))

@@ -122,7 +122,7 @@ def add_method_args(seg: argparse.ArgumentParser) -> None:
         help="a method parameter without an option of its own (VALUE as JSON, else text; NAME.FIELD for a "
              "nested group, e.g. fewshot.neighbours=2); repeat for several")
     add_model_args(seg)
-    add_frame_args(seg)
+    add_frame_args(seg, query_frame=True)
     seg.set_defaults(option_defaults={a.dest: a.default for a in seg._actions if a.dest in OPTION_METHODS})
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -81,10 +81,14 @@ def native_output_captured() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def read_volume(path: PathLike) -> Volume:
-    """A 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder, voxel type kept."""
+def read_volume(path: PathLike, frame: Optional[int] = None, component: Optional[int] = None) -> Volume:
+    """A 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder, voxel type kept.
+
+    A 4D series (cine, DWI, multi-echo) needs ``frame`` and a vector or colour image ``component``:
+    without it, one line naming the option and how many there are; never a silent pick.
+    """
     path = Path(path)
-    return _volume_from_sitk(_read_sitk(path), path)
+    return _volume_from_sitk(_read_sitk(path), path, frame, component)
 
 
 def read_labels(path: PathLike, reference: Volume | None = None) -> LabelMap:
@@ -169,17 +173,35 @@ def _read_dicom_series(folder: Path):
         raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(exc)}") from exc
 
 
-def _volume_from_sitk(img, path: Path) -> Volume:
+def _volume_from_sitk(img, path: Path, frame: Optional[int] = None, component: Optional[int] = None) -> Volume:
     size = "x".join(str(n) for n in img.GetSize())
-    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+    frames = img.GetSize()[3] if img.GetDimension() == 4 else 1
+    if img.GetDimension() == 4 and frames > 1:
+        if frame is None:
+            raise InputError(f"{path} is a 4D series of {frames} frames ({size} voxels): choose one with "
+                             f"--frame N (0 to {frames - 1})")
+        if not 0 <= frame < frames:
+            raise InputError(f"--frame {frame} is outside the {frames} frames of {path} (0 to {frames - 1})")
+        img = img[:, :, :, int(frame)]
+    elif frame not in (None, 0):
+        raise InputError(f"--frame {frame} was given, but {path} has one frame")
+    elif img.GetDimension() == 4:
         img = img[:, :, :, 0]  # a 3D volume stored with a trailing time axis of one
     if img.GetDimension() != 3:
         raise InputError(f"{path} is a {img.GetDimension()}D image ({size} voxels); a 3D volume is needed")
     components = img.GetNumberOfComponentsPerPixel()
     if components != 1:
-        raise InputError(
-            f"{path} has {components} components per voxel (a vector or colour image); a scalar volume is needed"
-        )
+        if component is None:
+            raise InputError(f"{path} has {components} components per voxel (a vector or colour image): choose "
+                             f"one with --component N (0 to {components - 1})")
+        if not 0 <= component < components:
+            raise InputError(f"--component {component} is outside the {components} components of {path} "
+                             f"(0 to {components - 1})")
+        import SimpleITK as sitk
+
+        img = sitk.VectorIndexSelectionCast(img, int(component))
+    elif component not in (None, 0):
+        raise InputError(f"--component {component} was given, but {path} has one component per voxel")
     return Volume.from_sitk(img)
 
 

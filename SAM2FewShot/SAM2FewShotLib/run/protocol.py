@@ -18,7 +18,7 @@ Requests (stdin)::
      "model": {"name": "sam2.1-tiny", "checkpoint": null, "config": null, "image_size": null,
                "device": "auto", "offline": false, "random_weights": false, "seed": 0},
      "frames": {"axis": "auto", "normalization": "auto", "per_slice_normalization": false,
-                "slice_range": [first, last] | null},
+                "slice_range": [first, last] | null, "frame": N | null, "component": N | null},
      "params": {...}}                                                 # method parameters
     {"type": "shutdown"}
 
@@ -45,7 +45,7 @@ request was too broken to name its job.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional, Union
 
 from ..common.errors import InputError, one_line
@@ -149,12 +149,16 @@ def job_from_message(data: dict) -> Job:
 
 def _frame_options(data: dict) -> FrameOptions:
     options = _options(FrameOptions, data, "frames")
+    for name in ("frame", "component"):
+        value = getattr(options, name)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ProtocolError(f"frames.{name} must be a whole number from 0")
     if options.slice_range is None:
         return options
     rng = _int_list(options.slice_range, "frames.slice_range")
     if len(rng) != 2 or not 0 <= rng[0] <= rng[1]:
         raise ProtocolError("frames.slice_range must be [first, last] with 0 <= first <= last")
-    return FrameOptions(options.axis, options.normalization, options.per_slice_normalization, (rng[0], rng[1]))
+    return replace(options, slice_range=(rng[0], rng[1]))
 
 
 _OPTION_TYPES: dict[type, dict[str, tuple]] = {
@@ -162,7 +166,7 @@ _OPTION_TYPES: dict[type, dict[str, tuple]] = {
                    "image_size": (int, _NONE), "device": _PATH, "offline": (bool,), "random_weights": (bool,),
                    "seed": _INT},
     FrameOptions: {"axis": _PATH, "normalization": _PATH, "per_slice_normalization": (bool,),
-                   "slice_range": (list, _NONE)},
+                   "slice_range": (list, _NONE), "frame": (int, _NONE), "component": (int, _NONE)},
 }
 
 

@@ -25,6 +25,8 @@ class FrameOptions:
     normalization: str = "auto"  # auto, a CT preset, window:C,W or percentile:LO,HI
     per_slice_normalization: bool = False
     slice_range: Optional[tuple[int, int]] = None  # first, last (inclusive) along the axis
+    frame: Optional[int] = None  # a 4D query: the frame to segment (required when it has several)
+    component: Optional[int] = None  # a vector or colour query: the component to segment
 
 
 @dataclass(frozen=True)

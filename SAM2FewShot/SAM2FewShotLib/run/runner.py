@@ -64,7 +64,7 @@ class Runner:
         with self._lock:
             key = self._session_key(request, normalization) if spec.needs_model else None
             warm = self._sessions.get(key) if key is not None else None
-            query = warm.volume if warm is not None else self._read_query(request.query)
+            query = warm.volume if warm is not None else self._read_query(request.query, request.frames)
         prompt_labels = read_prompt_labels(request, query)
         axis = frames_axis(request, query, prompt_labels)
         if axis != request.frames.axis:  # one name per voxel axis: a warm session is found whatever was asked
@@ -107,7 +107,7 @@ class Runner:
             with self._lock:
                 key = self._session_key(request, normalization)
                 if key not in self._sessions:
-                    query = self._read_query(request.query)
+                    query = self._read_query(request.query, request.frames)
                     self._session_for(key, query, request, normalization, _no_progress)
         except Exception:  # noqa: BLE001 - the run reads it again and says what is wrong
             log.debug("prefetch of %s failed", request.query, exc_info=True)
@@ -137,7 +137,7 @@ class Runner:
         request = Request(method="propagate", query=query, frames=frames, model=model)
         normalization = Normalization.parse(frames.normalization, per_slice=frames.per_slice_normalization)
         key = self._session_key(request, normalization)
-        volume = self._sessions[key].volume if key in self._sessions else self._read_query(query)
+        volume = self._sessions[key].volume if key in self._sessions else self._read_query(query, frames)
         return self._session_for(key, volume, request, normalization, progress or _no_progress)[0]
 
     def forget_sessions(self) -> None:
@@ -171,7 +171,8 @@ class Runner:
     close = forget
 
     def _session_key(self, request: Request, normalization: Normalization) -> tuple:
-        return (self._digest(Path(request.query)), request.frames.axis.lower(), normalization, request.model.key())
+        return (self._digest(Path(request.query)), request.frames.frame, request.frames.component,
+                request.frames.axis.lower(), normalization, request.model.key())
 
     def _session_for(self, key: tuple, query, request: Request, normalization: Normalization, progress: ProgressFn):
         """The warm session under ``key``, or a new one on ``query`` (evicting the oldest); loads the model."""
@@ -191,12 +192,13 @@ class Runner:
             self._sessions.popitem(last=False)[1].close()
         return session, False
 
-    def _read_query(self, path: str):
-        """The query volume, checked (and its NaN repaired, noted once per file content)."""
+    def _read_query(self, path: str, frames: FrameOptions = FrameOptions()):
+        """The query volume (its frame and component, for a 4D or vector file), checked (and its NaN
+        repaired, noted once per file content)."""
         from ..io.checks import checked_image
         from ..io.volume_io import read_volume
 
-        volume, note = checked_image(read_volume(path), f"the query {path}")
+        volume, note = checked_image(read_volume(path, frames.frame, frames.component), f"the query {path}")
         self._notes[self._digest(Path(path))] = note
         return volume
 
