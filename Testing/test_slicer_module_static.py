@@ -349,3 +349,15 @@ def _check_engine_names(tree: ast.Module) -> int:
                     assert not missing, f"{node.module}.{alias.name} has no {missing}"
                 checked += 1
     return checked
+
+
+def test_the_worker_is_started_with_the_folder_that_holds_the_engine():
+    """The Logic lives in SAM2FewShotPanel/: the worker's PYTHONPATH must be the module folder above it."""
+    import os
+
+    assignment = next(n for n in module_tree(LOGIC_FILE).body if isinstance(n, ast.Assign)
+                      and any(isinstance(t, ast.Name) and t.id == "MODULE_FOLDER" for t in n.targets))
+    folder = eval(compile(ast.Expression(assignment.value), str(LOGIC_FILE), "eval"),  # noqa: S307 - our own code
+                  {"os": os, "__file__": str(LOGIC_FILE)})
+    assert (Path(folder) / "SAM2FewShotLib" / "run" / "worker.py").is_file()
+    assert "pythonpath=[MODULE_FOLDER]" in LOGIC_FILE.read_text(encoding="utf-8")

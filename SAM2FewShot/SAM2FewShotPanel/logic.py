@@ -25,6 +25,8 @@ from SAM2FewShotLib.slicer import install, panel, runs
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
 SETTINGS = "SAM2FewShot/"
+# The folder holding SAM2FewShot.py and the engine package SAM2FewShotLib: the worker's PYTHONPATH.
+MODULE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLL_MS = 100
 # The panel's last choices, remembered across sessions (QSettings) for a new scene's parameter node.
 REMEMBERED = ("method", "model", "device", "axis", "normalization", "scheme", "augmentations", "topK",
@@ -231,7 +233,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
             raise InputError("PythonSlicer was not found: the background worker cannot start")
         environment = slicer.util.startupEnvironment()
         environment[CACHE_ENV] = os.environ[CACHE_ENV]
-        return WorkerClient(python=python, pythonpath=[os.path.dirname(__file__)], env=environment)
+        return WorkerClient(python=python, pythonpath=[MODULE_FOLDER], env=environment)
 
     @staticmethod
     def _saveEditorUndoState(segmentationNode):
