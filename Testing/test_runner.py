@@ -24,7 +24,7 @@ from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 from SAM2FewShotLib.methods import registry
 from SAM2FewShotLib.methods.registry import METHODS, SUPPORTS, MethodSpec, dataclass_from_json, get_method
 from SAM2FewShotLib.run.outputs import check_outputs, write_outputs
-from SAM2FewShotLib.run.protocol import encode, parse_request
+from SAM2FewShotLib.run.protocol import Job, encode, parse_request
 from SAM2FewShotLib.run.request import FrameOptions, Request
 from SAM2FewShotLib.run.runner import Runner, check_request
 from SAM2FewShotLib.sam2.build import ModelOptions
@@ -226,3 +226,34 @@ def test_outputs_appear_together_or_leave_the_old_ones_whole(files, tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
     with pytest.raises(InputError, match="would overwrite the label file"):
         check_outputs(out, str(tmp_path / "result.json"))
+
+
+# --- threads ----------------------------------------------------------------------------------------------
+
+
+def test_threads_follow_the_free_cores_and_the_request(files, monkeypatch):
+    import torch
+
+    from SAM2FewShotLib.common.choices import RESERVED_CORES_ENV
+    from SAM2FewShotLib.sam2 import devices
+
+    assert devices.choose_threads(8, busy=0.2) == 8 and devices.choose_threads(8, busy=2.6) == 5
+    assert devices.choose_threads(8, busy=0.0, reserved=1) == 7  # the Slicer panel's worker leaves one core
+    assert devices.choose_threads(2, busy=5.0) == 1 and devices.choose_threads(1, busy=0, reserved=1) == 1
+    monkeypatch.setenv(RESERVED_CORES_ENV, "1")
+    assert 1 <= devices.free_cores() <= max(1, torch.get_num_threads() + 64)
+    previous = torch.get_num_threads()
+    try:
+        runner = Runner()
+        request = Request(method="propagate", query=files["query"], prompt_labels=files["prompt"],
+                          model=dataclasses.replace(MODEL, threads=1))
+        _, report = runner.run(request)
+        assert report["model"]["threads"] == 1 == torch.get_num_threads()
+        job = parse_request(encode(Job(id="j", method="propagate", query="q.nii.gz",
+                                                                  out="o.nii.gz", report="o.json",
+                                                                  model=request.model).to_message()))
+        assert job.model.threads == 1  # the worker protocol carries it
+        with pytest.raises(InputError, match="threads must be at least 1"):
+            runner.run(dataclasses.replace(request, model=dataclasses.replace(MODEL, threads=0)))
+    finally:
+        torch.set_num_threads(previous)

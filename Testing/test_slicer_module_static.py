@@ -361,3 +361,4 @@ def test_the_worker_is_started_with_the_folder_that_holds_the_engine():
                   {"os": os, "__file__": str(LOGIC_FILE)})
     assert (Path(folder) / "SAM2FewShotLib" / "run" / "worker.py").is_file()
     assert "pythonpath=[MODULE_FOLDER]" in LOGIC_FILE.read_text(encoding="utf-8")
+    assert 'environment[RESERVED_CORES_ENV] = "1"' in LOGIC_FILE.read_text(encoding="utf-8")  # a core for Slicer

@@ -18,6 +18,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
+from SAM2FewShotLib.common.choices import RESERVED_CORES_ENV
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.sam2 import registry, weights
@@ -233,6 +234,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
             raise InputError("PythonSlicer was not found: the background worker cannot start")
         environment = slicer.util.startupEnvironment()
         environment[CACHE_ENV] = os.environ[CACHE_ENV]
+        environment[RESERVED_CORES_ENV] = "1"  # torch in the worker leaves one core to Slicer
         return WorkerClient(python=python, pythonpath=[MODULE_FOLDER], env=environment)
 
     @staticmethod

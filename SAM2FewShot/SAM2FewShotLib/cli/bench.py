@@ -35,8 +35,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-cases", type=int, help="at most this many query cases (the first by name)")
     p.add_argument("--max-supports", type=int, help="at most this many supports per query")
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
     p.add_argument("--cold-sessions", action="store_true",
                    help="every method encodes the query itself (default: encoded once, shared)")
     fs = p.add_argument_group("matched support (and the support methods built on it)")

@@ -54,6 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the real architecture with random weights: checks the installation and measures speed "
                         "without downloading anything; its masks are meaningless")
     g.add_argument("--seed", type=int, default=0, help="seed for everything random (augmentations, random weights)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: the cores other programs leave free; 1 can be much faster on "
+                        "a busy machine)")
 
 
 def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True, query_frame: bool = False) -> None:
@@ -84,7 +87,7 @@ def add_normalization_args(group) -> None:
 def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(name=args.model, checkpoint=str(args.checkpoint) if args.checkpoint else None,
                         config=args.config, image_size=args.image_size, device=args.device, offline=args.offline,
-                        random_weights=args.random_weights, seed=args.seed)
+                        random_weights=args.random_weights, seed=args.seed, threads=args.threads)
 
 
 def frame_options(args: argparse.Namespace) -> FrameOptions:

@@ -18,3 +18,6 @@ PRIORS = ("registration", "sam2")  # where guided prompts come from
 PROMPT_TYPES = ("box", "mask", "box+mask")
 TRANSFORMS = ("affine", "affine_bspline")  # registration
 FUSION_METHODS = ("majority", "staple", "weighted")  # registration with several supports
+
+# Environment: CPU cores a worker leaves to its host (the Slicer panel's worker leaves Slicer one).
+RESERVED_CORES_ENV = "SAM2FEWSHOT_RESERVED_CORES"

@@ -164,7 +164,7 @@ def _frame_options(data: dict) -> FrameOptions:
 _OPTION_TYPES: dict[type, dict[str, tuple]] = {
     ModelOptions: {"name": _PATH, "checkpoint": (str, _NONE), "config": (str, _NONE),
                    "image_size": (int, _NONE), "device": _PATH, "offline": (bool,), "random_weights": (bool,),
-                   "seed": _INT},
+                   "seed": _INT, "threads": (int, _NONE)},
     FrameOptions: {"axis": _PATH, "normalization": _PATH, "per_slice_normalization": (bool,),
                    "slice_range": (list, _NONE), "frame": (int, _NONE), "component": (int, _NONE)},
 }

@@ -49,6 +49,7 @@ class Runner:
         self._sessions: "OrderedDict[tuple, object]" = OrderedDict()
         self._digests: dict[tuple, str] = {}
         self._notes: dict[str, Optional[dict]] = {}  # what was repaired in a query, by its content
+        self._threads: Optional[int] = None  # torch CPU threads the runs use
         self._lock = threading.RLock()  # prepare() may read the next query while a run computes
 
     def run(self, request: Request, progress: Optional[ProgressFn] = None,
@@ -85,6 +86,8 @@ class Runner:
             should_cancel=should_cancel)
         labels, report = spec.load().run(inputs, params)
         report["model"] = dict(self._model_info) if spec.needs_model else dict(NO_MODEL)
+        if spec.needs_model:
+            report["model"]["threads"] = self._threads
         report["inputs"] = {"query": request.query, "prompt_labels": request.prompt_labels or "",
                             "prompts": request.prompts or "", "supports": [list(p) for p in request.supports],
                             "library": request.library or ""}
@@ -113,7 +116,12 @@ class Runner:
             log.debug("prefetch of %s failed", request.query, exc_info=True)
 
     def model(self, options: ModelOptions, progress: Optional[ProgressFn] = None):
-        """The loaded predictor for these options (loaded now unless it is the warm one) and its report entry."""
+        """The loaded predictor for these options (loaded now unless it is the warm one) and its report entry.
+
+        Torch's CPU threads: the count the options name, else the cores other work leaves free when
+        the model loads (sam2/build.load_model)."""
+        import torch
+
         key = options.key()
         if key != self._model_key:
             progress = progress or _no_progress
@@ -128,6 +136,9 @@ class Runner:
             self._supports = SupportFeatureStore(self._predictor, support_features_folder() if budget else None,
                                                  disk_budget=budget)
             progress(LOAD_MODEL, 1, 1)
+        elif options.threads:  # the warm model, with the count this request names
+            torch.set_num_threads(options.threads)
+        self._threads = torch.get_num_threads()
         return self._predictor, dict(self._model_info)
 
     def session(self, query: str, frames: FrameOptions = FrameOptions(), model: ModelOptions = ModelOptions(),
@@ -281,6 +292,8 @@ def check_model_options(options: ModelOptions) -> None:
     from ..sam2.build import size_overrides
     from ..sam2.registry import REGISTRY
 
+    if options.threads is not None and options.threads < 1:
+        raise InputError(f"threads must be at least 1, got {options.threads}")
     if options.random_weights and options.checkpoint:
         raise InputError("random weights and a checkpoint file exclude each other: give one of them")
     if options.name not in REGISTRY:

@@ -88,6 +88,7 @@ class ModelOptions:
     offline: bool = False
     random_weights: bool = False  # the real architecture, seeded random weights: tests and speed only
     seed: int = 0
+    threads: Optional[int] = None  # torch CPU threads; default: the cores other work leaves free
 
     def key(self) -> tuple:
         """What makes two loaded predictors interchangeable (offline only changes how it is fetched)."""
@@ -143,8 +144,9 @@ def load_model(options: ModelOptions = ModelOptions(), progress: Optional[Progre
     """
     import torch
 
-    from .devices import gpu_advice_for, resolve_device
+    from .devices import gpu_advice_for, resolve_device, set_threads
 
+    set_threads(options.threads)  # the count asked for, else the cores other programs leave free
     device = resolve_device(options.device)
     advice = gpu_advice_for(options.name, device)
     if advice:
