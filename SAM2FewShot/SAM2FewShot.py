@@ -323,26 +323,29 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Packages and weights, asking first, with the panel locked while pip runs; False stops
         (a download resumes with ``then``)."""
         method = get_method(choices.method)
-        confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=f"{TITLE} setup")  # noqa: E731
         self.updateWidgetStates()
         try:
             with slicer.util.WaitCursor():
-                ready = self.logic.ensureDependencies(method.needs_model, confirm)
+                ready = self.logic.ensureDependencies(method.needs_model, self.confirmSetup)
         finally:
             self.updateWidgetStates()
         if not ready or not method.needs_model:
             return ready
         if not self.logic.isModelCached(choices.model):
-            if confirm(f"The weights of {choices.model} are not on this computer yet. Download them from Hugging Face "
-                       f"into {self.logic.cacheFolder()}?\n\nWithout internet: use Import checkpoint file."):
+            if self.confirmSetup(f"The weights of {choices.model} are not on this computer yet. Download them from "
+                                 f"Hugging Face into {self.logic.cacheFolder()}?\n\n"
+                                 "Without internet: use Import checkpoint file."):
                 self.startModelDownload(then)
             return False
         return True
 
+    @staticmethod
+    def confirmSetup(question) -> bool:
+        return slicer.util.confirmOkCancelDisplay(question, windowTitle=f"{TITLE} setup")
+
     def startModelDownload(self, then):
         """The weights in a background thread, with a progress dialog polled by a timer (cancellable)."""
-        if not self.logic.ensureDependencies(True, lambda text: slicer.util.confirmOkCancelDisplay(
-                text, windowTitle=f"{TITLE} setup")):  # the download needs huggingface_hub
+        if not self.logic.ensureDependencies(True, self.confirmSetup):  # the download needs huggingface_hub
             return
         name = self._parameterNode.model
         dialog = qt.QProgressDialog(f"Downloading {name} weights...", "Cancel", 0, 100, slicer.util.mainWindow())

@@ -77,10 +77,17 @@ def prompt_plane(query: Volume, prompt_labels: np.ndarray, choose: str = "with -
                          f"draw them in one plane, or choose the plane {choose}") from None
     if axis is None:
         return "auto"
-    plane = anatomical_plane(query, axis)
-    if slicing_axis(query, plane) != axis:  # an oblique volume: no plane name picks this voxel axis
+    plane = plane_of_axis(query, axis)
+    if plane is None:
         raise InputError(f"the prompt masks lie on oblique slices; choose the plane to slice along {choose}")
     return plane
+
+
+def plane_of_axis(volume: Volume, axis: int) -> Optional[str]:
+    """The plane name that ``slicing_axis`` maps back to this voxel axis; None on an oblique volume,
+    where no plane name picks it."""
+    plane = anatomical_plane(volume, axis)
+    return plane if slicing_axis(volume, plane) == axis else None
 
 
 class PromptPlanesError(InputError):

@@ -170,4 +170,4 @@ def same_node(scene, node) -> bool:
 
 
 def _ids(segmentation) -> list[str]:
-    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    return list(segmentation.GetSegmentIDs())

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from ..common.errors import InputError
-from ..io.slicing import anatomical_plane, prompt_plane, slicing_axis
+from ..io.slicing import plane_of_axis, slicing_axis
 from ..methods.registry import get_method
 from ..run.protocol import describe_devices
 from ..run.reports import SliceFlag, low_confidence_slices, report_axis
@@ -81,8 +81,7 @@ class RunController:
         """
         inputs = inputs or self.check_run(choices, query_node, segmentation_node, segment_ids, support_volume_node,
                                           library_folder)
-        axis = slicing_axis(inputs.query, choices.axis if inputs.prompts is None or choices.axis != "auto"
-                            else prompt_plane(inputs.query, inputs.prompts.volume.array))
+        axis = slicing_axis(inputs.query, inputs.plane if choices.axis == "auto" else choices.axis)
         return self._submit(choices, query_node, inputs, output_node, scene_io.prompt_slices_of(inputs, axis))
 
     def can_refine(self) -> bool:
@@ -97,10 +96,8 @@ class RunController:
         inputs, targets, prompt_slices, corrected = scene_io.refine_inputs(last, self.scene)
         names = ", ".join(s.name for s in inputs.prompts.segments)
         self.on_log(f"Refining {names} from corrected slices {panel.format_slices(corrected)}")
-        axis = report_axis(last.report)
-        plane = anatomical_plane(last.query, axis)
-        choices = dataclasses.replace(choices, method="propagate", slice_range=None,
-                                      axis=plane if slicing_axis(last.query, plane) == axis else "auto")
+        plane = plane_of_axis(last.query, report_axis(last.report)) or "auto"
+        choices = dataclasses.replace(choices, method="propagate", slice_range=None, axis=plane)
         return self._submit(choices, last.query_node, inputs, last.output_node, prompt_slices, targets)
 
     def _submit(self, choices, query_node, inputs, output_node, prompt_slices, targets=None) -> str:

@@ -37,6 +37,7 @@ class RunInputs:
     supports: list = field(default_factory=list)  # (Volume, LabelMap) from the scene or (Path, Path) from a library
     library: Optional[str] = None  # retrieval: the library folder itself, indexed by the worker
     mask_slices: str = ""  # propagate: each label's prompt slices, when not all slices with voxels (a refine)
+    plane: str = "auto"  # propagate: the plane the prompt masks were drawn in (io/slicing.prompt_plane)
 
 
 @dataclass
@@ -85,8 +86,8 @@ def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segmen
                                            segment_ids)
         if not prompts.volume.array.any():
             raise InputError("the chosen segments have no voxel on the query: draw masks on a few slices first")
-        prompt_plane(query, prompts.volume.array, "under Advanced (Slicing plane)")  # a clear error now
-        return RunInputs(query, prompts=prompts)
+        plane = prompt_plane(query, prompts.volume.array, "under Advanced (Slicing plane)")  # a clear error now
+        return RunInputs(query, prompts=prompts, plane=plane)
     if library_folder and method.key == "retrieval":
         library_cases(Path(library_folder))  # a clear error now for a folder without labelled cases
         return RunInputs(query, library=str(library_folder))
