@@ -156,6 +156,22 @@ def test_progress_bars_say_what_they_count_once_each(capsys):
     assert "<" in finals[0]  # elapsed<remaining: an ETA
 
 
+def test_a_ctrl_c_while_a_bar_draws_itself_leaves_the_next_line_whole(capsys, monkeypatch):
+    from SAM2FewShotLib.cli import console
+
+    def drawn_then_interrupted(*args, **kwargs):  # tqdm draws its first line in its constructor
+        sys.stderr.write("propagate forward:   5%|  | 1/20 slices [00:00<?]")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(console, "tqdm", drawn_then_interrupted)
+    progress = ConsoleProgress(min_interval=0)
+    with pytest.raises(KeyboardInterrupt):
+        progress("propagate forward", 1, 20)
+    progress.close()
+    print("sam2fewshot: interrupted", file=sys.stderr)
+    assert capsys.readouterr().err.splitlines()[-1] == "sam2fewshot: interrupted"
+
+
 def test_engine_stages_name_what_they_do(shared_data, tmp_path):
     from SAM2FewShotLib.run.request import Request
     from SAM2FewShotLib.run.runner import Runner

@@ -25,6 +25,7 @@ class ConsoleProgress:
         self.min_interval = min_interval  # seconds between redraws
         self._bar: Optional[tqdm] = None
         self._stage = ""
+        self._line_open = False  # a bar may be on the terminal's last line, not ended by a newline
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled or stage in QUIET_STAGES or total <= 0:
@@ -33,6 +34,7 @@ class ConsoleProgress:
             self.close()
             self._stage = stage
             unit = stage_unit(stage)
+            self._line_open = True  # tqdm draws in its constructor: a Ctrl-C there leaves a bar we never got
             self._bar = tqdm(total=total, initial=done, desc=stage, unit=unit, unit_scale=unit == "B",
                              file=sys.stderr, leave=True, dynamic_ncols=True, mininterval=self.min_interval,
                              bar_format=None if unit == "B" else BAR)
@@ -43,6 +45,11 @@ class ConsoleProgress:
             self.close()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """End the bar's line, so that what is printed next (an error, 'interrupted') has a line of its own."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()  # leave=True: it draws its last state and a newline
+            self._line_open = False
+        if self._line_open and self.enabled:  # a Ctrl-C in tqdm's constructor or close() left the line open
+            sys.stderr.write("\n")
+            self._line_open = False
