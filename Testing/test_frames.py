@@ -113,9 +113,40 @@ def test_frame_source_batches_lazily_and_keeps_native_slices():
     assert len(src) == img.array.shape[0] and (src.height, src.width) == img.array.shape[1:]
     b = src.batch([0, 5])
     assert b.shape == (2, 3, 256, 256)
-    assert src.slices01.min() >= 0 and src.slices01.max() <= 1
+    assert src.slices01.float().min() >= 0 and src.slices01.float().max() <= 1
     with pytest.raises(InputError):
         FrameSource(np.zeros((4, 4)), 256)
+
+
+@pytest.mark.parametrize("text, per_slice", [("abdomen", False), ("percentile", False), ("percentile", True)])
+def test_frames_are_read_from_the_volume_exactly_as_the_normalised_stack(monkeypatch, text, per_slice):
+    """No copy of the volume: indexing normalises only the slices asked for, to the same float32 values
+    as the whole normalised stack, along any axis; the intensity features, widened a chunk at a time,
+    equal one pass over the whole float32 stack."""
+    from SAM2FewShotLib.sam2.frames import VolumeSlices
+    from SAM2FewShotLib.support import features
+
+    ct = np.random.default_rng(5).integers(-1024, 1500, (12, 40, 48)).astype(np.int16)
+    volume = Volume(ct, (0.7, 0.7, 2.0), (0.0, 0.0, 0.0))
+    norm = Normalization.parse(text, per_slice=per_slice)
+    for axis in (0, 2):
+        src = FrameSource.from_volume(volume, axis, 64, norm)
+        exact = torch.from_numpy(norm.slices(ct, axis))
+        assert isinstance(src.slices01, VolumeSlices) and src.nbytes == 0 and len(src) == exact.shape[0]
+        assert torch.equal(src.slices01[3], exact[3]) and torch.equal(src.slices01[[5, 1]], exact[[5, 1]])
+        assert torch.equal(src.slices01[2:6], exact[2:6]) and torch.equal(torch.stack(list(src.slices01)), exact)
+        assert torch.equal(src.batch([3, 7]), model_input(exact[[3, 7]], 64))
+    src = FrameSource.from_volume(volume, 0, 64, norm)
+    whole = features.IntensityFeatures(8).embed(torch.from_numpy(norm.slices(ct, 0)))
+    monkeypatch.setattr(features, "CHUNK_VOXELS", 40 * 48 * 5)  # 5 slices widened per step
+    assert torch.allclose(features.IntensityFeatures(8).embed(src.slices01), whole, atol=1e-6)
+
+
+def test_the_cpu_encoder_batch_is_held_to_a_memory_budget():
+    from SAM2FewShotLib.sam2.frames import frames_per_batch
+
+    assert [frames_per_batch(size, "cpu") for size in (128, 256, 512, 1024, 2048)] == [4, 4, 2, 1, 1]
+    assert frames_per_batch(1024, "cuda") == 4 and frames_per_batch(1024, torch.device("mps")) == 4
 
 
 def test_volume_rejects_wrong_dimensionality():

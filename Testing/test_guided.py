@@ -136,6 +136,7 @@ def test_registration_prior_on_hippocampus(shared_data, small_predictor):
                                ["box", "mask-hint"], window=(lo, hi))
     assert all(report["slices"][t]["objects"]["label_1"]["source"] == "not visited"
                for t in range(len(prior_slices)) if not lo <= t <= hi)
+    assert report["timing"]["slices_run"] == hi - lo + 1  # the time per slice is per slice of the range
     assert labels.volume.same_grid(query)
     assert [s.name for s in labels.segments] == ["label_1", "label_2"]
     assert report["method"] == "guided" and report["lora"] is None

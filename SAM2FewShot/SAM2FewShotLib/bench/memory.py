@@ -209,7 +209,7 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
         session = VolumeSession(predictor, volume, axis=0, **budget)
         labels, _ = segment_propagate(session, prompts, truth.segments)
         seconds = time.perf_counter() - start
-        frames = session.frames.slices01.numel() * session.frames.slices01.element_size()
+        frames = session.frames.nbytes
         features = session.cache.held_bytes
         spilled = session.cache.spill.nbytes
     gc.collect()

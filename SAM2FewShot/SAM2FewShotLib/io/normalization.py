@@ -82,25 +82,33 @@ class Normalization:
         return np.moveaxis(self.slices(array, axis), 0, axis)
 
     def slices(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
-        """(N, H, W) contiguous float32 in [0, 1] with ``axis`` first: the frames, made in one buffer
-        a few slices at a time, so no temporary copy of the volume is ever made."""
+        """(N, H, W) contiguous float32 in [0, 1] with ``axis`` first, made in one buffer a few slices
+        at a time, so no temporary copy of the volume is ever made."""
         norm = self.resolved(array)
+        bounds = norm.volume_bounds(array)
         src = np.moveaxis(np.asarray(array), axis, 0)
         out = np.empty(src.shape, dtype=np.float32)
-        if norm.mode == "window":
-            c, w = norm.window
-            bounds = (c - w / 2.0, c + w / 2.0)
-        elif not norm.per_slice:
-            bounds = _percentiles(np.asarray(array), norm.percentiles)
         step = max(1, CHUNK_VOXELS // max(1, int(np.prod(src.shape[1:]))))
         for start in range(0, len(src), step):
-            stop = min(len(src), start + step)
-            if norm.mode != "window" and norm.per_slice:
-                for t in range(start, stop):
-                    _scale_into(src[t], _percentiles(src[t], norm.percentiles), out[t])
-            else:
-                _scale_into(src[start:stop], bounds, out[start:stop])
+            norm.scale_into(src[start:start + step], bounds, out[start:start + step])
         return out
+
+    def volume_bounds(self, array: np.ndarray) -> Optional[tuple[float, float]]:
+        """The intensities that become 0 and 1 for the whole volume; None when each slice has its own."""
+        norm = self.resolved(array)
+        if norm.mode == "window":
+            c, w = norm.window
+            return c - w / 2.0, c + w / 2.0
+        return None if norm.per_slice else _percentiles(np.asarray(array), norm.percentiles)
+
+    def scale_into(self, slices: np.ndarray, bounds: Optional[tuple[float, float]], out: np.ndarray) -> None:
+        """Some (n, H, W) slices into ``out`` (float32, in [0, 1]) with ``volume_bounds``' result; on a
+        resolved normalisation, as bounds of None mean each slice's own percentiles."""
+        if bounds is not None:
+            _scale_into(slices, bounds, out)
+            return
+        for t in range(len(slices)):
+            _scale_into(slices[t], _percentiles(slices[t], self.percentiles), out[t])
 
 
 CHUNK_VOXELS = 1 << 22  # voxels normalised per step: bounds the float temporaries

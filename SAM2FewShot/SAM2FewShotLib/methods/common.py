@@ -45,6 +45,7 @@ class MethodInputs:
 def build_report(method: str, session: VolumeSession, result: PropagationResult, segments, seconds: float,
                  frames_encoded: int) -> dict:
     by_value = {s.value: s for s in segments}
+    visited = int(np.count_nonzero(result.visited.any(axis=1))) or len(result.labels)  # a slice range runs fewer
     slices = []
     for t in range(len(result.labels)):
         objects = {}
@@ -66,8 +67,8 @@ def build_report(method: str, session: VolumeSession, result: PropagationResult,
         "session": session.describe(),
         "segments": [{"value": s.value, "name": s.name, "color": list(s.color), "terminology": s.terminology}
                      for s in segments],
-        "timing": {"total_s": round(seconds, 3), "frames_encoded": frames_encoded,
-                   "per_slice_s": round(seconds / max(1, len(result.labels)), 4)},
+        "timing": {"total_s": round(seconds, 3), "frames_encoded": frames_encoded, "slices_run": visited,
+                   "per_slice_s": round(seconds / max(1, visited), 4)},
         "slices": slices,
     }
 

@@ -1,8 +1,9 @@
 """A volume seen as a SAM2 video: slicing axis, slice stack, and lazily built model-input frames.
 
-Frames are kept once, as normalised slices at native resolution on the CPU; the resized,
-3-channel, ImageNet-normalised tensors are made per batch on the model's device, so memory
-does not grow with the model's image size and no file ever touches the disk.
+A volume's frames are its own voxels, normalised when a batch is read (VolumeSlices): the volume is
+the only copy, where a float32 stack of normalised slices would add 1 GB to a 512x512x1000 CT. The
+resized, 3-channel, ImageNet-normalised tensors are made per batch on the model's device, so memory
+does not grow with the model's image size or the slice count, and no file ever touches the disk.
 """
 
 from __future__ import annotations
@@ -17,25 +18,86 @@ from ..common.errors import InputError
 from ..io.normalization import Normalization
 from ..io.volume import Volume
 
+# Frames the image encoder takes at once. On a CPU a batch buys no speed (hiera-tiny at 1024 px, one
+# thread: 3.2-3.3 s of CPU per frame alone, 4.1-4.5 s in fours) but its activations grow with it
+# (1.3 GB for four frames at 1024 px, 0.44 GB for one), so the batch is held to a memory budget there.
+BATCH_FRAMES = 4
+CPU_BATCH_BYTES = 256 * 1024 * 1024
+ENCODER_BYTES_PER_PIXEL = 444 * 1024 * 1024 / 1024 ** 2  # measured: hiera-tiny, one frame at 1024 px
+
+
+def frames_per_batch(image_size: int, device: torch.device | str) -> int:
+    """How many frames the image encoder takes at once: 4 on a GPU; on a CPU what the budget allows."""
+    if torch.device(device).type != "cpu":
+        return BATCH_FRAMES
+    per_frame = ENCODER_BYTES_PER_PIXEL * image_size * image_size
+    return int(max(1, min(BATCH_FRAMES, CPU_BATCH_BYTES // per_frame)))
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VolumeSlices:
+    """(N, H, W) float32 slices in [0, 1] of a volume along an axis, normalised when indexed.
+
+    Indexing (an int, a slice, a list of ints) and iterating give tensors exactly equal to
+    ``Normalization.slices``; only the slices asked for are ever made.
+    """
+
+    ndim = 3
+    dtype = torch.float32
+
+    def __init__(self, array: np.ndarray, axis: int, normalization: Normalization = Normalization()):
+        self._norm = normalization.resolved(array)
+        self._bounds = self._norm.volume_bounds(array)  # once: percentiles over the whole volume
+        self._src = np.moveaxis(np.asarray(array), axis, 0)  # a view
+        self.shape = torch.Size(self._src.shape)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        picked = self._src[index]
+        single = picked.ndim == 2
+        picked = picked[None] if single else picked
+        out = np.empty(picked.shape, dtype=np.float32)
+        self._norm.scale_into(picked, self._bounds, out)
+        return torch.from_numpy(out[0] if single else out)
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
+
+    def float(self) -> torch.Tensor:
+        """Every slice, as one float32 tensor: a copy of the whole volume, for small ones only."""
+        return self[:]
 
 
 class FrameSource:
     """Normalised slices (N, H, W) in [0, 1] and the model input they become, per batch."""
 
-    def __init__(self, slices01: torch.Tensor | np.ndarray, image_size: int):
-        t = torch.as_tensor(np.asarray(slices01, dtype=np.float32)) if isinstance(slices01, np.ndarray) else slices01
+    def __init__(self, slices01: torch.Tensor | np.ndarray | VolumeSlices, image_size: int):
+        if isinstance(slices01, VolumeSlices):
+            t = slices01
+        else:
+            t = torch.as_tensor(np.asarray(slices01, dtype=np.float32)) if isinstance(slices01, np.ndarray) else slices01
+            t = t.float().contiguous() if t.ndim == 3 else t
         if t.ndim != 3:
             raise InputError(f"frames must be (N, H, W), got shape {tuple(t.shape)}")
-        self.slices01 = t.float().contiguous()
+        self.slices01 = t
         self.image_size = int(image_size)
 
     @classmethod
     def from_volume(
         cls, volume: Volume, axis: int, image_size: int, normalization: Normalization = Normalization()
     ) -> "FrameSource":
-        return cls(normalization.slices(volume.array, axis), image_size)
+        return cls(VolumeSlices(volume.array, axis, normalization), image_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the frames hold of their own (none when they are read from the volume)."""
+        s = self.slices01
+        return 0 if isinstance(s, VolumeSlices) else s.numel() * s.element_size()
 
     def __len__(self) -> int:
         return int(self.slices01.shape[0])
@@ -50,10 +112,10 @@ class FrameSource:
 
     def concat(self, other: "FrameSource") -> "FrameSource":
         """This video followed by ``other``'s frames (resized to our slice size if needed)."""
-        extra = other.slices01
+        extra = other.slices01.float()
         if extra.shape[1:] != self.slices01.shape[1:]:
             extra = resize(extra, (self.height, self.width))
-        return FrameSource(torch.cat([self.slices01, extra.float()]), self.image_size)
+        return FrameSource(torch.cat([self.slices01.float(), extra]), self.image_size)
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 3, S, S) float32 model input: resized, 3 channels, ImageNet-normalised."""

@@ -14,7 +14,7 @@ from ..io.normalization import Normalization
 from ..io.slicing import from_slices, slicing_axis, to_slices
 from ..io.volume import LabelMap, Volume
 from .feature_cache import DEFAULT_MEMORY_BYTES, FeatureCache
-from .frames import FrameSource
+from .frames import FrameSource, frames_per_batch
 from .offload import DEFAULT_SPILL_BYTES
 from .support_store import SupportFeatureStore
 
@@ -30,7 +30,7 @@ class VolumeSession:
         volume: Volume,
         axis: str | int = "auto",
         normalization: Normalization = Normalization(),
-        batch_size: int = 4,
+        batch_size: Optional[int] = None,  # frames per encoder batch (default: frames.frames_per_batch)
         feature_budget_bytes: int = DEFAULT_MEMORY_BYTES,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
         supports: Optional[SupportFeatureStore] = None,
@@ -40,6 +40,7 @@ class VolumeSession:
         self.axis = axis if isinstance(axis, int) else slicing_axis(volume, axis)
         self.normalization = normalization.resolved(volume.array)
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
+        batch_size = batch_size or frames_per_batch(predictor.image_size, predictor.device)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
                                   max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
         self._own_supports = supports is None  # a store of its own, or one shared by the runner's sessions

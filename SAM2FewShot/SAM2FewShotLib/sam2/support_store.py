@@ -18,7 +18,7 @@ from typing import Optional
 
 from ..common.progress import ENCODE_SUPPORTS
 from .feature_cache import DEFAULT_MEMORY_BYTES, FeatureCache
-from .frames import FrameSource
+from .frames import FrameSource, frames_per_batch
 from .offload import DEFAULT_SPILL_BYTES
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,13 @@ DEFAULT_DISK_BUDGET = 4 << 30  # bytes of saved support features kept in the fol
 class SupportFeatureStore:
     """Support feature caches by content key: ``keep`` in memory, complete ones saved to ``folder``."""
 
-    def __init__(self, predictor, folder: Optional[Path] = None, keep: int = 2, batch_size: int = 4,
+    def __init__(self, predictor, folder: Optional[Path] = None, keep: int = 2, batch_size: Optional[int] = None,
                  max_bytes: int = DEFAULT_MEMORY_BYTES, spill_bytes: int = DEFAULT_SPILL_BYTES,
                  disk_budget: int = DEFAULT_DISK_BUDGET):
         self.predictor = predictor
         self.folder = Path(folder) if folder is not None else None
-        self.keep, self.batch_size = max(1, keep), batch_size
+        self.keep = max(1, keep)
+        self.batch_size = batch_size or frames_per_batch(predictor.image_size, predictor.device)
         self.max_bytes, self.spill_bytes, self.disk_budget = max_bytes, spill_bytes, disk_budget
         self._caches: "OrderedDict[str, FeatureCache]" = OrderedDict()
         self._saved: set[str] = set()

@@ -31,6 +31,9 @@ class FeatureExtractor(Protocol):
         ...
 
 
+CHUNK_VOXELS = 1 << 22  # slices widened to float32 per step: never a float copy of a whole volume's frames
+
+
 class IntensityFeatures:
     """Downsampled intensities, standardised per slice: cosine similarity of these IS the NCC.
 
@@ -49,7 +52,9 @@ class IntensityFeatures:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         _check_slices(images)
-        x = F.interpolate(images.float()[:, None], size=(self.size, self.size), mode="area")
+        step = max(1, CHUNK_VOXELS // max(1, images[0].numel())) if len(images) else 1
+        x = torch.cat([F.interpolate(images[i:i + step].float()[:, None], size=(self.size, self.size), mode="area")
+                       for i in range(0, len(images), step)] or [torch.zeros((0, 1, self.size, self.size))])
         x = x.flatten(1)
         x = x - x.mean(dim=1, keepdim=True)
         # unit length (unit variance up to a constant): below a rounding-level spread, a blank slice
