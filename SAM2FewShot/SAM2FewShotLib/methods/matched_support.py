@@ -19,8 +19,8 @@ from ..common.choices import EXTENTS, PASS_ORDERS, PLACEMENTS, SCHEMES, SUPPORT_
 from ..common.choices import SIMILARITY_FEATURES as FEATURES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
-from ..io.slicing import anatomical_plane, slicing_axis
-from ..io.volume import LabelMap, Segment, SupportCase
+from ..io.reorient import query_frame_shape, support_in_query_frame
+from ..io.volume import LabelMap, Segment, SupportCase, Volume
 from ..sam2.feature_cache import FeatureCache, StackedCache
 from ..sam2.frames import FrameSource
 from ..sam2.propagation import propagate
@@ -89,21 +89,25 @@ def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
 
 def support_entries(supports: Sequence[SupportCase], session: VolumeSession, segments, params: FewShotParams,
                     device: torch.device) -> SupportEntries:
-    """Representative support slices per structure, augmented, in the query's anatomical plane.
+    """Representative support slices per structure, augmented, cut like the query's slices: each support
+    is brought into the query's orientation and in-plane spacing first (io/reorient.py).
 
     They are stacked at the supports' own largest slice size, not the query's: the model sees every
-    frame at its image size anyway, and entries that do not depend on the query are encoded once for
-    a whole cohort (support_store.py).
+    frame at its image size anyway, and entries that do not depend on the query (supports already in
+    the query's frame, or queries of one geometry) are encoded once for a whole cohort (support_store.py).
+    ``support_slice`` counts slices of the grid a slice was cut from (the support's own unless
+    ``support_reoriented``); ``support_offset_mm`` places it along the query's slice normal.
     """
     from ..support.augment import augment_slices
     from ..support.slices import select_support_slices, stack_support
 
-    plane = anatomical_plane(session.volume, session.axis)
-    size = support_slice_size(supports, plane)
+    query, axis = session.volume, session.axis
+    size = support_slice_size(supports, query, axis)
+    normal = query.direction_matrix[:, 2 - axis]
     wanted = {seg.value for seg in segments}
     images, masks, structure, meta = [], [], [], []
-    for case, (image, labels) in enumerate(supports):
-        axis = slicing_axis(image, plane)
+    for case, support in enumerate(supports):
+        image, labels = support_in_query_frame(*support, query, axis)  # the same objects when aligned
         image01 = session.normalization.apply(image.array, axis=axis)  # percentiles: each support its own
         present = sorted(wanted & set(np.unique(labels.volume.array).tolist()))
         if not present:
@@ -116,6 +120,8 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
             src = picked[int(aug.source[m])]
             structure.append(src.value)
             meta.append({"support_case": case, "support_slice": src.index,
+                         "support_offset_mm": _offset_mm(image, axis, src.index, normal),
+                         "support_reoriented": image is not support[0],
                          "relative_position": round(src.position, 4), "augmentation": aug.params[m].as_dict()})
         images.append(aug.images.cpu())
         masks.append(aug.masks.cpu())
@@ -124,10 +130,18 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
     return SupportEntries(torch.cat(images), torch.cat(masks), np.asarray(structure), meta)
 
 
-def support_slice_size(supports: Sequence[SupportCase], plane: str) -> tuple[int, int]:
-    """(H, W): the largest slice of any support cut in ``plane``."""
-    shapes = [np.delete(image.array.shape, slicing_axis(image, plane)) for image, _ in supports]
+def support_slice_size(supports: Sequence[SupportCase], query: Volume, axis: int) -> tuple[int, int]:
+    """(H, W): the largest slice of any support cut like the query's (from the headers: nothing resampled)."""
+    shapes = [np.delete(query_frame_shape(image, query, axis), axis) for image, _ in supports]
     return int(max(s[0] for s in shapes)), int(max(s[1] for s in shapes))
+
+
+def _offset_mm(image: Volume, axis: int, index: int, normal: np.ndarray) -> float:
+    """Where a support slice lies along the query's slice normal (LPS mm): comparable however the
+    support is stored, where ``support_slice`` counts slices of the grid it was cut from."""
+    ijk = np.zeros(4)
+    ijk[2 - axis], ijk[3] = index, 1.0
+    return round(float(normal @ (image.ijk_to_lps() @ ijk)[:3]), 3)
 
 
 def match_entries(session: VolumeSession, entries: SupportEntries, support_cache: FeatureCache,
