@@ -169,3 +169,12 @@ def _fmt(v: Sequence[float]) -> str:
 
 
 SupportCase = tuple[Volume, LabelMap]  # a labelled case: an image and its labels on the image's grid
+
+
+def voxel_counts(labels: np.ndarray, top: int) -> np.ndarray:
+    """Voxels of each label value 0..top, a slice at a time: np.bincount of a whole volume would
+    first make an int64 copy of it (2 GB for a 512x512x1000 label map)."""
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for section in labels if labels.ndim > 2 else [labels]:  # a (strided) view per slice, never a reshaped copy
+        counts += np.bincount(section.ravel(), minlength=top + 1)[:top + 1]
+    return counts

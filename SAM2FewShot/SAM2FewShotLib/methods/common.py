@@ -7,6 +7,7 @@ the query is not known in advance).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -15,11 +16,13 @@ import numpy as np
 
 from ..common.progress import ProgressFn
 from ..io.normalization import Normalization
-from ..io.volume import LabelMap, SupportCase, Volume
+from ..io.volume import LabelMap, SupportCase, Volume, voxel_counts
 from ..library.cases import Library
 from ..sam2.build import ModelOptions
 from ..sam2.propagation import Prompt, PropagationResult
 from ..sam2.session import VolumeSession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +73,44 @@ def build_report(method: str, session: VolumeSession, result: PropagationResult,
         "timing": {"total_s": round(seconds, 3), "frames_encoded": frames_encoded, "slices_run": visited,
                    "per_slice_s": round(seconds / max(1, visited), 4)},
         "slices": slices,
+        "structures": structures_found(result, segments),
     }
+
+
+def structures_found(result: PropagationResult, segments) -> list[dict]:
+    """Per structure: found or not in the written labels, and SAM2's best object score (on which slice).
+
+    A structure absent from the query (a support's tumour, a removed organ) gets no voxel where
+    SAM2's object score says no object; the report says "not found" rather than leaving it unsaid.
+    """
+    names = {s.value: s.name for s in segments}
+    top = max(result.obj_ids, default=0)
+    counts = np.array([voxel_counts(section, top) for section in result.labels])
+    out = []
+    for o, obj_id in enumerate(result.obj_ids):
+        scores = result.object_scores[:, o]
+        seen = np.isfinite(scores)
+        voxels = int(counts[:, obj_id].sum()) if len(counts) else 0
+        best = int(np.nanargmax(np.where(seen, scores, -np.inf))) if seen.any() else None
+        out.append({"value": obj_id, "name": names.get(obj_id, str(obj_id)),
+                    "status": "found" if voxels else "not found", "voxels": voxels,
+                    "slices": int(np.count_nonzero(counts[:, obj_id])) if len(counts) else 0,
+                    "best_object_score": None if best is None else round(float(scores[best]), 4),
+                    "best_slice": best})
+        if not voxels:
+            log.warning("%s: not found in the query (best object score %s)", out[-1]["name"],
+                        "none" if best is None else f"{scores[best]:.2f} on slice {best}")
+    return out
+
+
+def erase_below_score(result: PropagationResult, min_score: float) -> None:
+    """Erase each structure from the slices where SAM2's object score is at or below ``min_score``
+    (in place). SAM2 itself blanks a mask at a score of 0; a higher threshold keeps only the slices
+    it is surer of, so an absent structure leaves no low-confidence islands."""
+    for o, obj_id in enumerate(result.obj_ids):
+        for t in np.flatnonzero(~(result.object_scores[:, o] > min_score)):  # NaN (not visited): nothing there
+            section = result.labels[t]
+            section[section == obj_id] = 0
 
 
 def largest_run(slice_labels: np.ndarray, value: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..sam2.propagation import propagate
 from ..sam2.session import VolumeSession
 from ..support.matching import Matches
 from ..support.memory import SupportEntries, SupportMemoryPolicy
-from .common import MethodInputs, build_report, largest_run
+from .common import MethodInputs, build_report, erase_below_score, largest_run
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class FewShotParams:
     neighbours: int = 1
     position_weight: float = 0.0
     extent: str = "largest-run"  # or "score": keep every slice SAM2's object score accepts
+    min_object_score: float = 0.0  # a structure is erased from slices where SAM2's object score is not above this
     seed: int = 0
     selection: str = "matched"  # or "middle": every slice gets each structure's middle support slice
     placement: str = "behind"  # video+memory: where the memories sit (behind | before-query | after-query)
@@ -201,6 +202,8 @@ def segment_fewshot(
                                  frame_range=frame_range)
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
                        policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
+    if params.min_object_score > 0.0:  # SAM2 itself blanks a mask at 0
+        erase_below_score(result, params.min_object_score)
     if params.extent == "largest-run":
         for seg in segments:
             result.labels = largest_run(result.labels, seg.value)
@@ -210,7 +213,7 @@ def segment_fewshot(
                           + support_cache.encoded_frames - support_encoded_before)
     report["fewshot"] = {"scheme": params.scheme, "augmentations": params.augmentations,
                          "slices_per_structure": params.slices_per_structure, "features": params.features,
-                         "top_k": params.top_k, "extent": params.extent, "selection": params.selection,
+                         "top_k": params.top_k, "extent": params.extent, "min_object_score": params.min_object_score, "selection": params.selection,
                          "placement": params.placement, "passes": params.passes, "support_entries": len(entries),
                          "supports": len(supports)}
     return labels, report

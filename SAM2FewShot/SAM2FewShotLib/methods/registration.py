@@ -16,7 +16,7 @@ from ..common.choices import FUSION_METHODS, TRANSFORMS
 from ..common.errors import Cancelled, InputError
 from ..common.progress import FUSE_LABELS, ProgressFn, register_stage
 from ..io.slicing import slicing_axis
-from ..io.volume import LabelMap, Segment, Volume
+from ..io.volume import LabelMap, Segment, Volume, voxel_counts
 from ..registration.fusion import fuse_labels, similarity_weights
 from ..registration.register import register_support
 from .common import MethodInputs
@@ -86,8 +86,17 @@ def registration_segment(
                      for s in result.segments],
         "timing": {"total_s": round(time.perf_counter() - start, 3),
                    "fusion_s": round(time.perf_counter() - fusion_start, 3)},
+        "structures": _structures(result, max(similarities)),
     }
     return result, report
+
+
+def _structures(labels: LabelMap, similarity: float) -> list[dict]:
+    """Per structure: found (voxels written) or not. Registration carries every structure over, so it
+    cannot tell one absent from the query: the best similarity is the support's, not the structure's."""
+    counts = voxel_counts(labels.volume.array, max((s.value for s in labels.segments), default=0))
+    return [{"value": s.value, "name": s.name, "status": "found" if counts[s.value] else "not found",
+             "voxels": int(counts[s.value]), "best_similarity": round(similarity, 4)} for s in labels.segments]
 
 
 def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Optional[ProgressFn]:

@@ -31,7 +31,7 @@ from ..sam2.session import VolumeSession
 from ..support.matching import Matches, relative_positions
 from ..support.memory import SupportEntries, SupportMemoryPolicy
 from ..support.slices import SupportSlice, stack_support
-from .common import MethodInputs, build_report, largest_run
+from .common import MethodInputs, build_report, erase_below_score, largest_run
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class RetrievalParams:
     window: Optional[float] = None  # keep retrievals within this relative-position difference first
     neighbours: int = 1  # a slice is also conditioned by its neighbours' retrievals (up to top_k memories)
     extent: str = "largest-run"
+    min_object_score: float = 0.0  # a structure is erased from slices where SAM2's object score is not above this
     normalization: Normalization = field(default_factory=Normalization)  # how library images become [0, 1]
     placement: str = "behind"  # where the memories sit in the video: behind | before-query | after-query
     passes: str = "both"  # both | forward | middle-out (support/memory.py, sam2/propagation.py)
@@ -146,6 +147,8 @@ def segment_retrieval(
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
                        policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
     segments = [data.segments[v] for v in sorted(hits)]
+    if params.min_object_score > 0.0:  # SAM2 itself blanks a mask at 0
+        erase_below_score(result, params.min_object_score)
     if params.extent == "largest-run":
         for seg in segments:
             result.labels = largest_run(result.labels, seg.value)
@@ -156,7 +159,7 @@ def segment_retrieval(
     report["retrieval"] = {
         "library": str(library.list_file or library.root), "cases": len(library), "features": features.key,
         "plane": plane, "top_k": params.top_k, "window": params.window, "neighbours": params.neighbours,
-        "extent": params.extent, "placement": params.placement, "passes": params.passes,
+        "extent": params.extent, "min_object_score": params.min_object_score, "placement": params.placement, "passes": params.passes,
         "support_entries": len(entries),
         "index": {"folder": str(index.folder), "embeddings": len(data), "rows": int(len(data.rows)),
                   **stats.as_dict()},

@@ -138,6 +138,17 @@ def panel_message(message: str) -> str:
     return message if message.endswith((".", "!", "?")) else message + "."
 
 
+def not_found_message(report: dict) -> str:
+    """' Not found in this volume: Tumour (best object score -2.10).' for the structures a run found no
+    voxel of, so an absent one is said, not left as a silently empty segment; '' when all were found."""
+    missing = []
+    for entry in report.get("structures", ()):
+        if entry.get("status") == "not found":
+            score = entry.get("best_object_score")
+            missing.append(entry["name"] + ("" if score is None else f" (best object score {score:.2f})"))
+    return f" Not found in this volume: {', '.join(missing)}." if missing else ""
+
+
 # --- refine: the slices the user edited ---------------------------------------------------------
 
 

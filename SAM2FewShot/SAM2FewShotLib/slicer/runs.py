@@ -162,7 +162,7 @@ class RunController:
         self.changes.append(inserted.change)
         reused = ", warm worker" if event.get("session_reused") else ""
         self._end(True, f"Done in {event['seconds']:.1f} s ({event['frames_encoded']} slices encoded{reused}). "
-                        f"{inserted.change.message()}")
+                        f"{inserted.change.message()}{panel.not_found_message(report)}")
 
     def can_undo(self) -> bool:
         return bool(self.changes) and not self.is_running
