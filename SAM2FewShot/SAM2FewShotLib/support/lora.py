@@ -81,18 +81,19 @@ class LoraAdapters:
 
 def training_slices(session: VolumeSession, supports: Sequence[SupportCase], settings: LoraSettings,
                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmented support slices in the query's anatomical plane, (M, size, size), one structure each.
+    """Augmented support slices cut like the query's (its orientation and in-plane spacing, as matched
+    support cuts them: io/reorient.py), (M, size, size), one structure each.
 
     Square at the model's input size, so the set (and its cache key) does not depend on the query's shape.
     """
-    from ..io.slicing import anatomical_plane, slicing_axis
+    from ..io.reorient import support_in_query_frame
     from .augment import augment_slices
     from .slices import select_support_slices, stack_support
 
-    plane = anatomical_plane(session.volume, session.axis)
+    axis = session.axis
     images, masks = [], []
-    for case, (image, labels) in enumerate(supports):
-        axis = slicing_axis(image, plane)
+    for case, support in enumerate(supports):
+        image, labels = support_in_query_frame(*support, session.volume, axis)  # the same objects when aligned
         picked = select_support_slices(session.normalization.apply(image.array, axis=axis), labels, axis,
                                        settings.slices_per_structure, case)
         aug = augment_slices(*stack_support(picked, (size, size)), settings.augmentations, seed=settings.seed + case)
