@@ -278,3 +278,19 @@ def test_sam2_features_of_the_random_model_find_themselves(random_predictor, sha
     m = match_slices(q, e)
     assert m.best()[picked].tolist() == list(range(len(picked)))
     assert np.allclose(m.similarity[ALL][picked, 0], 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_support_slices_normalised_on_demand_equal_the_normalised_volumes(axis):
+    """A support is normalised a slice at a time (no float32 copy of a large support CT): the same slices."""
+    from SAM2FewShotLib.io.normalization import Normalization
+    from SAM2FewShotLib.sam2.frames import VolumeSlices
+
+    image, labels = phantom(seed=4, shape_kji=(14, 30, 26))
+    norm = Normalization.parse("percentile").resolved(image.array)
+    whole = select_support_slices(norm.apply(image.array, axis=axis), labels, axis, 3)
+    lazy = select_support_slices(VolumeSlices(image.array, axis, norm), labels, axis, 3)
+    assert [(s.index, s.value) for s in lazy] == [(s.index, s.value) for s in whole] and len(whole) >= 2
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) for a, b in zip(lazy, whole))
+    with pytest.raises(InputError, match="same shape"):
+        select_support_slices(VolumeSlices(image.array[:-1], axis, norm), labels, axis, 3)

@@ -22,7 +22,7 @@ from ..common.progress import ProgressFn
 from ..io.reorient import query_frame_shape, support_in_query_frame
 from ..io.volume import LabelMap, Segment, SupportCase, Volume
 from ..sam2.feature_cache import FeatureCache, StackedCache
-from ..sam2.frames import FrameSource
+from ..sam2.frames import FrameSource, VolumeSlices
 from ..sam2.propagation import propagate
 from ..sam2.session import VolumeSession
 from ..support.matching import Matches
@@ -109,7 +109,7 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
     images, masks, structure, meta = [], [], [], []
     for case, support in enumerate(supports):
         image, labels = support_in_query_frame(*support, query, axis)  # the same objects when aligned
-        image01 = session.normalization.apply(image.array, axis=axis)  # percentiles: each support its own
+        image01 = VolumeSlices(image.array, axis, session.normalization)  # percentiles: each support its own
         present = sorted(wanted & set(np.unique(labels.volume.array).tolist()))
         if not present:
             continue

@@ -87,6 +87,7 @@ def training_slices(session: VolumeSession, supports: Sequence[SupportCase], set
     Square at the model's input size, so the set (and its cache key) does not depend on the query's shape.
     """
     from ..io.reorient import support_in_query_frame
+    from ..sam2.frames import VolumeSlices
     from .augment import augment_slices
     from .slices import select_support_slices, stack_support
 
@@ -94,7 +95,7 @@ def training_slices(session: VolumeSession, supports: Sequence[SupportCase], set
     images, masks = [], []
     for case, support in enumerate(supports):
         image, labels = support_in_query_frame(*support, session.volume, axis)  # the same objects when aligned
-        picked = select_support_slices(session.normalization.apply(image.array, axis=axis), labels, axis,
+        picked = select_support_slices(VolumeSlices(image.array, axis, session.normalization), labels, axis,
                                        settings.slices_per_structure, case)
         aug = augment_slices(*stack_support(picked, (size, size)), settings.augmentations, seed=settings.seed + case)
         images.append(aug.images)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..io.volume import LabelMap, default_segments
-from ..sam2.frames import resize
+from ..sam2.frames import VolumeSlices, resize
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class SupportSlice:
 
 
 def select_support_slices(
-    image01: np.ndarray,
+    image01: np.ndarray | VolumeSlices,
     labels: LabelMap,
     axis: int,
     per_structure: Optional[int] = 5,
@@ -53,12 +53,14 @@ def select_support_slices(
     when it names no segments); a structure asked for by value must be present.
     """
     lab = labels.volume.array
-    if image01.ndim != 3 or image01.shape != lab.shape:
-        raise InputError(
-            f"support image {image01.shape} and labels {lab.shape} must be 3D arrays of the same shape"
-        )
     if axis not in (0, 1, 2):
         raise InputError(f"slicing axis must be 0, 1 or 2, got {axis}")
+    laid_out = (lab.shape[axis],) + tuple(n for a, n in enumerate(lab.shape) if a != axis)  # VolumeSlices' order
+    lazy = isinstance(image01, VolumeSlices)  # normalised when a slice is taken: no float copy of the support
+    if image01.ndim != 3 or (tuple(image01.shape) != laid_out if lazy else image01.shape != lab.shape):
+        raise InputError(
+            f"support image {tuple(image01.shape)} and labels {lab.shape} must be 3D arrays of the same shape"
+        )
     if per_structure is not None and per_structure < 1:
         raise InputError(f"slices per structure must be at least 1, got {per_structure}")
     if not np.any(lab > 0):
@@ -90,7 +92,8 @@ def select_support_slices(
                     name=names.get(value, f"label_{value}"),
                     index=int(idx),
                     position=float(pos),
-                    image=np.ascontiguousarray(np.take(image01, idx, axis=axis), dtype=np.float32),
+                    image=image01[idx].numpy() if lazy else np.ascontiguousarray(np.take(image01, idx, axis=axis),
+                                                                                  dtype=np.float32),
                     mask=np.take(lab, idx, axis=axis) == value,
                 )
             )
