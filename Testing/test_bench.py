@@ -283,3 +283,38 @@ def test_bench_command_refuses_bad_input_without_writing(shared_data, tmp_path, 
     (tmp_path / "file").write_text("x")
     assert main(["bench", "--data", str(data), "--out", str(tmp_path / "file"), "--random-weights"]) == 2
     assert main(["bench", "--data", str(data), "--out", str(out), "--memory-scaling", "1,x"]) == 2
+
+
+# ---------------------------------------------------------------- the profile (issue 16)
+
+
+def test_profile_parts_add_up_and_count_the_encoders_flops(small_predictor, tmp_path, capsys):
+    from SAM2FewShotLib.bench.profile import KINDS, PARTS, PYTHON, REST, flop_counter
+
+    out = tmp_path / "profile.json"
+    assert main(["bench", "--profile", "--random-weights", "--image-size", "128", "--synthetic-size", "48",
+                 "--synthetic-structures", "2", "--profile-slices", "4", "--augmentations", "1",
+                 "--slices-per-structure", "2", "--threads", "1", "--json", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    profile = json.loads(out.read_text())["profile"]
+    assert profile["matmul_peak_gflops"] > 0 and profile["model"]["precision"] == "fp32"
+    with torch.inference_mode(), flop_counter() as bare:  # one frame through the bare encoder
+        small_predictor.image_encoder(torch.zeros(1, 3, 128, 128))
+    per_frame = bare.get_total_flops()
+    assert set(profile["runs"]) == {"propagate", "matched-support"}
+    for method, run in profile["runs"].items():
+        parts = run["parts"]
+        assert list(parts) == list(PARTS) + [REST] and run["slices"] == 4, method
+        # the table's rows make up the measured wall time, and the profiler's own events most of it
+        assert sum(p["time_s"] for p in parts.values()) == pytest.approx(run["total_s"], rel=1e-6)
+        unaccounted = parts[REST]["kinds"][PYTHON]["time_s"]  # what no profiler event covers
+        assert 0 <= unaccounted < 0.3 * run["total_s"], (method, unaccounted, run["total_s"])
+        for name in PARTS:  # the ops inside a part never exceed its span (nothing counted twice)
+            assert parts[name]["time_s"] > 0 and parts[name]["kinds"][PYTHON]["time_s"] > -1e-3, (method, name)
+            assert set(parts[name]["kinds"]) == set(KINDS)
+        encoder = parts["image encoder"]
+        assert encoder["flops"] > 0 and encoder["kinds"]["attention"]["flops"] > 0
+        assert encoder["flops"] == run["frames_encoded"] * per_frame, method
+        assert parts["memory attention"]["flops"] > 0 and parts["mask decoder"]["flops"] > 0
+        assert run["flops"] == sum(p["flops"] for p in parts.values())
+    assert "| image encoder |" in printed and "matmul peak" in printed

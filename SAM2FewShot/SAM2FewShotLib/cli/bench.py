@@ -23,7 +23,8 @@ def add_bench_parser(sub) -> None:
                     description="Each labelled case in turn is the query, the others its supports. "
                                 "Writes results.json, results.md and PNG plots to --out.")
     p.add_argument("--data", type=Path, help="folder of labelled cases (MSD layout, *_img/*_label or *_seg pairs)")
-    p.add_argument("--out", required=True, type=Path, help="report folder (created if missing)")
+    p.add_argument("--out", type=Path, help="report folder (created if missing); required unless --profile or "
+                                             "--precision-check")
     p.add_argument("--methods", metavar="M,M,...", help=f"comma-separated (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--preset", metavar="NAME,...",
                    help="a published construction with the paper's parameters (" + ", ".join(PRESETS) + "); "
@@ -54,6 +55,17 @@ def add_bench_parser(sub) -> None:
                     help="fix glibc's M_MMAP_THRESHOLD in the memory runs (e.g. 65536) to tell data from "
                          "allocator slack")
     sy.add_argument("--synthetic-size", type=int, default=256, help="slice size of synthetic volumes")
+    pr = p.add_argument_group("profile and precision (instead of the runs above)")
+    pr.add_argument("--profile", action="store_true",
+                    help="time and count the FLOPs of a propagation and a matched-support run per model part and "
+                         "op kind, beside this machine's matmul peak (on --data's first case, else synthetic)")
+    pr.add_argument("--precision-check", action="store_true",
+                    help="bf16 against fp32 on --data's cases (else synthetic): logit difference, Dice per "
+                         "structure, s/slice both ways")
+    pr.add_argument("--profile-slices", type=int, default=8, metavar="N",
+                    help="query slices of the profile and the precision check, around the most labelled one "
+                         "(0: all)")
+    pr.add_argument("--json", type=Path, metavar="FILE", help="also write the profile or precision check as JSON")
     add_model_args(p)
     add_frame_args(p, slice_range=False)
 
@@ -87,6 +99,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..methods.registry import get_method
     from ..run.runner import Runner
 
+    if getattr(args, "profile", False) or getattr(args, "precision_check", False):
+        return _profile(args)
+    if args.out is None:
+        raise InputError("give --out, the report folder")
     counts = _counts(args.memory_scaling)
     if args.data is None and not args.peer_speed and not counts:
         raise InputError("nothing to benchmark: give --data, --peer-speed or --memory-scaling")
@@ -156,6 +172,39 @@ def _run(args: argparse.Namespace) -> int:
     if failed:
         print(f"sam2fewshot: {len(failed)} of {len(results['runs'])} runs failed (see {args.out / 'results.md'})")
         return 1
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """bench --profile and/or --precision-check: tables on stdout, and --json FILE."""
+    import json
+
+    from ..bench import precision, profile
+    from ..run.runner import Runner
+
+    if args.profile_slices < 0:
+        raise InputError("--profile-slices must be 0 (all) or more")
+    fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
+               "features": args.features, "top_k": args.top_k}
+    results, say = {}, (lambda text: _say(args, text))
+    with profile.scratch_folder() as tmp:
+        cases = profile.data_inputs(Path(tmp), args.data, args.profile_slices, args.synthetic_size,
+                                    args.synthetic_structures, args.seed, args.support,
+                                    1 if not args.precision_check else args.max_cases)
+        if args.profile:
+            runner = Runner(save_support_features=False)
+            try:
+                results["profile"] = profile.run_profile(runner, cases[0], model_options(args), frame_options(args),
+                                                         fewshot, say)
+            finally:
+                runner.forget()
+            print(profile.markdown(results["profile"]))
+        if args.precision_check:
+            results["precision"] = precision.precision_check(cases, model_options(args), frame_options(args), say)
+            print(precision.markdown(results["precision"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.choices import AXES, DEVICES
 from ..run.request import FrameOptions
-from ..sam2.build import ModelOptions
+from ..sam2.build import PRECISIONS, ModelOptions
 from ..sam2.registry import DEFAULT_MODEL, REGISTRY
 
 IMAGE_SIZE_RULE = "a multiple of 64, at least 128"
@@ -57,6 +57,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: the cores other programs leave free; 1 can be much faster on "
                         "a busy machine)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="compute type: fp32; bf16 (faster on CPUs with AMX-BF16 or AVX512-BF16 and on GPUs; "
+                        "results differ slightly); auto: bf16 only where the processor has it natively "
+                        "(default: fp32 on the CPU and MPS, bf16 on CUDA)")
 
 
 def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True, query_frame: bool = False) -> None:
@@ -87,7 +91,8 @@ def add_normalization_args(group) -> None:
 def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(name=args.model, checkpoint=str(args.checkpoint) if args.checkpoint else None,
                         config=args.config, image_size=args.image_size, device=args.device, offline=args.offline,
-                        random_weights=args.random_weights, seed=args.seed, threads=args.threads)
+                        random_weights=args.random_weights, seed=args.seed, threads=args.threads,
+                        precision=getattr(args, "precision", None))
 
 
 def frame_options(args: argparse.Namespace) -> FrameOptions:

@@ -16,7 +16,8 @@ Requests (stdin)::
      "library": "/data/labelled_cases",                                # retrieval
      "out": "/tmp/x/result.seg.nrrd", "report": "/tmp/x/report.json",
      "model": {"name": "sam2.1-tiny", "checkpoint": null, "config": null, "image_size": null,
-               "device": "auto", "offline": false, "random_weights": false, "seed": 0},
+               "device": "auto", "offline": false, "random_weights": false, "seed": 0,
+               "threads": null, "precision": null | "fp32" | "bf16" | "auto"},
      "frames": {"axis": "auto", "normalization": "auto", "per_slice_normalization": false,
                 "slice_range": [first, last] | null, "frame": N | null, "component": N | null},
      "params": {...}}                                                 # method parameters
@@ -164,7 +165,7 @@ def _frame_options(data: dict) -> FrameOptions:
 _OPTION_TYPES: dict[type, dict[str, tuple]] = {
     ModelOptions: {"name": _PATH, "checkpoint": (str, _NONE), "config": (str, _NONE),
                    "image_size": (int, _NONE), "device": _PATH, "offline": (bool,), "random_weights": (bool,),
-                   "seed": _INT, "threads": (int, _NONE)},
+                   "seed": _INT, "threads": (int, _NONE), "precision": (str, _NONE)},
     FrameOptions: {"axis": _PATH, "normalization": _PATH, "per_slice_normalization": (bool,),
                    "slice_range": (list, _NONE), "frame": (int, _NONE), "component": (int, _NONE)},
 }

@@ -20,6 +20,9 @@ from .weights import download
 
 log = logging.getLogger(__name__)
 
+# What --precision and the worker protocol's model.precision accept (sam2/devices.choose_precision).
+PRECISIONS = ("fp32", "bf16", "auto")
+
 # Our predictor subclass: batched, cached image features and in-memory frames (predictor.py).
 PREDICTOR_TARGET = "SAM2FewShotLib.sam2.predictor.VolumePredictor"
 
@@ -42,8 +45,12 @@ def build_video_predictor(
     device="cpu",
     image_size: Optional[int] = None,
     seed: Optional[int] = None,
+    precision: Optional[str] = None,
 ):
     """The sam2 video predictor (our subclass) from a sam2 config name, with optional weights.
+
+    ``precision`` ("fp32" or "bf16", None: the device's default) is what its forward work runs in
+    (sam2/devices.model_autocast); the weights stay float32.
 
     Without a checkpoint the weights are sam2's random initialisation, seeded when ``seed`` is given:
     that is how the tests run the real architecture where no weights can be downloaded.
@@ -69,6 +76,7 @@ def build_video_predictor(
     # fill_hole_area needs sam2's CUDA extension, which our installs do not build: without it sam2
     # warns and skips the step on every run, so it is switched off explicitly.
     predictor.fill_hole_area = 0
+    predictor.precision = precision
     if checkpoint is not None:
         from .checkpoint import load_state_dict
 
@@ -89,11 +97,12 @@ class ModelOptions:
     random_weights: bool = False  # the real architecture, seeded random weights: tests and speed only
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads; default: the cores other work leaves free
+    precision: Optional[str] = None  # fp32, bf16 or auto; default: fp32 (bf16 autocast on CUDA, as before)
 
     def key(self) -> tuple:
         """What makes two loaded predictors interchangeable (offline only changes how it is fetched)."""
         return (self.name, self.checkpoint, self.config, self.image_size, self.device, self.random_weights,
-                self.seed if self.random_weights else None)
+                self.seed if self.random_weights else None) + ((self.precision,) if self.precision else ())
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,10 @@ def resolve(model: Optional[str], checkpoint: Optional[Path], config: Optional[s
     return ResolvedModel(spec.config, path, int(image_size or spec.image_size), spec.name)
 
 
-def load_predictor(resolved: ResolvedModel, device):
+def load_predictor(resolved: ResolvedModel, device, precision: Optional[str] = None):
     """The sam2 video predictor with the resolved weights, on ``device``."""
     return build_video_predictor(resolved.config, resolved.checkpoint, device=device,
-                                 image_size=resolved.image_size)
+                                 image_size=resolved.image_size, precision=precision)
 
 
 def load_model(options: ModelOptions = ModelOptions(), progress: Optional[ProgressFn] = None):
@@ -144,25 +153,27 @@ def load_model(options: ModelOptions = ModelOptions(), progress: Optional[Progre
     """
     import torch
 
-    from .devices import gpu_advice_for, resolve_device, set_threads
+    from .devices import gpu_advice_for, resolve_device, resolve_precision, set_threads
 
     set_threads(options.threads)  # the count asked for, else the cores other programs leave free
     device = resolve_device(options.device)
-    advice = gpu_advice_for(options.name, device)
-    if advice:
-        log.warning(advice)
+    precision, slower = resolve_precision(options.precision, device)  # auto: bf16 where it is native
+    for advice in (gpu_advice_for(options.name, device), slower):
+        if advice:
+            log.warning(advice)
     torch.manual_seed(options.seed)
     if options.random_weights:
         spec = get_spec(options.name)
         config = options.config or spec.config
         size = options.image_size or spec.image_size
-        predictor = build_video_predictor(config, device=device, image_size=size, seed=options.seed)
+        predictor = build_video_predictor(config, device=device, image_size=size, seed=options.seed,
+                                          precision=precision)
         return predictor, {"name": options.name, "weights": "random (seeded)", "config": config, "image_size": size,
-                           "device": str(device)}
+                           "device": str(device), "precision": precision}
     if options.checkpoint is None and progress is not None:
         download(options.name, offline=options.offline, progress=progress)  # with events; resolve() finds it
     checkpoint = Path(options.checkpoint) if options.checkpoint else None
     resolved = resolve(options.name, checkpoint, options.config, options.image_size, options.offline)
-    predictor = load_predictor(resolved, device)
+    predictor = load_predictor(resolved, device, precision)
     return predictor, {"name": resolved.name, "weights": str(resolved.checkpoint), "config": resolved.config,
-                       "image_size": resolved.image_size, "device": str(device)}
+                       "image_size": resolved.image_size, "device": str(device), "precision": precision}

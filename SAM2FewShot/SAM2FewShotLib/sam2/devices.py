@@ -67,11 +67,107 @@ def set_threads(requested: Optional[int] = None) -> int:
     return count
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (as SAM2 is meant to run); full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: Optional[str] = None):
+    """bfloat16 autocast where ``precision`` is "bf16"; without one, the device's default
+    (default_precision): bfloat16 on CUDA, as SAM2 is meant to run, full precision elsewhere."""
+    if (precision or default_precision(device)) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def model_autocast(predictor):
+    """autocast at the precision the predictor was loaded with (build.load_model sets it)."""
+    return autocast(predictor.device, getattr(predictor, "precision", None))
+
+
+def precision_tag(predictor) -> str:
+    """"" for a predictor at its device's default precision, else ":bf16" / ":fp32": for the keys of
+    saved features (bfloat16 features must not be read back into a float32 run, nor the reverse)."""
+    precision = getattr(predictor, "precision", None)
+    return "" if precision in (None, default_precision(predictor.device)) else f":{precision}"
+
+
+# --- precision -------------------------------------------------------------------------------------------
+
+# The x86 flags (Linux /proc/cpuinfo names) of a CPU that computes bfloat16 natively: AMX tiles or
+# AVX512-BF16 dot products. Without them oneDNN emulates bfloat16 and a run is slower than float32.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def default_precision(device: torch.device) -> str:
+    """What runs when no precision is asked for: bf16 on CUDA (unchanged), fp32 on the CPU and MPS."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether a Linux /proc/cpuinfo text lists a native bfloat16 flag."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and set(line.split(":", 1)[-1].split()) & set(CPU_BF16_FLAGS):
+            return True
+    return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16 (x86, as torch's cpuinfo or Linux reports it), or Arm FEAT_BF16 (macOS)."""
+    import platform
+    import subprocess
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        if any(probe() for probe in probes if probe is not None):
+            return True
+    except RuntimeError:  # a torch build without cpuinfo: read the flags ourselves
+        pass
+    if platform.system() == "Linux":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                return cpuinfo_has_bf16(f.read())
+        except OSError:
+            return False
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.stdout.strip() == "1"
+    return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (so bf16 is faster there, not emulated)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        newer = getattr(mps, "is_macos_or_newer", None)
+        return bool(newer and newer(14, 0)) and cpu_has_native_bf16()  # Metal bfloat16: macOS 14, Apple M2+
+    return cpu_has_native_bf16()
+
+
+def choose_precision(requested: Optional[str], device_type: str, native: bool) -> str:
+    """The precision a run uses: fp32 or bf16. ``auto`` picks bf16 only where it is native; None keeps
+    the device's default (bf16 on CUDA, fp32 elsewhere); an explicit choice is kept."""
+    requested = (requested or "").lower() or None
+    if requested not in (None, "fp32", "bf16", "auto"):
+        raise InputError(f"unknown precision '{requested}': use fp32, bf16 or auto")
+    if requested is None:
+        return default_precision(torch.device(device_type))
+    if requested == "auto":
+        return "bf16" if native else "fp32"
+    return requested
+
+
+def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[str, Optional[str]]:
+    """(precision, warning): what runs on ``device``, and a one-line warning when bf16 was asked for
+    on a processor that only emulates it."""
+    default_or_auto = requested in (None, "auto")
+    native = native_bf16(device) if requested is not None else False
+    precision = choose_precision(requested, device.type, native)
+    if precision == "bf16" and not native and not default_or_auto:
+        return precision, (f"bfloat16 was asked for, but this {device.type.upper()} has no native bfloat16 "
+                           "(AMX-BF16 or AVX512-BF16): the run will be slower than float32")
+    return precision, None
 
 
 # --- GPU memory advice -----------------------------------------------------------------------------------

@@ -139,9 +139,9 @@ class FeatureCache:
 
     @torch.inference_mode()
     def _encode(self, indices: list[int]) -> None:
-        from .devices import autocast
+        from .devices import model_autocast
 
-        with autocast(self.device):
+        with model_autocast(self.predictor):  # at the model's precision: bf16 features stay bf16 (half the bytes)
             out = self.predictor.forward_image(self.frames.batch(indices, self.device))
         if self._pos_enc is None:  # positional encodings depend only on the image size
             self._pos_enc = [p[:1].clone() for p in out["vision_pos_enc"]]

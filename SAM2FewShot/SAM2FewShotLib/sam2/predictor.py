@@ -22,7 +22,8 @@ from .frames import FrameSource
 class Float32Memories:
     """sam2 stores memories in bfloat16, which only works under CUDA autocast: a memory made of
     stored features alone (no object pointer to promote the dtype), as when a slice is tracked
-    towards a prompt that lies ahead, fails in a float32 linear layer. Off CUDA they stay float32.
+    towards a prompt that lies ahead, fails in a float32 linear layer. Unless the predictor runs
+    under bfloat16 autocast (CUDA by default, or precision "bf16"), they stay float32.
 
     Mixed into our predictor and into the stock twin the equivalence checks compare it with.
     """
@@ -37,7 +38,9 @@ class Float32Memories:
         return self._storable(features), pos_enc
 
     def _storable(self, features):
-        if features is None or self.device.type == "cuda":
+        from .devices import default_precision
+
+        if features is None or (getattr(self, "precision", None) or default_precision(self.device)) == "bf16":
             return features
         return features.float()
 
@@ -86,6 +89,8 @@ class MaskHintPrompts:
 
 class VolumePredictor(Float32Memories, MaskHintPrompts, SAM2VideoPredictor):
     """sam2's video predictor with in-memory frames and a batched, reusable feature cache."""
+
+    precision: Optional[str] = None  # "fp32" or "bf16" (build.load_model); None: the device's default
 
     def init_volume_state(
         self,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..common.errors import Cancelled, InputError
 from ..common.progress import PROPAGATE_BACKWARD, PROPAGATE_FORWARD, ProgressFn
-from .devices import autocast
+from .devices import model_autocast
 from .feature_cache import FeatureCache
 from .frames import FrameSource
 from .offload import OffloadedDict
@@ -147,8 +147,7 @@ def propagate(
     for p in prompts:
         if not 0 <= p.frame < n:
             raise InputError(f"prompt on slice {p.frame} is outside the volume (0..{n - 1})")
-    device = predictor.device
-    with torch.inference_mode(), autocast(device), _cond_frame_limit(predictor, policy.max_cond_frames):
+    with torch.inference_mode(), model_autocast(predictor), _cond_frame_limit(predictor, policy.max_cond_frames):
         state = predictor.init_volume_state(frames, cache=cache)
         obj_ids = sorted({p.obj_id for p in prompts} | set(policy.obj_ids))
         _add_prompts(predictor, state, prompts, obj_ids)

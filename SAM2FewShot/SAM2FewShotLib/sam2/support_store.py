@@ -84,9 +84,10 @@ class SupportFeatureStore:
             return None
         if self._model_id is None:  # features depend on the weights, the input size and the compute type
             from .checkpoint import weights_fingerprint
+            from .devices import precision_tag
 
             self._model_id = f"{weights_fingerprint(self.predictor)}:{self.predictor.image_size}:" \
-                             f"{self.predictor.device.type}"
+                             f"{self.predictor.device.type}" + precision_tag(self.predictor)
         name = hashlib.sha256(f"{self._model_id}|{key}".encode()).hexdigest()[:32]
         return self.folder / f"{name}.features"
 

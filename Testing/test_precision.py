@@ -1,0 +1,150 @@
+"""--precision fp32|bf16|auto: which precision runs where, that the choice reaches the model and the
+report, and that a bfloat16 run on the real architecture keeps its geometry and agrees with float32."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from SAM2FewShotLib.bench.precision import dice, logged_run
+from SAM2FewShotLib.bench.profile import case_inputs
+from SAM2FewShotLib.cli.main import main
+from SAM2FewShotLib.common.errors import InputError
+from SAM2FewShotLib.io.volume_io import read_volume
+from SAM2FewShotLib.run.protocol import ProtocolError, job_from_message
+from SAM2FewShotLib.run.request import Request
+from SAM2FewShotLib.run.runner import Runner
+from SAM2FewShotLib.sam2 import devices
+from SAM2FewShotLib.sam2.build import ModelOptions
+
+# Measured (this repository, sam2.1-tiny with seed-0 random weights at 128 px, 2 threads, 8 slices of
+# each hippocampus case): the lowest Dice between the fp32 and bf16 label maps was 0.639, the largest
+# logit difference 0.0071. Random weights give logits near 0, where a tiny difference flips a voxel:
+# the floors below leave a wide margin for other CPUs (emulated bf16 rounds differently).
+DICE_FLOOR = 0.35
+LOGIT_DIFF_CEILING = 0.1
+
+AMX_FLAGS = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+PLAIN_FLAGS = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+
+
+def test_auto_picks_bf16_only_where_the_processor_has_it(monkeypatch):
+    assert devices.cpuinfo_has_bf16(AMX_FLAGS) and not devices.cpuinfo_has_bf16(PLAIN_FLAGS)
+    assert devices.cpuinfo_has_bf16("flags : sse avx512_bf16") and not devices.cpuinfo_has_bf16("model name : bf16")
+    choose = devices.choose_precision
+    assert choose("auto", "cpu", native=True) == "bf16" and choose("auto", "cpu", native=False) == "fp32"
+    assert choose("auto", "cuda", native=False) == "fp32" and choose("auto", "mps", native=True) == "bf16"
+    assert choose(None, "cpu", native=True) == "fp32"  # the default does not change CPU results
+    assert choose(None, "cuda", native=False) == "bf16"  # nor CUDA's (SAM2's own autocast)
+    assert choose("bf16", "cpu", native=False) == "bf16" and choose("FP32", "cuda", native=True) == "fp32"
+    with pytest.raises(InputError, match="unknown precision 'fp16'"):
+        choose("fp16", "cpu", native=True)
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_precision("auto", cpu) == ("fp32", None)
+    precision, warning = devices.resolve_precision("bf16", cpu)
+    assert precision == "bf16" and "slower" in warning and "\n" not in warning
+    assert devices.resolve_precision(None, cpu) == ("fp32", None)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == ("bf16", None)
+    assert devices.resolve_precision("bf16", cpu) == ("bf16", None)
+
+
+def test_this_cpu_is_detected_from_its_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = devices.cpuinfo_has_bf16(f.read())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    if flags:  # torch's cpuinfo may know more (an OS without the flag in /proc), never less
+        assert devices.cpu_has_native_bf16()
+
+
+def test_the_choice_reaches_the_model_the_report_and_the_keys(monkeypatch, tmp_path, shared_data):
+    from SAM2FewShotLib.cli.main import build_parser
+
+    args = build_parser().parse_args(["segment", "--query", "q.nii.gz", "--out", "o.seg.nrrd", "--precision", "bf16"])
+    from SAM2FewShotLib.cli.options import model_options
+
+    assert model_options(args).precision == "bf16"
+    plain = ModelOptions(random_weights=True, image_size=128)
+    assert plain.key() != ModelOptions(random_weights=True, image_size=128, precision="bf16").key()
+    assert ModelOptions().key() == ModelOptions(precision=None).key()
+    job = job_from_message({"type": "job", "id": "j", "method": "propagate", "query": "q.nrrd",
+                            "prompt_labels": "p.nrrd", "out": "o.nrrd", "report": "r.json",
+                            "model": {"precision": "auto"}})
+    assert job.model.precision == "auto" and job_from_message(job.to_message()).model.precision == "auto"
+    with pytest.raises(ProtocolError, match="precision"):
+        job_from_message({"type": "job", "id": "j", "method": "propagate", "query": "q.nrrd",
+                          "prompt_labels": "p.nrrd", "out": "o.nrrd", "report": "r.json",
+                          "model": {"precision": 16}})
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # a CPU without AMX or AVX512-BF16
+    hippo = shared_data / "msd_hippocampus"
+    inputs = case_inputs(tmp_path, "h015", hippo / "hippocampus_015_img.nii.gz",
+                         hippo / "hippocampus_015_label.nii.gz",
+                         (hippo / "hippocampus_184_img.nii.gz", hippo / "hippocampus_184_label.nii.gz"), 3)
+    runner = Runner(save_support_features=False)
+    try:
+        request = Request("propagate", inputs.query, prompt_labels=inputs.prompt_labels,
+                          model=ModelOptions(random_weights=True, image_size=128, threads=1, precision="auto"))
+        _, report = runner.run(request)
+        assert report["model"]["precision"] == "fp32"
+        predictor, _ = runner.model(request.model)
+        assert predictor.precision == "fp32" and devices.precision_tag(predictor) == ""
+    finally:
+        runner.forget()
+
+
+def test_a_bf16_run_keeps_its_geometry_and_agrees_with_fp32(tmp_path, shared_data):
+    hippo = shared_data / "msd_hippocampus"
+    inputs = case_inputs(tmp_path, "h015", hippo / "hippocampus_015_img.nii.gz",
+                         hippo / "hippocampus_015_label.nii.gz",
+                         (hippo / "hippocampus_184_img.nii.gz", hippo / "hippocampus_184_label.nii.gz"), 6)
+    query = read_volume(inputs.query)
+    runner = Runner(save_support_features=False)
+    try:
+        request = Request("propagate", inputs.query, prompt_labels=inputs.prompt_labels,
+                          model=ModelOptions(random_weights=True, image_size=128, threads=2, precision="bf16"))
+        labels, logits, report, _ = logged_run(runner, request)
+        predictor, _ = runner.model(request.model)
+        session = runner.session(inputs.query, model=request.model)
+        session.cache.embed_all([0])
+        cached = session.cache.get(0)["vision_features"]
+        with torch.inference_mode():  # the same frame without autocast: float32 all through
+            full = predictor.forward_image(session.frames.batch([0]))["vision_features"]
+        assert 0 < float((cached - full).abs().max()) < 0.1 * float(full.abs().max())  # the cache ran bf16
+        assert devices.precision_tag(predictor) == ":bf16"  # saved support features are kept apart
+    finally:
+        runner.forget()
+    assert report["model"]["precision"] == "bf16"
+    assert labels.volume.same_grid(query) and labels.volume.array.dtype == np.uint8
+    assert len(logits) == query.array.shape[0] and all(v.dtype == torch.float32 for v in logits.values())
+    assert {s.value for s in labels.segments} == {1, 2}
+
+    # the same model in fp32 through the CLI's check: every structure agrees above the measured floor
+    data = tmp_path / "data"
+    data.mkdir()
+    for case in ("015", "184"):
+        for kind in ("img", "label"):
+            (data / f"hippocampus_{case}_{kind}.nii.gz").symlink_to(hippo / f"hippocampus_{case}_{kind}.nii.gz")
+    out = tmp_path / "check.json"
+    assert main(["bench", "--precision-check", "--data", str(data), "--max-cases", "1", "--profile-slices", "6",
+                 "--random-weights", "--image-size", "128", "--threads", "2", "--json", str(out), "-q"]) == 0
+    check = json.loads(out.read_text())["precision"]
+    (case,) = check["cases"]
+    assert case["precision_ran"] == {"fp32": "fp32", "bf16": "bf16"} and case["slices"] == 6
+    assert set(case["dice"]) == {"label_1", "label_2"}
+    assert min(case["dice"].values()) >= DICE_FLOOR, case
+    assert 0 < case["max_abs_logit_diff"] <= LOGIT_DIFF_CEILING, case
+    assert case["s_per_slice"]["fp32"] > 0 and case["s_per_slice"]["bf16"] > 0
+
+
+def test_dice_of_masks():
+    a = np.zeros((4, 4), bool)
+    b = a.copy()
+    assert dice(a, b) == 1.0
+    a[0, :2], b[0, 1:3] = True, True
+    assert dice(a, b) == pytest.approx(0.5)
