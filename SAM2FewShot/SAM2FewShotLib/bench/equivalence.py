@@ -325,7 +325,7 @@ def replay(call: PropagationCall) -> Comparison:
     twin = stock_twin(call.predictor)
     if call.policy.max_cond_frames is not None:  # sam2's own setting, as the run had it
         twin.max_cond_frames_in_attn = int(call.policy.max_cond_frames)
-    with torch.inference_mode(), autocast(twin.device):
+    with torch.inference_mode(), autocast(twin.device, getattr(twin, "precision", None)):
         if isinstance(call.policy, SupportMemoryPolicy):
             policy = call.policy
             stock, kind = stock_supports(twin, call), f"supports:{policy.scheme}"

@@ -86,6 +86,7 @@ def stock_predictor(predictor, config: str):
                                        hydra_overrides_extra=size_overrides(predictor.image_size))
     stock.load_state_dict(predictor.state_dict(), strict=True)
     stock.fill_hole_area = 0  # needs sam2's CUDA extension; ours has it off too
+    stock.precision = getattr(predictor, "precision", None)  # the same --precision as ours
     return stock.to(predictor.device).eval()
 
 
@@ -130,7 +131,7 @@ def run_reference(stock, volume: Volume, prompt_masks: dict[int, np.ndarray], no
             Image.fromarray(gray[t]).convert("RGB").save(Path(folder) / f"{t:05d}.jpg", quality=JPEG_QUALITY)
         written = time.perf_counter()
         out = np.zeros(volume.array.shape, np.int32)
-        with torch.inference_mode(), autocast(stock.device):
+        with torch.inference_mode(), autocast(stock.device, getattr(stock, "precision", None)):
             state = stock.init_state(video_path=folder)
             loaded = time.perf_counter()
             for obj_id, mask in prompt_masks.items():
@@ -151,7 +152,7 @@ def peer_speed(predictor, config: str, n_slices: int, size: int = 256, n_structu
     normalization = Normalization().resolved(volume.array)
     masks = slice_masks(truth, 0)
     stock = stock_predictor(predictor, config)
-    with torch.inference_mode(), autocast(predictor.device):  # first-call costs paid by neither
+    with torch.inference_mode(), autocast(predictor.device, getattr(predictor, "precision", None)):  # warm-up
         predictor.forward_image(torch.zeros(1, 3, predictor.image_size, predictor.image_size,
                                             device=predictor.device))
     ours_labels, ours = run_ours(predictor, volume, masks, truth, normalization)

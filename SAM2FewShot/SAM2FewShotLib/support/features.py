@@ -93,7 +93,7 @@ def sam2_embed_fn(predictor, device: torch.device | str = "cpu", batch_size: int
         out = []
         for start in range(0, images.shape[0], batch_size):
             x = model_input(images[start : start + batch_size].to(device), predictor.image_size)
-            with autocast(device):
+            with autocast(device, getattr(predictor, "precision", None)):  # the model's --precision
                 out.append(pool_sam2_features(predictor.forward_image(x)).cpu())
         return torch.cat(out)
 

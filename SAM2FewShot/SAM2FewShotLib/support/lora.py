@@ -173,7 +173,7 @@ def support_loss(model, images01: torch.Tensor, masks: torch.Tensor, point: bool
 
     device = model.device
     target = masks.to(device)[:, None].float()
-    with autocast(device):
+    with autocast(device, getattr(model, "precision", None)):  # the model's --precision
         backbone = model.forward_image(model_input(images01.to(device), model.image_size))
         _, feats, pos, sizes = model._prepare_backbone_features(backbone)
         empty = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
