@@ -171,6 +171,11 @@ def _fmt(v: Sequence[float]) -> str:
 SupportCase = tuple[Volume, LabelMap]  # a labelled case: an image and its labels on the image's grid
 
 
+def support_name(index: int, files: Sequence[Sequence[str]] = ()) -> str:
+    """'support 2', with its label file when the files are known: an error about a support names the file."""
+    return f"support {index + 1}" + (f" (labels {files[index][1]})" if index < len(files) else "")
+
+
 def voxel_counts(labels: np.ndarray, top: int) -> np.ndarray:
     """Voxels of each label value 0..top, a slice at a time: np.bincount of a whole volume would
     first make an int64 copy of it (2 GB for a 512x512x1000 label map)."""

@@ -10,6 +10,7 @@ prompt, it is not kept verbatim in the result.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..sam2.session import VolumeSession
 from ..support.lora import LoraSettings, adapted_session, require_peft
 from .common import MethodInputs, build_report
 from .matched_support import FewShotParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,17 +64,19 @@ def pseudo_masks(
     progress: Optional[ProgressFn] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     frame_range: Optional[tuple[int, int]] = None,
+    files: Sequence[Sequence[str]] = (),
 ) -> tuple[LabelMap, dict]:
-    """The prior's label map on the query's grid, and the prior's own report."""
+    """The prior's label map on the query's grid, and the prior's own report (``files``: the supports'
+    files, named in errors)."""
     if params.prior == "registration":
         from .registration import registration_segment
 
         return registration_segment(session.volume, supports, params.transform, params.fusion,
-                                    progress=progress, should_cancel=should_cancel)
+                                    progress=progress, should_cancel=should_cancel, files=files)
     from .matched_support import segment_fewshot
 
     return segment_fewshot(session, supports, params.fewshot, progress=progress, should_cancel=should_cancel,
-                           frame_range=frame_range)
+                           frame_range=frame_range, files=files)
 
 
 def box_from_mask(mask: np.ndarray, margin: int = 0) -> Optional[tuple[float, float, float, float]]:
@@ -127,14 +132,17 @@ def segment_guided(
     progress: Optional[ProgressFn] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     frame_range: Optional[tuple[int, int]] = None,
+    files: Sequence[Sequence[str]] = (),
 ) -> tuple[LabelMap, dict]:
-    """The supports' structures in the query, SAM2 prompted on every slice the prior marks."""
+    """The supports' structures in the query, SAM2 prompted on every slice the prior marks (``files``: the
+    supports' (image, labels) files, named in errors)."""
     params.check()
     if not supports:
         raise InputError("no support case was given")
     start = time.perf_counter()
     encoded_before = session.cache.encoded_frames
-    prior_labels, prior_report = pseudo_masks(session, supports, params, progress, should_cancel, frame_range)
+    prior_labels, prior_report = pseudo_masks(session, supports, params, progress, should_cancel, frame_range,
+                                              files)
     slices = session.slices_of(prior_labels.volume.array)
     values = [s.value for s in prior_labels.segments]
     prompts = prompts_from_pseudo_masks(slices, values, params.prompt_type, params.box_margin, frame_range)
@@ -150,6 +158,7 @@ def segment_guided(
     report = build_report("guided", session, result, segments, time.perf_counter() - start,
                           session.cache.encoded_frames - encoded_before)
     _add_prior_to_slices(report, slices, prompts, segments, params.prior)
+    report["structures"] += _not_prompted(prior_labels.segments, prompted, params.prior)
     report["guided"] = {
         "prior": params.prior, "prompt_type": params.prompt_type, "box_margin": params.box_margin,
         "prompted_slices": len({p.frame for p in prompts}), "prompts": len(prompts),
@@ -157,6 +166,18 @@ def segment_guided(
         "prior_report": _prior_summary(prior_report),
     }
     return labels, report
+
+
+def _not_prompted(segments, prompted: set, prior: str) -> list[dict]:
+    """A structure the prior marks on no slice gets no prompt, so SAM2 never sees it: the report and
+    a warning say it was not found, as every other method says of a structure it did not find."""
+    out = []
+    for seg in segments:
+        if seg.value not in prompted:
+            log.warning("%s: not found in the query (the %s prior marks no slice of it)", seg.name, prior)
+            out.append({"value": seg.value, "name": seg.name, "status": "not found", "voxels": 0, "slices": 0,
+                        "best_object_score": None, "best_slice": None})
+    return out
 
 
 def _add_prior_to_slices(report: dict, slices: np.ndarray, prompts: Sequence[Prompt], segments, prior: str) -> None:
@@ -186,6 +207,7 @@ def run(inputs: MethodInputs, params: GuidedParams) -> tuple[LabelMap, dict]:
         session, lora_report = adapted_session(session, inputs.supports, params.lora, model_id, files,
                                                inputs.progress, inputs.should_cancel)
     labels, report = segment_guided(session, inputs.supports, params, progress=inputs.progress,
-                                    should_cancel=inputs.should_cancel, frame_range=inputs.frame_range)
+                                    should_cancel=inputs.should_cancel, frame_range=inputs.frame_range,
+                                    files=inputs.support_files)
     report["lora"] = lora_report
     return labels, report

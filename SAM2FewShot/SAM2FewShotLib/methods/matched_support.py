@@ -8,6 +8,7 @@ memories (support/memory.py). The query's own labels are never read here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -20,7 +21,7 @@ from ..common.choices import SIMILARITY_FEATURES as FEATURES
 from ..common.errors import InputError
 from ..common.progress import ProgressFn
 from ..io.reorient import query_frame_shape, support_in_query_frame
-from ..io.volume import LabelMap, Segment, SupportCase, Volume
+from ..io.volume import LabelMap, Segment, SupportCase, Volume, support_name
 from ..sam2.feature_cache import FeatureCache, StackedCache
 from ..sam2.frames import FrameSource, VolumeSlices
 from ..sam2.propagation import propagate
@@ -28,6 +29,8 @@ from ..sam2.session import VolumeSession
 from ..support.matching import Matches
 from ..support.memory import SupportEntries, SupportMemoryPolicy
 from .common import MethodInputs, build_report, erase_below_score, largest_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,28 +66,39 @@ class FewShotParams:
             raise InputError(f"placement and passes apply to the video+memory scheme, not to {self.scheme}")
 
 
-def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
-    """The structures of all supports, by name; values and colours from the first that has each."""
+def merged_segments(supports: Sequence[SupportCase], files: Sequence[Sequence[str]] = ()) -> tuple[Segment, ...]:
+    """The structures of all supports, by name; values and colours from the first that has each.
+
+    A structure a support lists but labels no voxel of is left out (another support may label it);
+    one that no support labels is not segmented, and a warning says so. ``files``: the supports'
+    (image, labels) files, named in errors."""
     by_name: dict[str, Segment] = {}
+    listed: dict[str, str] = {}  # structure -> the first support that lists it without a voxel
     for n, (image, labels) in enumerate(supports):
+        name = support_name(n, files)
         if image.array.ndim != 3:
-            raise InputError(f"support {n + 1} is not a 3D volume")
-        image.require_same_grid(labels.volume, f"support {n + 1} labels")
+            raise InputError(f"{name} is not a 3D volume")
+        image.require_same_grid(labels.volume, f"{name} labels")
         present = set(np.unique(labels.volume.array).tolist()) - {0}
         if not present:
-            raise InputError(f"support {n + 1} has no labelled voxel")
+            raise InputError(f"{name} has no labelled voxel")
         for seg in labels.segments:
             if seg.value not in present:
+                listed.setdefault(seg.name, name)
                 continue
             known = by_name.get(seg.name)
             if known is None:
                 if any(s.value == seg.value for s in by_name.values()):
-                    raise InputError(f"support {n + 1}: structure '{seg.name}' uses label value {seg.value}, "
+                    raise InputError(f"{name}: structure '{seg.name}' uses label value {seg.value}, "
                                      "which another support gives to a different structure")
                 by_name[seg.name] = seg
             elif known.value != seg.value:
                 raise InputError(f"structure name '{seg.name}' has value {known.value} in one support and "
-                                 f"{seg.value} in support {n + 1}")
+                                 f"{seg.value} in {name}")
+    for structure, name in listed.items():
+        if structure not in by_name:
+            log.warning("%s lists the structure '%s' but no support labels a voxel of it: it is not segmented",
+                        name, structure)
     return tuple(sorted(by_name.values(), key=lambda s: s.value))
 
 
@@ -180,14 +194,16 @@ def segment_fewshot(
     progress: Optional[ProgressFn] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     frame_range: Optional[tuple[int, int]] = None,
+    files: Sequence[Sequence[str]] = (),
 ) -> tuple[LabelMap, dict]:
-    """Every structure of the supports, segmented in the query; the report says what conditioned each slice."""
+    """Every structure of the supports, segmented in the query; the report says what conditioned each slice.
+    ``files``: the supports' (image, labels) files, named in errors."""
     params.check()
     if not supports:
         raise InputError("no support case was given")
     start = time.perf_counter()
     encoded_before = session.cache.encoded_frames
-    segments = merged_segments(supports)
+    segments = merged_segments(supports, files)
     predictor = session.predictor
     entries = support_entries(supports, session, segments, params, predictor.device)
     key = hashlib.sha1(entries.images01.numpy().tobytes() + entries.masks.numpy().tobytes()).hexdigest()
@@ -224,4 +240,5 @@ Params = FewShotParams
 
 def run(inputs: MethodInputs, params: FewShotParams) -> tuple[LabelMap, dict]:
     return segment_fewshot(inputs.session, inputs.supports, params, progress=inputs.progress,
-                           should_cancel=inputs.should_cancel, frame_range=inputs.frame_range)
+                           should_cancel=inputs.should_cancel, frame_range=inputs.frame_range,
+                           files=inputs.support_files)

@@ -16,7 +16,7 @@ from ..common.choices import FUSION_METHODS, TRANSFORMS
 from ..common.errors import Cancelled, InputError
 from ..common.progress import FUSE_LABELS, ProgressFn, register_stage
 from ..io.slicing import slicing_axis
-from ..io.volume import LabelMap, Segment, Volume, voxel_counts
+from ..io.volume import LabelMap, Segment, Volume, support_name, voxel_counts
 from ..registration.fusion import fuse_labels, similarity_weights
 from ..registration.register import register_support
 from .common import MethodInputs
@@ -36,7 +36,8 @@ class Params:
 
 def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     labels, report = registration_segment(inputs.query, inputs.supports, params.transform, params.fusion,
-                                          progress=inputs.progress, should_cancel=inputs.should_cancel)
+                                          progress=inputs.progress, should_cancel=inputs.should_cancel,
+                                          files=inputs.support_files)
     slices = inputs.query.array.shape[slicing_axis(inputs.query, inputs.axis)]
     report["timing"]["per_slice_s"] = round(report["timing"]["total_s"] / max(1, slices), 4)
     return labels, report
@@ -49,11 +50,13 @@ def registration_segment(
     fusion: str = "weighted",
     progress: Optional[ProgressFn] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
+    files: Sequence[Sequence[str]] = (),
 ) -> tuple[LabelMap, dict]:
-    """The CPU-only strategy: register every support, warp its labels, fuse; no SAM2, no weights."""
+    """The CPU-only strategy: register every support, warp its labels, fuse; no SAM2, no weights.
+    ``files``: the supports' (image, labels) files, named in errors."""
     if fusion not in FUSION_METHODS:
         raise InputError(f"unknown fusion method '{fusion}': use {', '.join(FUSION_METHODS)}")
-    supports = _checked_supports(supports)
+    supports = _checked_supports(supports, files)
     start = time.perf_counter()
     n = len(supports)
     warped, similarities, entries = [], [], []
@@ -110,23 +113,31 @@ def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Opt
     return report
 
 
-def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]]) -> list[tuple[Volume, LabelMap]]:
-    """All supports valid before any work starts, labels renumbered to the first support's values."""
+def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]],
+                      files: Sequence[Sequence[str]] = ()) -> list[tuple[Volume, LabelMap]]:
+    """All supports valid before any work starts, labels renumbered to the first support's values.
+
+    Fusion votes structure by structure, so every support must label the same ones: a support
+    without one of them would vote it away wherever the others agree on it."""
     if not supports:
         raise InputError("the registration strategy needs at least one support case")
     reference = supports[0][1].segments
     names = {s.name for s in reference}
     checked = []
     for index, (image, labels) in enumerate(supports):
-        image.require_same_grid(labels.volume, f"support {index + 1} labels")
+        name = support_name(index, files)
+        image.require_same_grid(labels.volume, f"{name} labels")
         if not np.any(labels.volume.array > 0):
-            raise InputError(f"support {index + 1} has no labelled voxel")
+            raise InputError(f"{name} has no labelled voxel")
         other = {s.name for s in labels.segments}
         if other != names:
+            lacks, adds = sorted(names - other), sorted(other - names)
             raise InputError(
-                f"support {index + 1} names other structures than support 1: "
-                f"{', '.join(sorted(other)) or 'none'} vs {', '.join(sorted(names)) or 'none'}"
-            )
+                f"{name} labels other structures than {support_name(0, files)}"
+                + (f": it lacks {', '.join(lacks)}" if lacks else "")
+                + (f"{';' if lacks else ':'} it adds {', '.join(adds)}" if adds else "")
+                + " (registration fuses the supports structure by structure: give supports that label the same "
+                  "structures, or use matched-support)")
         checked.append((image, _renumbered(labels, reference)))
     return checked
 
