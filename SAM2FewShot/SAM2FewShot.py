@@ -400,7 +400,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onProgress(self, stage, done, total):
         self.ui.progressBar.value = panel.progress_percent(done, total)
-        self.ui.statusLabel.text = panel.progress_text(stage, done, total)
+        self.ui.statusLabel.text = panel.progress_text(stage, done, total, self.logic.estimate)
 
     def addLog(self, text):
         self.ui.logTextEdit.appendPlainText(text)

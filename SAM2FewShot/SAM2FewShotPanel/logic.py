@@ -178,6 +178,11 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
     def elapsed(self) -> float:
         return self.runs.elapsed()
 
+    @property
+    def estimate(self) -> str:
+        """The engine's expected time for the run, once it has timed its first slices ('' until then)."""
+        return self.runs.estimate
+
     def checkRun(self, choices, queryNode, supportSegmentationNode=None, segmentIds=None, supportVolumeNode=None,
                  libraryFolder=None):
         """The run's inputs read from the scene; InputError before anything is installed or started."""

@@ -1,5 +1,5 @@
 """The one SAM2 core every method conditions: model registry, weight download and checkpoints, building
 the predictor, frames (a volume as a video of tensors), the batched encoder-feature cache and its
 disk offloading, propagation in both directions, and the VolumeSession that keeps a query warm.
-Imports ``io`` and ``common``. Its registry and weights modules import no torch at module level.
+Imports ``io`` and ``common``. Its registry, weights and estimate modules import no torch at module level.
 """

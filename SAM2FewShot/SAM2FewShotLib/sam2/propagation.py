@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..common.errors import Cancelled, InputError
 from ..common.progress import PROPAGATE_BACKWARD, PROPAGATE_FORWARD, ProgressFn
 from .devices import model_autocast
+from .estimate import PassClock
 from .feature_cache import FeatureCache
 from .frames import FrameSource
 from .offload import OffloadedDict
@@ -271,6 +272,7 @@ class _Run:
         self.backward = list(range(min(last, self.hi), self.lo - 1, -1)) if last >= self.lo else []
         self.window = max(predictor.num_maskmem * predictor.memory_temporal_stride_for_eval,
                           predictor.max_obj_ptrs_in_encoder) + 1
+        self.clock = PassClock(len(self.forward) + len(self.backward), predictor.image_size, predictor.device.type)
 
     def execute(self) -> PropagationResult:
         if self.middle_out:  # the forward pass goes on from the backward pass's memory
@@ -299,6 +301,7 @@ class _Run:
             self.visited[t, int(reverse)] = True
             self._merge(t, logits, scores, reverse)
             self._trim(t, reverse)
+            self.clock.step()
             if self.progress:
                 self.progress(stage, n + 1, len(order))
 

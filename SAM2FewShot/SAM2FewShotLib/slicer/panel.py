@@ -123,6 +123,7 @@ _PANEL_WORDS = (
      "use Import checkpoint file (under Method)"),
     (re.compile(r"with --axis\b"), "under Advanced (Slicing plane)"),
     (re.compile(r"^invalid job: "), "the run could not start: "),
+    (re.compile(r" \(--image-size \d+: [^)]*\)"), ""),  # the panel has no image size control
 )
 
 
@@ -193,8 +194,14 @@ STAGE_LABELS = {
 }
 
 
-def progress_text(stage: str, done: int, total: int) -> str:
-    """'Propagating forward: slice 12 of 80', 'Registering support 2 of 4: step 30 of 120', MB for downloads."""
+def progress_text(stage: str, done: int, total: int, estimate: str = "") -> str:
+    """'Propagating forward: slice 12 of 80', 'Registering support 2 of 4: step 30 of 120', MB for downloads;
+    with the run's expected time after it once the engine has given one."""
+    text = _stage_progress(stage, done, total)
+    return f"{text}. {estimate}" if estimate else text
+
+
+def _stage_progress(stage: str, done: int, total: int) -> str:
     if stage.startswith("register support "):
         index, _, count = stage.rpartition(" ")[2].partition("/")
         label = f"Registering support {index} of {count}"

@@ -17,6 +17,7 @@ from ..io.slicing import plane_of_axis, slicing_axis
 from ..methods.registry import get_method
 from ..run.protocol import describe_devices
 from ..run.reports import SliceFlag, low_confidence_slices, report_axis
+from ..sam2.estimate import ESTIMATE_PREFIX
 from . import outputs, panel, scene_io
 from .outputs import Change
 from .panel import PanelChoices
@@ -46,6 +47,7 @@ class RunController:
         self.last: Optional[scene_io.Inserted] = None
         self.changes: list[Change] = []  # insertions that can be undone, the latest last
         self.cancelled = False
+        self.estimate = ""  # shown beside the progress: "Expected time: about 8 min more on this CPU ..."
         self.show_3d = False
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
 
@@ -118,6 +120,7 @@ class RunController:
         self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, choices.axis,
                                        prompt_slices, targets, time.monotonic())
         self.cancelled = False
+        self.estimate = ""  # the engine's expected time for this run, once it has timed a few slices
         self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'"
                     + (f" with {len(supports)} support case(s)" if supports else ""))
         return job_id
@@ -130,6 +133,8 @@ class RunController:
             kind = event["event"]
             if kind == "log":
                 self.on_log(f"[{event['level']}] {event['message']}")
+                if event["message"].startswith(ESTIMATE_PREFIX):  # shown beside the progress from now on
+                    self.estimate = panel.panel_message(event["message"])
             elif kind == "ready":
                 self.on_log(f"Background worker ready on {describe_devices(event.get('devices', {}))}")
             elif event.get("id") not in (self.run.job_id, None):
