@@ -28,7 +28,8 @@ SCENE_SUPPORT_WIDGETS = ("supportSegmentationLabel", "supportSegmentationSelecto
                          "supportSegmentsListWidget")
 LIBRARY_WIDGETS = ("libraryPathLabel", "libraryPathLineEdit", "libraryCasesLabel")
 MATCHING_WIDGETS = ("augmentationsSpinBox", "schemeComboBox", "topKSpinBox")
-MODEL_WIDGETS = ("modelComboBox", "deviceComboBox", "downloadModelButton", "importCheckpointButton")
+MODEL_WIDGETS = ("modelComboBox", "deviceComboBox", "precisionComboBox", "downloadModelButton",
+                 "importCheckpointButton")
 INPUT_SECTIONS = ("queryCollapsibleButton", "supportCollapsibleButton", "methodCollapsibleButton")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,11 @@ def test_jobs_from_the_panel_pass_the_workers_own_validation(tmp_path):
     assert parsed == job
     assert parsed.out == str(tmp_path / "result.seg.nrrd") and parsed.report == str(tmp_path / "report.json")
     assert parsed.model.random_weights and parsed.model.image_size == 256 and parsed.frames.slice_range == (2, 5)
+    assert parsed.model.precision is None  # "default": each device's own, as the CLI without --precision
+    fast = panel.build_job("j4", dataclasses.replace(choices, precision="auto"), tmp_path, tmp_path / "q.nrrd",
+                           supports=[(tmp_path / "s.nrrd", tmp_path / "s.seg.nrrd")])
+    assert protocol.parse_request(protocol.encode(fast.to_message())).model.precision == "auto"
+    assert panel.PANEL_PRECISIONS == ("default", "fp32", "bf16", "auto")
     for name in ("q.nrrd", "s.nrrd", "s.seg.nrrd", "p.seg.nrrd"):
         (tmp_path / name).write_bytes(b"")  # the runner's checks look for the files, not into them
     spec, params = check_request(parsed)  # what the worker's runner checks before it loads anything

@@ -30,7 +30,7 @@ SETTINGS = "SAM2FewShot/"
 MODULE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLL_MS = 100
 # The panel's last choices, remembered across sessions (QSettings) for a new scene's parameter node.
-REMEMBERED = ("method", "model", "device", "axis", "normalization", "scheme", "augmentations", "topK",
+REMEMBERED = ("method", "model", "device", "precision", "axis", "normalization", "scheme", "augmentations", "topK",
               "supportFromLibrary", "libraryFolder", "show3D")
 
 
@@ -55,6 +55,7 @@ class SAM2FewShotParameterNode:
     method: MethodChoice = MethodChoice.propagate
     model: Annotated[str, Choice(list(registry.REGISTRY))] = registry.DEFAULT_MODEL
     device: Annotated[str, Choice(list(panel.DEVICES))] = "auto"
+    precision: Annotated[str, Choice(list(panel.PANEL_PRECISIONS))] = "default"
     scheme: Annotated[str, Choice(list(panel.SCHEMES))] = "video+memory"
     axis: Annotated[str, Choice(list(panel.AXES))] = "auto"
     augmentations: Annotated[int, WithinRange(1, 64)] = 4
@@ -106,7 +107,8 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
 
     def choices(self, p) -> PanelChoices:
         """The run options; ``developerChoices`` (e.g. random weights in the self-test) override them."""
-        choices = PanelChoices(method=p.method.value, model=p.model, device=p.device, axis=p.axis,
+        choices = PanelChoices(method=p.method.value, model=p.model, device=p.device, precision=p.precision,
+                               axis=p.axis,
                                normalization=p.normalization, scheme=p.scheme, augmentations=p.augmentations,
                                top_k=p.topK, slice_range=(p.firstSlice, p.lastSlice) if p.useSliceRange else None)
         return dataclasses.replace(choices, **self.developerChoices)

@@ -37,7 +37,7 @@ from ..methods.registry import METHODS, get_method
 from ..run.protocol import METHODS as WORKER_METHODS
 from ..run.protocol import Job
 from ..run.request import FrameOptions
-from ..sam2.build import ModelOptions
+from ..sam2.build import PRECISIONS, ModelOptions
 from ..sam2.registry import DEFAULT_MODEL
 
 NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
@@ -59,6 +59,11 @@ def method_availability(worker_methods: Sequence[str] = WORKER_METHODS) -> dict[
 # --- jobs -----------------------------------------------------------------------------------------
 
 
+# The Precision combo: "default" is each device's own (bfloat16 on CUDA, float32 elsewhere), as the CLI
+# without --precision; "auto" is bfloat16 only where the processor computes it natively.
+PANEL_PRECISIONS = ("default",) + PRECISIONS
+
+
 @dataclass(frozen=True)
 class PanelChoices:
     """The run options the panel offers (parameter-node values, already typed)."""
@@ -66,6 +71,7 @@ class PanelChoices:
     method: str = "propagate"
     model: str = DEFAULT_MODEL
     device: str = "auto"
+    precision: str = "default"
     checkpoint: Optional[str] = None
     image_size: Optional[int] = None
     random_weights: bool = False
@@ -93,7 +99,7 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
         params = {"top_k": int(choices.top_k)}
     params.update(params_extra or {})
     model = ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
-                         device=choices.device,
+                         device=choices.device, precision=None if choices.precision == "default" else choices.precision,
                          offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))
     frames = FrameOptions(axis=choices.axis, normalization=choices.normalization, slice_range=choices.slice_range)
     return Job(id=job_id, method=method.key, query=str(query), out=str(folder / "result.seg.nrrd"),
