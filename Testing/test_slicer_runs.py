@@ -24,7 +24,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
 
 from SAM2FewShotLib.run.client import WorkerClient
-from SAM2FewShotLib.slicer import outputs, scene_io
+from SAM2FewShotLib.slicer import outputs, panel, scene_io
 from SAM2FewShotLib.slicer.mrml_segments import (
     add_labels_to_segmentation,
     labels_from_segmentation,
@@ -51,9 +51,10 @@ class Recorder:
         self.progress, self.logs, self.finished, self.before_insert = [], [], [], []
 
 
-def make_controller(scene, recorder):
+def make_controller(scene, recorder, **env):
     def client():  # as the Logic does with PythonSlicer; one torch thread on this shared 2-core machine
-        return WorkerClient(python=sys.executable, pythonpath=[ENGINE_PARENT], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return WorkerClient(python=sys.executable, pythonpath=[ENGINE_PARENT],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
     return RunController(scene, client, lambda *a: recorder.progress.append(a), recorder.logs.append,
                          lambda ok, message: recorder.finished.append((ok, message)), recorder.before_insert.append)
@@ -327,3 +328,24 @@ def test_cancel_kills_the_worker_at_once_and_the_next_run_starts_a_fresh_one(wor
     controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
     wait(controller)
     assert recorder.finished[-1][0] and controller.client.pid != pid
+
+
+def test_the_expected_time_the_engine_gives_shows_beside_the_progress(world):
+    """A run announces its expected time once it has timed its first slices (this one, though short,
+    because the worker is told to announce any run); the panel keeps the line for its progress text."""
+    recorder = Recorder()
+    controller = make_controller(world["scene"], recorder, SAM2FEWSHOT_ANNOUNCE_AFTER_S="0")
+    try:
+        controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
+        assert controller.estimate == ""  # nothing timed yet
+        wait(controller)
+        assert recorder.finished[-1][0], recorder.finished
+        said = [line for line in recorder.logs if line.startswith("[warning] expected time: ")]
+        assert len(said) == 1 and "more on this CPU at 256 px" in said[0]
+        assert controller.estimate.startswith("Expected time: about ") and controller.estimate.endswith(" px.")
+        assert panel.progress_text("propagate backward", 2, 8, controller.estimate).endswith(controller.estimate)
+        controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
+        assert controller.estimate == ""  # a new run: the last one's estimate is gone
+        wait(controller)
+    finally:
+        controller.shutdown()

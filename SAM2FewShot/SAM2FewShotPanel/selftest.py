@@ -14,6 +14,7 @@ import numpy as np
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
+from SAM2FewShotLib.slicer import panel
 from SAM2FewShotPanel.logic import MethodChoice
 
 TIMEOUT_S = 900
@@ -100,6 +101,11 @@ class SAM2FewShotTest(ScriptedLoadableModuleTest):
             self.delayDisplay("SAM2FewShot self-test passed (Propagate and Refine skipped: torch and sam2 absent)")
             return
         widget.logic.developerChoices = {"random_weights": True, "image_size": 256, "device": "cpu"}
+        combo = widget.ui.precisionComboBox  # Precision: the choices offered, and the one picked reaches the run
+        self.assertEqual([combo.itemText(n) for n in range(combo.count)], list(panel.PANEL_PRECISIONS))
+        combo.currentText = "fp32"
+        self.assertEqual(widget._parameterNode.precision, "fp32")
+        self.assertEqual(widget.logic.choices(widget._parameterNode).precision, "fp32")
         truth_left = np.asarray(slicer.util.arrayFromVolume(newcomer)) > 150
         prompts = np.zeros_like(truth_left)
         prompts[[9, 15]] = truth_left[[9, 15]]
