@@ -239,6 +239,7 @@ def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: 
     """Every slice along ``plane`` that holds a structure, normalised as the query is."""
     image.require_same_grid(labels.volume, "library labels")
     from ..io.slicing import slicing_axis
+    from ..sam2.frames import VolumeSlices
 
     axis = slicing_axis(image, plane)
     lab = np.moveaxis(labels.volume.array, axis, 0)
@@ -254,6 +255,5 @@ def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: 
         for s in present:
             extent = 0.5 if last == first else (s - first) / (last - first)
             rows.append((emb_of[int(s)], v, s, s / max(1, n - 1), extent, areas[v][s]))
-    normalised = np.moveaxis(normalization.apply(image.array, axis=axis), axis, 0)
-    images01 = np.ascontiguousarray(normalised[keep], dtype=np.float32)
+    images01 = VolumeSlices(image.array, axis, normalization)[keep].numpy()  # only the labelled slices, normalised
     return CaseSlices(images01, np.array(rows, dtype=ROW_DTYPE), n, axis)

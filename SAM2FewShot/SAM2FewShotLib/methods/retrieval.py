@@ -25,7 +25,7 @@ from ..library.cases import Library
 from ..library.index import IndexData, TopK
 from ..library.sync import LibraryFeatures, library_features, sync_library
 from ..sam2.feature_cache import FeatureCache, StackedCache
-from ..sam2.frames import FrameSource
+from ..sam2.frames import FrameSource, VolumeSlices
 from ..sam2.propagation import propagate
 from ..sam2.session import VolumeSession
 from ..support.matching import Matches, relative_positions
@@ -100,13 +100,13 @@ def conditioning_entries(library: Library, data: IndexData, hits: dict[int, TopK
     for case_no, rows in by_case.items():
         image, labels = library.case(data.case_ids[case_no]).load()
         axis = slicing_axis(image, plane)
-        image01 = np.moveaxis(normalization.apply(image.array, axis=axis), axis, 0)
+        image01 = VolumeSlices(image.array, axis, normalization)  # only the retrieved slices are normalised
         lab = np.moveaxis(labels.volume.array, axis, 0)
         for r in rows:
             row = data.rows[r]
             s, v = int(row["slice"]), int(row["value"])
             picked[r] = SupportSlice(case_no, v, data.segments[v].name, s, float(row["extent_position"]),
-                                     np.ascontiguousarray(image01[s], dtype=np.float32), lab[s] == v)
+                                     image01[s].numpy(), lab[s] == v)
     ordered = [picked[int(r)] for r in needed]
     images, masks = stack_support(ordered, (session.frames.height, session.frames.width))
     meta = [{"library_case": data.case_ids[p.case], "library_slice": p.index, "relative_position": round(p.position, 4)}
