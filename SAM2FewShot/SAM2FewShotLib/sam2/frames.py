@@ -110,13 +110,6 @@ class FrameSource:
     def width(self) -> int:
         return int(self.slices01.shape[2])
 
-    def concat(self, other: "FrameSource") -> "FrameSource":
-        """This video followed by ``other``'s frames (resized to our slice size if needed)."""
-        extra = other.slices01.float()
-        if extra.shape[1:] != self.slices01.shape[1:]:
-            extra = resize(extra, (self.height, self.width))
-        return FrameSource(torch.cat([self.slices01.float(), extra]), self.image_size)
-
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 3, S, S) float32 model input: resized, 3 channels, ImageNet-normalised."""
         x = self.slices01[list(indices)].to(device, non_blocking=True)
