@@ -207,6 +207,20 @@ def test_the_model_and_the_query_stay_warm_across_methods(files):
     assert runner._predictor is None and not runner._sessions
 
 
+def test_a_session_asked_for_by_its_plane_is_the_one_runs_find(files, monkeypatch):
+    """The bench encodes a query under --axis axial before its methods run with the default axis: on an
+    axially acquired volume both name the same slices, so the runs find that session and nothing is
+    read or encoded again."""
+    runner = Runner()
+    session = runner.session(files["query"], FrameOptions(axis="axial"), MODEL)
+    monkeypatch.setattr(runner, "_read_query", lambda *a: pytest.fail("the query was read again"))
+    runner.prepare(Request(method="propagate", query=files["query"], model=MODEL))  # a cohort's prefetch
+    _, report = runner.run(Request(method="propagate", query=files["query"], prompt_labels=files["prompt"],
+                                   model=MODEL))
+    assert report["run"]["session_reused"] and list(runner._sessions.values()) == [session]
+    runner.forget()
+
+
 # --- outputs --------------------------------------------------------------------------------------------
 
 

@@ -64,13 +64,10 @@ class Runner:
                                             per_slice=request.frames.per_slice_normalization)
         with self._lock:
             key = self._session_key(request, normalization) if spec.needs_model else None
-            warm = self._sessions.get(key) if key is not None else None
-            query = warm.volume if warm is not None else self._read_query(request.query, request.frames)
+            query = self._query(request, key)
         prompt_labels = read_prompt_labels(request, query)
-        axis = frames_axis(request, query, prompt_labels)
-        if axis != request.frames.axis:  # one name per voxel axis: a warm session is found whatever was asked
-            request = dataclasses.replace(request, frames=dataclasses.replace(request.frames, axis=axis))
-            key = self._session_key(request, normalization) if spec.needs_model else None
+        request = with_axis(request, frames_axis(request, query, prompt_labels))
+        key = self._session_key(request, normalization) if spec.needs_model else None
         frame_range = checked_frame_range(request.frames.slice_range,
                                           query.array.shape[slicing_axis(query, request.frames.axis)])
         supports, notes = read_supports(request)
@@ -108,9 +105,10 @@ class Runner:
             normalization = Normalization.parse(request.frames.normalization,
                                                 per_slice=request.frames.per_slice_normalization)
             with self._lock:
+                query = self._query(request, self._session_key(request, normalization))
+                request = with_axis(request, frames_axis(request, query, None))  # as run() will name it
                 key = self._session_key(request, normalization)
                 if key not in self._sessions:
-                    query = self._read_query(request.query, request.frames)
                     self._session_for(key, query, request, normalization, _no_progress)
         except Exception:  # noqa: BLE001 - the run reads it again and says what is wrong
             log.debug("prefetch of %s failed", request.query, exc_info=True)
@@ -147,8 +145,9 @@ class Runner:
         request with this query, frames and model runs on."""
         request = Request(method="propagate", query=query, frames=frames, model=model)
         normalization = Normalization.parse(frames.normalization, per_slice=frames.per_slice_normalization)
+        volume = self._query(request, self._session_key(request, normalization))
+        request = with_axis(request, frames_axis(request, volume, None))  # as run() will name it
         key = self._session_key(request, normalization)
-        volume = self._sessions[key].volume if key in self._sessions else self._read_query(query, frames)
         return self._session_for(key, volume, request, normalization, progress or _no_progress)[0]
 
     def forget_sessions(self) -> None:
@@ -180,6 +179,15 @@ class Runner:
             pass
 
     close = forget
+
+    def _query(self, request: Request, key: Optional[tuple]):
+        """The request's query volume: a warm session's when one holds this file's content (whatever its
+        axis or normalisation: the volume is the same), else read and checked now."""
+        if key is not None:
+            for other, session in self._sessions.items():
+                if other[:3] == key[:3]:  # file content, frame, component
+                    return session.volume
+        return self._read_query(request.query, request.frames)
 
     def _session_key(self, request: Request, normalization: Normalization) -> tuple:
         return (self._digest(Path(request.query)), request.frames.frame, request.frames.component,
@@ -345,6 +353,13 @@ def read_prompt_labels(request: Request, query):
         present = [s.value for s in labels.segments if (array == s.value).any()]
         raise InputError(f"label value {missing[0]} does not exist in the prompt labels (values: {present})")
     return labels
+
+
+def with_axis(request: Request, axis: str) -> Request:
+    """The request with its frames' slicing axis named ``axis`` (the same request when it already is)."""
+    if axis == request.frames.axis:
+        return request
+    return dataclasses.replace(request, frames=dataclasses.replace(request.frames, axis=axis))
 
 
 def frames_axis(request: Request, query, prompt_labels) -> str:
