@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-from ..sam2.devices import autocast
+from ..sam2.devices import model_autocast
 from ..sam2.frames import model_input
 from ..sam2.predictor import Float32Memories, MaskHintPrompts
 from ..sam2.propagation import MemoryPolicy, Prompt, PropagationCall, choose_pass, labels_from_logits, watched
@@ -325,7 +325,7 @@ def replay(call: PropagationCall) -> Comparison:
     twin = stock_twin(call.predictor)
     if call.policy.max_cond_frames is not None:  # sam2's own setting, as the run had it
         twin.max_cond_frames_in_attn = int(call.policy.max_cond_frames)
-    with torch.inference_mode(), autocast(twin.device, getattr(twin, "precision", None)):
+    with torch.inference_mode(), model_autocast(twin):
         if isinstance(call.policy, SupportMemoryPolicy):
             policy = call.policy
             stock, kind = stock_supports(twin, call), f"supports:{policy.scheme}"

@@ -21,7 +21,7 @@ import torch
 
 from ..io.normalization import Normalization
 from ..io.volume import LabelMap, Volume
-from ..sam2.devices import autocast
+from ..sam2.devices import model_autocast
 from .metrics import dice
 
 MODEL_PARTS = ("image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder", "sam_prompt_encoder")
@@ -131,7 +131,7 @@ def run_reference(stock, volume: Volume, prompt_masks: dict[int, np.ndarray], no
             Image.fromarray(gray[t]).convert("RGB").save(Path(folder) / f"{t:05d}.jpg", quality=JPEG_QUALITY)
         written = time.perf_counter()
         out = np.zeros(volume.array.shape, np.int32)
-        with torch.inference_mode(), autocast(stock.device, getattr(stock, "precision", None)):
+        with torch.inference_mode(), model_autocast(stock):
             state = stock.init_state(video_path=folder)
             loaded = time.perf_counter()
             for obj_id, mask in prompt_masks.items():
@@ -152,7 +152,7 @@ def peer_speed(predictor, config: str, n_slices: int, size: int = 256, n_structu
     normalization = Normalization().resolved(volume.array)
     masks = slice_masks(truth, 0)
     stock = stock_predictor(predictor, config)
-    with torch.inference_mode(), autocast(predictor.device, getattr(predictor, "precision", None)):  # warm-up
+    with torch.inference_mode(), model_autocast(predictor):  # first-call costs paid by neither
         predictor.forward_image(torch.zeros(1, 3, predictor.image_size, predictor.image_size,
                                             device=predictor.device))
     ours_labels, ours = run_ours(predictor, volume, masks, truth, normalization)

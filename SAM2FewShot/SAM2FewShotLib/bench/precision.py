@@ -12,19 +12,13 @@ import dataclasses
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..io.volume import LabelMap
 from ..run.request import FrameOptions, Request
 from ..sam2.build import ModelOptions
+from .metrics import dice
 from .profile import ProfileInputs
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def logged_run(runner, request: Request) -> tuple[LabelMap, dict, dict, float]:

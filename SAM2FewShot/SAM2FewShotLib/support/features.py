@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError
+from ..io.normalization import CHUNK_VOXELS
 from ..sam2.feature_cache import pooled_embedding
 from ..sam2.frames import model_input
 
@@ -29,9 +30,6 @@ class FeatureExtractor(Protocol):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, H, W) in [0, 1] -> (N, D) float32, each row of unit length (or zero if featureless)."""
         ...
-
-
-CHUNK_VOXELS = 1 << 22  # slices widened to float32 per step: never a float copy of a whole volume's frames
 
 
 class IntensityFeatures:
@@ -52,7 +50,7 @@ class IntensityFeatures:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         _check_slices(images)
-        step = max(1, CHUNK_VOXELS // max(1, images[0].numel())) if len(images) else 1
+        step = max(1, CHUNK_VOXELS // max(1, images.shape[1] * images.shape[2]))  # never a float copy of all
         x = torch.cat([F.interpolate(images[i:i + step].float()[:, None], size=(self.size, self.size), mode="area")
                        for i in range(0, len(images), step)] or [torch.zeros((0, 1, self.size, self.size))])
         x = x.flatten(1)

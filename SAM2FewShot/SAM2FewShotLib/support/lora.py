@@ -25,7 +25,7 @@ from ..common.errors import Cancelled, InputError, ModelError
 from ..common.files import replacing
 from ..common.progress import FIT_LORA, ProgressFn
 from ..io.volume import SupportCase
-from ..sam2.devices import autocast
+from ..sam2.devices import model_autocast
 from ..sam2.session import VolumeSession
 
 ENCODER_TARGETS = r"image_encoder\.trunk\.blocks\.\d+\.attn\.(qkv|proj)"
@@ -173,7 +173,7 @@ def support_loss(model, images01: torch.Tensor, masks: torch.Tensor, point: bool
 
     device = model.device
     target = masks.to(device)[:, None].float()
-    with autocast(device, getattr(model, "precision", None)):  # the model's --precision
+    with model_autocast(model):  # the model's --precision
         backbone = model.forward_image(model_input(images01.to(device), model.image_size))
         _, feats, pos, sizes = model._prepare_backbone_features(backbone)
         empty = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
