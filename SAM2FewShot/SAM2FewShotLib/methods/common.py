@@ -103,6 +103,17 @@ def structures_found(result: PropagationResult, segments) -> list[dict]:
     return out
 
 
+def keep_confident_extent(result: PropagationResult, segments, extent: str, min_score: float) -> None:
+    """The few-shot methods' last step, in place: each structure erased where SAM2's object score is not
+    above ``min_score`` (SAM2 itself blanks a mask at 0), then kept on its longest run of slices when
+    ``extent`` is "largest-run"."""
+    if min_score > 0.0:
+        erase_below_score(result, min_score)
+    if extent == "largest-run":
+        for seg in segments:
+            result.labels = largest_run(result.labels, seg.value)
+
+
 def erase_below_score(result: PropagationResult, min_score: float) -> None:
     """Erase each structure from the slices where SAM2's object score is at or below ``min_score``
     (in place). SAM2 itself blanks a mask at a score of 0; a higher threshold keeps only the slices

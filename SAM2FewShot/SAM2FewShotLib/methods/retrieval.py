@@ -31,7 +31,7 @@ from ..sam2.session import VolumeSession
 from ..support.matching import Matches, relative_positions
 from ..support.memory import SupportEntries, SupportMemoryPolicy
 from ..support.slices import SupportSlice, stack_support
-from .common import MethodInputs, build_report, erase_below_score, largest_run
+from .common import MethodInputs, build_report, keep_confident_extent
 
 
 @dataclass(frozen=True)
@@ -147,11 +147,7 @@ def segment_retrieval(
     result = propagate(predictor, session.frames, [], cache=StackedCache([session.cache, support_cache]),
                        policy=policy, progress=progress, should_cancel=should_cancel, frame_range=frame_range)
     segments = [data.segments[v] for v in sorted(hits)]
-    if params.min_object_score > 0.0:  # SAM2 itself blanks a mask at 0
-        erase_below_score(result, params.min_object_score)
-    if params.extent == "largest-run":
-        for seg in segments:
-            result.labels = largest_run(result.labels, seg.value)
+    keep_confident_extent(result, segments, params.extent, params.min_object_score)
     labels = session.to_labelmap(result.labels, segments)
     report = build_report("retrieval", session, result, segments, time.perf_counter() - start,
                           session.cache.encoded_frames + support_cache.encoded_frames - encoded_before)
