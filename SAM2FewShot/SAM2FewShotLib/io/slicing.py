@@ -109,6 +109,7 @@ def drawn_axis(labels: np.ndarray) -> Optional[int]:
     the votes of a tenth of the voxels.
     """
     votes, voxels = np.zeros(3, dtype=np.int64), 0
+    labels = labels[_box(labels > 0)]  # a few drawn slices of a large volume: the rest is never looked at
     for value in np.unique(labels):
         if value == 0:
             continue
@@ -124,10 +125,18 @@ def drawn_axis(labels: np.ndarray) -> Optional[int]:
     return drawn[0]
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The slices of ``mask``'s bounding box along each axis (empty when nothing is set)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1) if hits.size else slice(0, 0))
+    return tuple(box)
+
+
 def _axis_votes(mask: np.ndarray) -> np.ndarray:
     """Per axis, how many voxels of ``mask`` lie in a layer clearly thinnest along that axis."""
-    nonzero = np.nonzero(mask)
-    crop = mask[tuple(slice(int(ax.min()), int(ax.max()) + 1) for ax in nonzero)]
+    crop = mask[_box(mask)]
     runs = np.stack([_run_lengths(crop, axis)[crop] for axis in range(3)])  # (3, voxels)
     order = np.sort(runs, axis=0)
     clear = 2 * order[0] <= order[1]
