@@ -239,7 +239,6 @@ def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: 
     """Every slice along ``plane`` that holds a structure, normalised as the query is."""
     image.require_same_grid(labels.volume, "library labels")
     from ..io.slicing import slicing_axis
-    from ..sam2.frames import VolumeSlices
 
     axis = slicing_axis(image, plane)
     lab = np.moveaxis(labels.volume.array, axis, 0)
@@ -255,5 +254,7 @@ def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: 
         for s in present:
             extent = 0.5 if last == first else (s - first) / (last - first)
             rows.append((emb_of[int(s)], v, s, s / max(1, n - 1), extent, areas[v][s]))
-    images01 = VolumeSlices(image.array, axis, normalization)[keep].numpy()  # only the labelled slices, normalised
+    norm = normalization.resolved(image.array)  # only the labelled slices are normalised, not a copy of the case
+    images01 = np.empty((len(keep),) + lab.shape[1:], dtype=np.float32)
+    norm.scale_into(np.moveaxis(image.array, axis, 0)[keep], norm.volume_bounds(image.array), images01)
     return CaseSlices(images01, np.array(rows, dtype=ROW_DTYPE), n, axis)
