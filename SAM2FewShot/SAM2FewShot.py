@@ -202,9 +202,16 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onLibraryFolderEdited()
 
     def scanLibrary(self, folder):
-        """Count the folder's labelled cases on a background thread; the note shows when ready."""
+        """Count the folder's labelled cases on a background thread; the note shows when ready. A folder
+        scanned already is not walked again each time the module is entered."""
+        if not folder:
+            self._libraryScan = None
+            self.ui.libraryCasesLabel.text = panel.describe_library("")
+            return
+        if self._libraryScan is not None and self._libraryScan.folder == folder:
+            return
         self._libraryScan = panel.LibraryScan(folder)
-        self.ui.libraryCasesLabel.text = "Looking for labelled cases..." if folder else panel.describe_library("")
+        self.ui.libraryCasesLabel.text = "Looking for labelled cases..."
         self._scanTimer.start()
 
     def showLibraryScan(self):

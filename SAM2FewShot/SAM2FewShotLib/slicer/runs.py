@@ -117,8 +117,8 @@ class RunController:
         except BaseException:
             folder.remove()
             raise
-        self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, choices.axis,
-                                       prompt_slices, targets, time.monotonic())
+        self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, prompt_slices,
+                                       targets, time.monotonic())
         self.cancelled = False
         self.estimate = ""  # the engine's expected time for this run, once it has timed a few slices
         self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'"

@@ -54,7 +54,6 @@ class PendingRun:
     query_node: object
     query: Volume
     output_node: object  # the segmentation chosen in the panel, None for the query's own output
-    axis_choice: str
     prompt_slices: dict  # label value -> the slices that were its prompts (propagate)
     targets: Optional[dict]  # a refine: label value -> the segment id it replaces
     start_time: float
@@ -69,7 +68,6 @@ class Inserted:
     segment_ids: list[str]
     labels: np.ndarray  # on the query grid, values 1..N in segment_ids order, as read back from the node
     query: Volume
-    axis_choice: str  # the panel's slicing-axis choice of the run, reused when refining
     report: dict
     prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
     change: Optional[Change] = None  # what the insertion changed, for the panel's message and undo
@@ -145,7 +143,7 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Optional[I
     for segment, segment_id in zip(labels.segments, change.written):
         prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
     inserted = labels_from_segmentation(node, run.query, ids)
-    return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, run.axis_choice, report,
+    return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, report,
                     prompt_slices, change)
 
 
