@@ -16,11 +16,31 @@ from phantoms import SHARED_DATA  # noqa: E402
 
 # Everything the engine keeps in the user cache (weights, saved support features, indexes, scratch)
 # goes to a folder of this test session, for this process and the subprocesses it starts.
+# Each test then gets a fresh one of its own (isolated_state below).
 TEST_CACHE = os.environ["SAM2FEWSHOT_CACHE"] = tempfile.mkdtemp(prefix="sam2fewshot-test-cache-")
+# float32 everywhere, whatever the processor: the default precision is bfloat16 where a CPU computes it
+# natively (AMX, AVX512-BF16), and tests of logic, bit-for-bit checks and the equivalence with stock sam2
+# must not change with the machine. The tests of the default's choice and of bf16 runs unset or override it.
+os.environ["SAM2FEWSHOT_PRECISION"] = "fp32"
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(monkeypatch, tmp_path_factory):
+    """What one test could leave behind for the next: torch's thread count (every model load sets it),
+    ITK's global warning switch (the CLI turns it off), and the user cache folder (saved support
+    features, indexes, weights), which each test gets empty. Tests pass alone and in any order."""
+    import SimpleITK as sitk
+    import torch
+
+    threads, itk_warnings = torch.get_num_threads(), sitk.ProcessObject.GetGlobalWarningDisplay()
+    monkeypatch.setenv("SAM2FEWSHOT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalWarningDisplay(itk_warnings)
 
 TEST_IMAGE_SIZE = 256  # the real sam2.1 tiny architecture, at a reduced input size for CPU speed
 TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -31,7 +51,7 @@ def random_predictor():
     """sam2.1 hiera tiny, random weights seeded with 0, image size 256, on the CPU."""
     from SAM2FewShotLib.sam2.build import build_video_predictor
 
-    return build_video_predictor(TEST_CONFIG, image_size=TEST_IMAGE_SIZE, seed=0, device="cpu")
+    return build_video_predictor(TEST_CONFIG, image_size=TEST_IMAGE_SIZE, seed=0, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +59,7 @@ def small_predictor():
     """The same architecture at 128 px: for end-to-end runs on real volumes, where only mechanics are checked."""
     from SAM2FewShotLib.sam2.build import build_video_predictor
 
-    return build_video_predictor(TEST_CONFIG, image_size=128, seed=0, device="cpu")
+    return build_video_predictor(TEST_CONFIG, image_size=128, seed=0, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Cohort runs: `sam2fewshot batch` on one machine and on a real local Ray cluster (2 CPUs), with the real
 SAM2 architecture (random weights, 128 px), real files, real subprocesses and signals.
 
-One torch thread everywhere: results are bit-identical across runs only at one thread count, and
-a Ray actor with one CPU runs on one thread.
+One torch thread everywhere (--threads 1): a result is bit-identical across runs at one thread count and
+precision (batch/compute.py), and a Ray actor with one CPU runs on one thread.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 
 SHAPE = (8, 32, 32)
 FAST = ["--random-weights", "--image-size", "128", "--device", "cpu", "--augmentations", "1",
-        "--slices-per-structure", "2", "--top-k", "1", "--scheme", "pair"]
+        "--slices-per-structure", "2", "--top-k", "1", "--scheme", "pair", "--threads", "1"]
 CASES = ["case_a", "case_b", "case_c", "case_d"]
 
 
@@ -162,6 +162,30 @@ def test_other_options_are_refused_unless_forced(cohort, tmp_path, capsys):
     assert main(changed) == 2
     assert "segmented with other options" in capsys.readouterr().err
     assert main([*changed, "--force"]) == 0 and "4 run now" in capsys.readouterr().out
+
+
+def test_each_case_records_what_ran_and_a_cohort_is_not_mixed_unless_asked(cohort, tmp_path, capsys):
+    out, listing = tmp_path / "out", tmp_path / "two.csv"
+    listing.write_text("query\n" + "".join(f"{cohort['queries'] / n}.nrrd\n" for n in CASES[:2]))
+    first = ["batch", "--queries", str(listing), "--out", str(out), "--support", *cohort["support"], *FAST, "-q"]
+    assert main(first) == 0
+    manifest = _manifest(out)
+    assert all(r["compute"] == {"precision": "fp32", "threads": 1, "device": "cpu"} for r in manifest.values())
+    reports = [json.loads((out / f"{n}_report.json").read_text())["model"] for n in CASES[:2]]
+    assert all(m["precision"] == "fp32" and m["threads"] == 1 and m["precision_reason"] for m in reports)
+    capsys.readouterr()
+    assert main([*first, "--threads", "2"]) == 0  # another thread count: said in one line, nothing redone
+    out_text, err = capsys.readouterr()
+    assert "0 run now" in out_text
+    said = [line for line in err.splitlines() if "thread" in line]
+    assert len(said) == 1 and "2 case(s)" in said[0] and "--threads 1" in said[0], err
+    bf16 = [*first, "--precision", "bf16"]  # emulated on most CPUs: slow, so two small cases
+    assert main(bf16) == 2  # another precision: refused, with the three ways on
+    err = capsys.readouterr().err
+    assert "ran in fp32" in err and "--mixed-precision" in err and "--force" in err and len(err.splitlines()) == 1
+    assert main([*bf16, "--mixed-precision"]) == 0 and "0 run now" in capsys.readouterr().out
+    assert main([*bf16, "--force"]) == 0 and "2 run now" in capsys.readouterr().out
+    assert all(r["compute"]["precision"] == "bf16" for r in _manifest(out).values())
 
 
 # --- Ray ---------------------------------------------------------------------------------------------

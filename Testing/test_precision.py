@@ -35,21 +35,49 @@ def test_auto_picks_bf16_only_where_the_processor_has_it(monkeypatch):
     choose = devices.choose_precision
     assert choose("auto", "cpu", native=True) == "bf16" and choose("auto", "cpu", native=False) == "fp32"
     assert choose("auto", "cuda", native=False) == "fp32" and choose("auto", "mps", native=True) == "bf16"
-    assert choose(None, "cpu", native=True) == "fp32"  # the default does not change CPU results
-    assert choose(None, "cuda", native=False) == "bf16"  # nor CUDA's (SAM2's own autocast)
+    assert choose(None, "cpu", native=True) == "bf16"  # the default is the fast path where it is native
+    assert choose(None, "cpu", native=False) == "fp32" and choose(None, "mps", native=False) == "fp32"
+    assert choose(None, "cuda", native=False) == "bf16"  # CUDA's default is SAM2's own autocast
     assert choose("bf16", "cpu", native=False) == "bf16" and choose("FP32", "cuda", native=True) == "fp32"
     with pytest.raises(InputError, match="unknown precision 'fp16'"):
         choose("fp16", "cpu", native=True)
 
+
+def test_the_default_follows_the_processor_and_says_why(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.delenv(devices.PRECISION_ENV)  # the tests' fp32 pin off: the default itself
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
-    assert devices.resolve_precision("auto", cpu) == ("fp32", None)
-    precision, warning = devices.resolve_precision("bf16", cpu)
-    assert precision == "bf16" and "slower" in warning and "\n" not in warning
-    assert devices.resolve_precision(None, cpu) == ("fp32", None)
+    assert devices.resolve_precision(None, cpu) == ("fp32", "default: this CPU has no native bfloat16", None)
+    assert devices.resolve_precision("auto", cpu) == ("fp32", "auto: this CPU has no native bfloat16", None)
+    precision, reason, warning = devices.resolve_precision("bf16", cpu)
+    assert (precision, reason) == ("bf16", "asked for") and "slower" in warning and "\n" not in warning
+    assert devices.default_precision(cpu) == "fp32"
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
-    assert devices.resolve_precision("auto", cpu) == ("bf16", None)
-    assert devices.resolve_precision("bf16", cpu) == ("bf16", None)
+    assert devices.resolve_precision(None, cpu) == ("bf16", "default: this CPU computes bfloat16 natively", None)
+    assert devices.resolve_precision("auto", cpu).precision == "bf16"
+    assert devices.resolve_precision("bf16", cpu) == ("bf16", "asked for", None)
+    assert devices.resolve_precision("fp32", cpu) == ("fp32", "asked for", None)  # --precision fp32 restores it
+    monkeypatch.setenv(devices.PRECISION_ENV, "fp32")  # a site's (or the test suite's) own default
+    assert devices.resolve_precision(None, cpu) == ("fp32", "SAM2FEWSHOT_PRECISION=fp32", None)
+    assert devices.resolve_precision("bf16", cpu).precision == "bf16"  # an explicit choice wins
+    monkeypatch.setenv(devices.PRECISION_ENV, "half")
+    with pytest.raises(InputError, match="unknown SAM2FEWSHOT_PRECISION 'half'"):
+        devices.resolve_precision(None, cpu)
+
+
+def test_a_model_built_without_a_precision_runs_the_default(monkeypatch):
+    from SAM2FewShotLib.sam2.build import build_video_predictor
+
+    monkeypatch.delenv(devices.PRECISION_ENV)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # as on an AMX or AVX512-BF16 machine
+    predictor = build_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
+    assert predictor.precision == "bf16" and devices.precision_tag(predictor) == ":bf16"
+    frames = torch.rand(1, 3, 128, 128)
+    with torch.inference_mode(), devices.model_autocast(predictor):
+        assert predictor.forward_image(frames)["backbone_fpn"][0].dtype == torch.bfloat16  # the encoder ran bf16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    plain = build_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
+    assert plain.precision == "fp32" and devices.precision_tag(plain) == ":fp32"
 
 
 def test_this_cpu_is_detected_from_its_flags():
@@ -92,8 +120,9 @@ def test_the_choice_reaches_the_model_the_report_and_the_keys(monkeypatch, tmp_p
                           model=ModelOptions(random_weights=True, image_size=128, threads=1, precision="auto"))
         _, report = runner.run(request)
         assert report["model"]["precision"] == "fp32"
+        assert report["model"]["precision_reason"] == "auto: this CPU has no native bfloat16"
         predictor, _ = runner.model(request.model)
-        assert predictor.precision == "fp32" and devices.precision_tag(predictor) == ""
+        assert predictor.precision == "fp32" and devices.precision_tag(predictor) == ":fp32"
     finally:
         runner.forget()
 
@@ -148,3 +177,44 @@ def test_dice_of_masks():
     assert dice(a, b) == 1.0
     a[0, :2], b[0, 1:3] = True, True
     assert dice(a, b) == pytest.approx(0.5)
+
+
+RUN_AND_SAVE = """
+import sys, numpy as np
+from pathlib import Path
+from SAM2FewShotLib.bench.precision import logged_run
+from SAM2FewShotLib.run.request import Request
+from SAM2FewShotLib.run.runner import Runner
+from SAM2FewShotLib.sam2.build import ModelOptions
+model = ModelOptions(random_weights=True, image_size=128, threads=1, precision="fp32")
+_, logits, _, _ = logged_run(Runner(save_support_features=False),
+                             Request("propagate", sys.argv[1], prompt_labels=sys.argv[2], model=model))
+np.savez(sys.argv[3], **{str(t): v.numpy() for t, v in logits.items()})
+"""
+
+
+def test_float32_logits_agree_across_cpu_kernels_within_the_stated_tolerance(tmp_path, shared_data):
+    """Across machines a request's float32 logits agree within bench/equivalence.TOLERANCE (1e-4, the README's
+    Cohorts section). Another machine's kernels are stood in for by this CPU's others: ATen's portable
+    kernels (ATEN_CPU_CAPABILITY=default) and oneDNN held to SSE4.1. Measured on an AMD EPYC (8 slices at
+    256 px, logits up to 10): 1.3e-5 and 3e-7 at most, no sign flipped."""
+    import os
+    import subprocess
+    import sys
+
+    from SAM2FewShotLib.bench.equivalence import TOLERANCE
+
+    hippo = shared_data / "msd_hippocampus"
+    inputs = case_inputs(tmp_path, "h015", hippo / "hippocampus_015_img.nii.gz",
+                         hippo / "hippocampus_015_label.nii.gz",
+                         (hippo / "hippocampus_184_img.nii.gz", hippo / "hippocampus_184_label.nii.gz"), 4)
+    saved = {}
+    for name, env in (("own", {}), ("portable", {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"})):
+        saved[name] = tmp_path / f"{name}.npz"
+        subprocess.run([sys.executable, "-c", RUN_AND_SAVE, str(inputs.query), str(inputs.prompt_labels),
+                        str(saved[name])], check=True, env={**os.environ, **env}, timeout=300)
+    own, portable = np.load(saved["own"]), np.load(saved["portable"])
+    assert sorted(own.files) == sorted(portable.files) and len(own.files) == 4
+    worst = max(float(np.abs(own[t] - portable[t]).max()) for t in own.files)
+    print(f"max |logit difference| between the kernels: {worst:.2g}")
+    assert worst <= TOLERANCE, worst

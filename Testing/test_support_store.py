@@ -70,7 +70,7 @@ def test_a_saved_set_reads_back_bit_identical_and_encodes_nothing(random_predict
 def test_supports_are_encoded_once_per_runner_and_once_across_runs(cohort):
     runner = Runner()
     _, first = runner.run(_request(cohort, "q0"))
-    _, second = runner.run(_request(cohort, "q1"))  # another query, the same supports and slice size
+    warm, second = runner.run(_request(cohort, "q1"))  # another query, the same supports and slice size
     support_frames = first["fewshot"]["support_entries"]
     assert first["timing"]["frames_encoded"] == SLICES + support_frames
     assert second["timing"]["frames_encoded"] == SLICES  # the supports were not encoded again
@@ -78,11 +78,20 @@ def test_supports_are_encoded_once_per_runner_and_once_across_runs(cohort):
     saved = list(support_features_folder().glob("*.features"))
     assert len(saved) == 1
     later = Runner()  # a later run of the CLI, or a batch resumed
-    _, third = later.run(_request(cohort, "q1"))
+    restored, third = later.run(_request(cohort, "q1"))
     assert third["timing"]["frames_encoded"] == SLICES and later._supports.restored == 1
-    labels_again, fourth = Runner(save_support_features=False).run(_request(cohort, "q1"))
+    cold, fourth = Runner(save_support_features=False).run(_request(cohort, "q1"))
     assert fourth["timing"]["frames_encoded"] == SLICES + support_frames  # nothing saved is read either
     later.close()
+    # One result whatever the supports' features came from (kept in memory after another query, read
+    # back from the cache, encoded with this query): bit for bit, the labels and SAM2's object scores.
+    for labels, report in ((restored, third), (cold, fourth)):
+        assert np.array_equal(labels.volume.array, warm.volume.array)
+        assert _scores(report) == _scores(second)
+
+
+def _scores(report: dict) -> list:
+    return [{k: v.get("object_score") for k, v in s.get("objects", {}).items()} for s in report["slices"]]
 
 
 def test_a_damaged_saved_set_is_encoded_again_and_replaced(cohort, caplog):

@@ -23,6 +23,7 @@ from ..run.outputs import written_files
 from ..run.reports import low_confidence_slices
 from ..run.request import Request
 from .cohort import Case
+from .compute import ran_with
 from .manifest import failed, files_record, input_stamp, output_names
 
 
@@ -56,7 +57,7 @@ def run_case(runner, case: Case, template: Request, folder: Path, suffix: str, o
         if any(is_out_of_memory(e) for e in causes(exc)):
             runner.forget()  # the next case starts with free memory
         return failed(case, options, error_message(exc) if not isinstance(exc, SAM2FewShotError) else str(exc))
-    return {"status": "done", "options": options, "input": input_stamp(case),
+    return {"status": "done", "options": options, "input": input_stamp(case), "compute": ran_with(report),
             "files": files_record(folder, written_files(request.out, request.report)),
             "seconds": round(time.perf_counter() - start, 3), **summary}
 
@@ -68,14 +69,17 @@ def completed_record(case: Case, request: Request, options: str) -> Optional[dic
     report_path, out = Path(request.report), Path(request.out)
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        batch = report.get("batch", {})
+        batch, ran = report.get("batch", {}), ran_with(report)
         if batch.get("options") != options or batch.get("input") != input_stamp(case) or not out.is_file():
+            return None
+        if ran is not None and ran["precision"] != request.model.precision:  # another precision is not this run's
             return None
         labels = read_labels(out)  # complete and readable, or it is done again
     except (OSError, ValueError, AttributeError, SAM2FewShotError):
         return None
     template = Request(method=report.get("method", ""), query=str(case.query))
     return {"status": "done", "options": options, "input": input_stamp(case), "adopted": True,
+            "compute": ran_with(report),
             "files": files_record(out.parent, written_files(out, report_path)),
             "seconds": report.get("timing", {}).get("total_s"),
             **case_summary(labels, report, template, None)}

@@ -25,10 +25,12 @@ FORMAT = "sam2fewshot-cohort-1"
 
 def options_digest(template: Request) -> str:
     """What the outputs depend on besides the query: method, parameters, supports (with their files'
-    sizes and times), library, model, frames. A change means the existing outputs are another run's."""
+    sizes and times), library, model, frames. A change means the existing outputs are another run's.
+    The precision and threads that ran are kept per case and compared apart (batch/compute.py)."""
     data = asdict(template)
     for key in ("query", "out", "report", "prompt_labels"):
         data.pop(key, None)
+    data["model"].update(threads=None, precision=None)
     data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

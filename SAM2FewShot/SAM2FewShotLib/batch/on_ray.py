@@ -10,7 +10,8 @@ import logging
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 from ..common.errors import InputError
 from ..run.request import Request
@@ -49,13 +50,11 @@ def require_ray():
     return ray
 
 
-def run_on_ray(cases: Sequence[Case], template: Request, folder: Path, suffix: str, options: str,
-               on_record: Callable[[Case, dict], None], address: Optional[str] = None, workers: Optional[int] = None,
-               max_retries: int = 2, tolerance_mm: float = 1.0) -> None:
-    """Run the cases on a local Ray instance (``address`` None) or an existing cluster."""
+@contextmanager
+def ray_session(address: Optional[str] = None, workers: Optional[int] = None) -> Iterator[int]:
+    """Ray for the length of a cohort: a new local instance (``address`` None) or an existing cluster,
+    shut down after unless it was already running; yields the cluster's GPU count."""
     ray = require_ray()
-    from ray.exceptions import RayActorError, RayTaskError
-
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -65,48 +64,58 @@ def run_on_ray(cases: Sequence[Case], template: Request, folder: Path, suffix: s
             raise InputError(f"cannot reach the Ray cluster at {address or 'a new local instance'}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(CohortWorker)
-        run_id = uuid.uuid4().hex[:8]
-        names = iter(f"cohort-{run_id}-{n}" for n in range(10 ** 6))
-
-        def new_actor():
-            name = next(names)
-            return name, actor.options(name=name, namespace=NAMESPACE).remote(template, str(folder), suffix, options,
-                                                                           tolerance_mm)
-
-        idle = dict(new_actor() for _ in range(min(count, len(cases))))
-        queue, running, attempts = deque(cases), {}, {}
-        while queue or running:
-            while queue and idle:
-                name, handle = idle.popitem()
-                case = queue.popleft()
-                running[handle.run.remote(case)] = (name, handle, case)
-            [ready], _ = ray.wait(list(running), num_returns=1)
-            name, handle, case = running.pop(ready)
-            try:
-                record = ray.get(ready)
-            except RayActorError as exc:  # the actor died with the case: another one takes it
-                attempts[case.id] = attempts.get(case.id, 0) + 1
-                log.warning("the worker running %s died (%s)", case.id, type(exc).__name__)
-                ray.kill(handle, no_restart=True)
-                idle.update([new_actor()])
-                if attempts[case.id] <= max_retries:
-                    queue.appendleft(case)
-                else:
-                    on_record(case, failed(case, options, f"its worker died {attempts[case.id]} times "
-                                                          "(out of memory, or killed)", attempts[case.id]))
-                continue
-            except RayTaskError as exc:  # run_case records every error itself: this is a bug, said in one line
-                record = failed(case, options, f"internal error: {str(exc.cause or exc).splitlines()[0]}")
-            idle[name] = handle
-            record["attempts"] = attempts.get(case.id, 0) + 1
-            record["worker"] = name
-            on_record(case, record)
-        ray.get([h.close.remote() for h in idle.values()])
-        for handle in idle.values():
-            ray.kill(handle)
+        yield int(ray.cluster_resources().get("GPU", 0))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def run_on_ray(cases: Sequence[Case], template: Request, folder: Path, suffix: str, options: str,
+               on_record: Callable[[Case, dict], None], workers: Optional[int] = None,
+               max_retries: int = 2, tolerance_mm: float = 1.0) -> None:
+    """Run the cases on the Ray cluster of the current ray_session."""
+    ray = require_ray()
+    from ray.exceptions import RayActorError, RayTaskError
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(CohortWorker)
+    run_id = uuid.uuid4().hex[:8]
+    names = iter(f"cohort-{run_id}-{n}" for n in range(10 ** 6))
+
+    def new_actor():
+        name = next(names)
+        return name, actor.options(name=name, namespace=NAMESPACE).remote(template, str(folder), suffix, options,
+                                                                       tolerance_mm)
+
+    idle = dict(new_actor() for _ in range(min(count, len(cases))))
+    queue, running, attempts = deque(cases), {}, {}
+    while queue or running:
+        while queue and idle:
+            name, handle = idle.popitem()
+            case = queue.popleft()
+            running[handle.run.remote(case)] = (name, handle, case)
+        [ready], _ = ray.wait(list(running), num_returns=1)
+        name, handle, case = running.pop(ready)
+        try:
+            record = ray.get(ready)
+        except RayActorError as exc:  # the actor died with the case: another one takes it
+            attempts[case.id] = attempts.get(case.id, 0) + 1
+            log.warning("the worker running %s died (%s)", case.id, type(exc).__name__)
+            ray.kill(handle, no_restart=True)
+            idle.update([new_actor()])
+            if attempts[case.id] <= max_retries:
+                queue.appendleft(case)
+            else:
+                on_record(case, failed(case, options, f"its worker died {attempts[case.id]} times "
+                                                      "(out of memory, or killed)", attempts[case.id]))
+            continue
+        except RayTaskError as exc:  # run_case records every error itself: this is a bug, said in one line
+            record = failed(case, options, f"internal error: {str(exc.cause or exc).splitlines()[0]}")
+        idle[name] = handle
+        record["attempts"] = attempts.get(case.id, 0) + 1
+        record["worker"] = name
+        on_record(case, record)
+    ray.get([h.close.remote() for h in idle.values()])
+    for handle in idle.values():
+        ray.kill(handle)

@@ -86,7 +86,7 @@ def stock_predictor(predictor, config: str):
                                        hydra_overrides_extra=size_overrides(predictor.image_size))
     stock.load_state_dict(predictor.state_dict(), strict=True)
     stock.fill_hole_area = 0  # needs sam2's CUDA extension; ours has it off too
-    stock.precision = getattr(predictor, "precision", None)  # the same --precision as ours
+    stock.precision = predictor.precision  # the same --precision as ours
     return stock.to(predictor.device).eval()
 
 

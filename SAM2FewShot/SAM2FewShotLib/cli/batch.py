@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from ..common.errors import InputError
 from ..run.outputs import LABEL_SUFFIXES
@@ -14,6 +17,7 @@ from .options import add_command
 from .segment import add_method_args
 
 EXIT_SOME_FAILED = 1
+log = logging.getLogger(__name__)
 
 
 def add_batch_parser(sub) -> None:
@@ -30,7 +34,10 @@ def add_batch_parser(sub) -> None:
     runs = p.add_argument_group("resuming")
     runs.add_argument("--retry-failed", action="store_true", help="run only the cases that failed before")
     runs.add_argument("--force", action="store_true",
-                      help="redo cases that were segmented with other options (otherwise refused)")
+                      help="redo cases that were segmented with other options or in another precision (otherwise "
+                           "refused)")
+    runs.add_argument("--mixed-precision", action="store_true",
+                      help="keep cases done in another precision (fp32/bf16) than this run's, rather than refuse")
     ray = p.add_argument_group("Ray (pip install 'sam2fewshot[cluster]')")
     ray.add_argument("--ray", action="store_true", help="run on a new local Ray instance")
     ray.add_argument("--ray-address", metavar="ADDRESS", help="run on an existing Ray cluster, e.g. ray://head:10001")
@@ -42,6 +49,7 @@ def add_batch_parser(sub) -> None:
 def run_batch(args: argparse.Namespace) -> int:
     from ..batch.case import add_missing_scores
     from ..batch.cohort import find_cases
+    from ..batch.compute import actor_compute, local_compute, pinned
     from ..batch.manifest import Manifest, options_digest
     from ..batch.report import write_report
     from ..common.files import writable_folder
@@ -62,10 +70,13 @@ def run_batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot write into {args.out}: it cannot be made, or it is not writable")
     manifest = Manifest.open(args.out)
     options = options_digest(template)
-    todo = plan(cases, manifest, options, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    run_cases(todo, template, args, manifest, options)
+    with _backend(args) as gpus:
+        compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model)
+        template = pinned(template, compute)  # every case of this run at one precision and thread count
+        todo = plan(cases, manifest, options, args, compute)
+        args.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        run_cases(todo, template, args, manifest, options, compute)
     add_missing_scores(cases, manifest.cases, args.out)
     manifest.save()
     paths = write_report(cases, manifest.cases, args.out, time.perf_counter() - start)
@@ -80,28 +91,58 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan(cases, manifest, options: str, args: argparse.Namespace) -> list:
-    """The cases to run now; cases done with other options refused unless --force."""
+def _on_ray(args: argparse.Namespace) -> bool:
+    return bool(args.ray or args.ray_address)
+
+
+@contextmanager
+def _backend(args: argparse.Namespace) -> Iterator[int]:
+    """Ray for the run when asked for (yields its GPU count), else nothing to start (0)."""
+    if not _on_ray(args):
+        yield 0
+        return
+    from ..batch.on_ray import ray_session
+
+    with ray_session(args.ray_address, args.workers) as gpus:
+        yield gpus
+
+
+def plan(cases, manifest, options: str, args: argparse.Namespace, compute) -> list:
+    """The cases to run now; cases done with other options, or in another precision than ``compute``,
+    refused unless --force (or --mixed-precision, which keeps the latter)."""
+    from ..batch.compute import other_precision, refuse_mixed_precision, say_other_threads
+
     status = {c.id: manifest.status(c, options) for c in cases}
     other = [c.id for c in cases if status[c.id] == "other options"]
     if other and not args.force:
         raise InputError(f"{len(other)} case(s) in {args.out} were segmented with other options (e.g. {other[0]}): "
                          "add --force to redo them with these, or give another --out")
+    done = {c.id: manifest.cases[c.id] for c in cases if status[c.id] == "done"}
+    mixed = {} if args.mixed_precision else other_precision(done, compute)
+    if mixed and not args.force:
+        refuse_mixed_precision(mixed, compute, args.out)
+    status.update({case: "other options" for case in mixed})
+    say_other_threads({k: v for k, v in done.items() if k not in mixed}, compute, args.out,
+                      "this run on Ray" if _on_ray(args) else "this run")
     if args.retry_failed:
         return [c for c in cases if status[c.id] == "failed"]
     return [c for c in cases if status[c.id] in ("todo", "other options")]
 
 
-def run_cases(todo, template, args: argparse.Namespace, manifest, options: str) -> None:
+def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, compute) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="cohort", unit="case", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
-    failures = 0
+    failures, said = 0, set()
 
     def on_record(case, record: dict) -> None:
         nonlocal failures
         manifest.record(case.id, record)
         failures += record["status"] == "failed"
+        ran = record.get("compute")
+        if ran and ran != compute.as_json() and str(ran) not in said:  # e.g. an actor on another kind of host
+            said.add(str(ran))
+            log.warning("%s ran with %s, where this run pinned %s", case.id, _words(ran), _words(compute.as_json()))
         bar.set_postfix_str(f"failed {failures}" if failures else "", refresh=False)
         if bar.n + 1 < bar.total:
             bar.update(1)
@@ -109,11 +150,11 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str) 
             bar.n += 1  # the last one: close() draws the final line, once
 
     try:
-        if args.ray or args.ray_address:
+        if _on_ray(args):
             from ..batch.on_ray import run_on_ray
 
-            run_on_ray(todo, template, args.out, args.suffix, options, on_record, address=args.ray_address,
-                       workers=args.workers, max_retries=args.max_retries)
+            run_on_ray(todo, template, args.out, args.suffix, options, on_record, workers=args.workers,
+                       max_retries=args.max_retries)
         else:
             from ..batch.local import run_local
 
@@ -121,3 +162,7 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str) 
                       on_stage=lambda stage: bar.set_description(f"cohort ({stage})", refresh=False))
     finally:
         bar.close()
+
+
+def _words(compute: dict) -> str:
+    return f"{compute.get('precision')}, {compute.get('threads')} thread(s) on {compute.get('device')}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..common.choices import AXES, DEVICES
+from ..common.choices import AXES, DEVICES, PRECISIONS
 from ..run.request import FrameOptions
-from ..sam2.build import PRECISIONS, ModelOptions
+from ..sam2.build import ModelOptions
 from ..sam2.registry import DEFAULT_MODEL, REGISTRY
 
 IMAGE_SIZE_RULE = "a multiple of 64, at least 128"
@@ -59,8 +59,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "a busy machine)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="compute type: fp32; bf16 (faster on CPUs with AMX-BF16 or AVX512-BF16 and on GPUs; "
-                        "results differ slightly); auto: bf16 only where the processor has it natively "
-                        "(default: fp32 on the CPU and MPS, bf16 on CUDA)")
+                        "results differ slightly from fp32); auto: bf16 only where the processor has it natively "
+                        "(default: bf16 on CUDA and where the processor has it natively, else fp32; "
+                        "$SAM2FEWSHOT_PRECISION sets another default; the report says what ran and why)")
 
 
 def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True, query_frame: bool = False) -> None:

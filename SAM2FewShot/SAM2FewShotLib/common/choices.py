@@ -7,6 +7,7 @@ the panel stay fast).
 
 AXES = ("auto", "axial", "coronal", "sagittal")  # auto: the acquisition axis (the largest spacing)
 DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device computes it natively, else fp32
 SCHEMES = ("pair", "video", "video+memory")  # how matched supports condition SAM2
 SUPPORT_SELECTIONS = ("matched", "middle")  # per query slice by similarity, or each structure's middle slice
 PLACEMENTS = ("behind", "before-query", "after-query")  # where support memories sit in the video

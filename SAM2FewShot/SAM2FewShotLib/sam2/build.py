@@ -20,9 +20,6 @@ from .weights import download
 
 log = logging.getLogger(__name__)
 
-# What --precision and the worker protocol's model.precision accept (sam2/devices.choose_precision).
-PRECISIONS = ("fp32", "bf16", "auto")
-
 # Our predictor subclass: batched, cached image features and in-memory frames (predictor.py).
 PREDICTOR_TARGET = "SAM2FewShotLib.sam2.predictor.VolumePredictor"
 
@@ -49,14 +46,16 @@ def build_video_predictor(
 ):
     """The sam2 video predictor (our subclass) from a sam2 config name, with optional weights.
 
-    ``precision`` ("fp32" or "bf16", None: the device's default) is what its forward work runs in
-    (sam2/devices.model_autocast); the weights stay float32.
+    ``precision`` ("fp32", "bf16" or "auto"; None: the default, sam2/devices.resolve_precision) is what its
+    forward work runs in (sam2/devices.model_autocast); the weights stay float32.
 
     Without a checkpoint the weights are sam2's random initialisation, seeded when ``seed`` is given:
     that is how the tests run the real architecture where no weights can be downloaded.
     """
     import torch
     from sam2.build_sam import build_sam2_video_predictor
+
+    from .devices import resolve_precision
 
     overrides = [f"++model._target_={PREDICTOR_TARGET}"]
     if image_size is not None:
@@ -76,7 +75,7 @@ def build_video_predictor(
     # fill_hole_area needs sam2's CUDA extension, which our installs do not build: without it sam2
     # warns and skips the step on every run, so it is switched off explicitly.
     predictor.fill_hole_area = 0
-    predictor.precision = precision
+    predictor.precision = resolve_precision(precision, torch.device(device)).precision
     if checkpoint is not None:
         from .checkpoint import load_state_dict
 
@@ -97,7 +96,7 @@ class ModelOptions:
     random_weights: bool = False  # the real architecture, seeded random weights: tests and speed only
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads; default: the cores other work leaves free
-    precision: Optional[str] = None  # fp32, bf16 or auto; default: fp32 (bf16 autocast on CUDA, as before)
+    precision: Optional[str] = None  # fp32, bf16 or auto; default: bf16 where native (sam2/devices.resolve_precision)
 
     def key(self) -> tuple:
         """What makes two loaded predictors interchangeable (offline only changes how it is fetched)."""
@@ -157,7 +156,7 @@ def load_model(options: ModelOptions = ModelOptions(), progress: Optional[Progre
 
     set_threads(options.threads)  # the count asked for, else the cores other programs leave free
     device = resolve_device(options.device)
-    precision, slower = resolve_precision(options.precision, device)  # auto: bf16 where it is native
+    precision, why, slower = resolve_precision(options.precision, device)  # default: bf16 where it is native
     for advice in (gpu_advice_for(options.name, device), slower):
         if advice:
             log.warning(advice)
@@ -169,11 +168,12 @@ def load_model(options: ModelOptions = ModelOptions(), progress: Optional[Progre
         predictor = build_video_predictor(config, device=device, image_size=size, seed=options.seed,
                                           precision=precision)
         return predictor, {"name": options.name, "weights": "random (seeded)", "config": config, "image_size": size,
-                           "device": str(device), "precision": precision}
+                           "device": str(device), "precision": precision, "precision_reason": why}
     if options.checkpoint is None and progress is not None:
         download(options.name, offline=options.offline, progress=progress)  # with events; resolve() finds it
     checkpoint = Path(options.checkpoint) if options.checkpoint else None
     resolved = resolve(options.name, checkpoint, options.config, options.image_size, options.offline)
     predictor = load_predictor(resolved, device, precision)
     return predictor, {"name": resolved.name, "weights": str(resolved.checkpoint), "config": resolved.config,
-                       "image_size": resolved.image_size, "device": str(device), "precision": precision}
+                       "image_size": resolved.image_size, "device": str(device), "precision": precision,
+                       "precision_reason": why}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..common.choices import RESERVED_CORES_ENV
+from ..common.choices import PRECISIONS, RESERVED_CORES_ENV
 from ..common.errors import InputError
 from .registry import REGISTRY, get_spec
 
@@ -67,24 +67,22 @@ def set_threads(requested: Optional[int] = None) -> int:
     return count
 
 
-def autocast(device: torch.device, precision: Optional[str] = None):
-    """bfloat16 autocast where ``precision`` is "bf16"; without one, the device's default
-    (default_precision): bfloat16 on CUDA, as SAM2 is meant to run, full precision elsewhere."""
-    if (precision or default_precision(device)) == "bf16":
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast where ``precision`` is "bf16", full precision otherwise."""
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def model_autocast(predictor):
-    """autocast at the precision the predictor was loaded with (build.load_model sets it)."""
-    return autocast(predictor.device, getattr(predictor, "precision", None))
+    """autocast at the precision the predictor was built with (build.build_video_predictor sets it)."""
+    return autocast(predictor.device, predictor.precision)
 
 
 def precision_tag(predictor) -> str:
-    """"" for a predictor at its device's default precision, else ":bf16" / ":fp32": for the keys of
-    saved features (bfloat16 features must not be read back into a float32 run, nor the reverse)."""
-    precision = getattr(predictor, "precision", None)
-    return "" if precision in (None, default_precision(predictor.device)) else f":{precision}"
+    """":bf16" or ":fp32", for the keys of saved features (bfloat16 features must not be read back into
+    a float32 run, nor the reverse)."""
+    return f":{predictor.precision}"
 
 
 # --- precision -------------------------------------------------------------------------------------------
@@ -92,11 +90,6 @@ def precision_tag(predictor) -> str:
 # The x86 flags (Linux /proc/cpuinfo names) of a CPU that computes bfloat16 natively: AMX tiles or
 # AVX512-BF16 dot products. Without them oneDNN emulates bfloat16 and a run is slower than float32.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def default_precision(device: torch.device) -> str:
-    """What runs when no precision is asked for: bf16 on CUDA (unchanged), fp32 on the CPU and MPS."""
-    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:
@@ -145,29 +138,62 @@ def native_bf16(device: torch.device) -> bool:
     return cpu_has_native_bf16()
 
 
+# The default precision of a site (or of a test run, which pins fp32): fp32, bf16 or auto.
+PRECISION_ENV = "SAM2FEWSHOT_PRECISION"
+
+
+class PrecisionChoice(NamedTuple):
+    precision: str  # what runs: "fp32" or "bf16"
+    reason: str  # why, in words, for the report
+    warning: Optional[str] = None  # bf16 asked for where it is only emulated
+
+
 def choose_precision(requested: Optional[str], device_type: str, native: bool) -> str:
-    """The precision a run uses: fp32 or bf16. ``auto`` picks bf16 only where it is native; None keeps
-    the device's default (bf16 on CUDA, fp32 elsewhere); an explicit choice is kept."""
-    requested = (requested or "").lower() or None
-    if requested not in (None, "fp32", "bf16", "auto"):
-        raise InputError(f"unknown precision '{requested}': use fp32, bf16 or auto")
-    if requested is None:
-        return default_precision(torch.device(device_type))
-    if requested == "auto":
+    """The precision a run uses: fp32 or bf16. Without a choice (None) or with ``auto``, bf16 where the
+    device computes it natively, else fp32; CUDA runs bf16 by default whatever its generation (SAM2's
+    own autocast). An explicit choice is kept."""
+    requested = _checked(requested)
+    if requested is None and device_type == "cuda":
+        return "bf16"
+    if requested in (None, "auto"):
         return "bf16" if native else "fp32"
     return requested
 
 
-def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[str, Optional[str]]:
-    """(precision, warning): what runs on ``device``, and a one-line warning when bf16 was asked for
-    on a processor that only emulates it."""
-    default_or_auto = requested in (None, "auto")
-    native = native_bf16(device) if requested is not None else False
+def resolve_precision(requested: Optional[str], device: torch.device) -> PrecisionChoice:
+    """What runs on ``device`` for ``requested`` (None: $SAM2FEWSHOT_PRECISION, else the default), why,
+    and a one-line warning when bf16 was asked for on a processor that only emulates it."""
+    requested, source = _checked(requested), "asked for"
+    if requested is None and os.environ.get(PRECISION_ENV):
+        requested = _checked(os.environ[PRECISION_ENV], PRECISION_ENV)
+        source = f"{PRECISION_ENV}={requested}"
+    native = native_bf16(device)
     precision = choose_precision(requested, device.type, native)
-    if precision == "bf16" and not native and not default_or_auto:
-        return precision, (f"bfloat16 was asked for, but this {device.type.upper()} has no native bfloat16 "
-                           "(AMX-BF16 or AVX512-BF16): the run will be slower than float32")
-    return precision, None
+    where = {"cuda": "CUDA GPU", "mps": "Apple GPU"}.get(device.type, "CPU")
+    if requested in ("fp32", "bf16"):
+        reason = source
+    elif requested is None and device.type == "cuda":
+        reason = "default: SAM2 runs in bfloat16 on CUDA"
+    else:
+        prefix = "default" if requested is None else ("auto" if source == "asked for" else source)
+        reason = f"{prefix}: this {where} {'computes bfloat16 natively' if native else 'has no native bfloat16'}"
+    warning = None
+    if precision == "bf16" and not native and device.type != "cuda":
+        warning = (f"bfloat16 was asked for, but this {where} has no native bfloat16 (AMX-BF16 or AVX512-BF16): "
+                   "the run will be slower than float32")
+    return PrecisionChoice(precision, reason, warning)
+
+
+def default_precision(device: torch.device) -> str:
+    """What runs on ``device`` when no precision is asked for."""
+    return resolve_precision(None, device).precision
+
+
+def _checked(value: Optional[str], source: str = "precision") -> Optional[str]:
+    value = (value or "").strip().lower() or None
+    if value not in (None, *PRECISIONS):
+        raise InputError(f"unknown {source} '{value}': use fp32, bf16 or auto")
+    return value
 
 
 # --- GPU memory advice -----------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ embedding is kept for every frame. Only a small window of full feature maps stay
 passes sweep the volume, so a larger in-memory cache would not be hit unless it held the whole
 volume, and memory would grow with the slices. Evicted frames go to a scratch file on disk
 (offload.py) and come back with a read instead of another encoder pass.
+
+One request gives one result, whatever else was computed beside it: a frame's features must not
+depend on the order frames were asked for, nor on whether they were encoded now, kept, offloaded or
+read back from a file. So frame i is always encoded in its fixed group (frames i - i % B .. of B
+frames, the last group padded with its last frame: every encoder call has the same shape), and every
+feature map is kept in one memory layout (contiguous), the layout a file or the scratch gives back.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..common.progress import ENCODE_QUERY, ProgressFn
-from .frames import FrameSource
+from .frames import FrameSource, frames_per_batch
 from .offload import DEFAULT_SPILL_BYTES, SpillFile
 
 
@@ -38,7 +44,7 @@ class FeatureCache:
         predictor,
         frames: FrameSource,
         device: torch.device,
-        batch_size: int = 4,
+        batch_size: Optional[int] = None,  # frames per encoder call (default: frames.frames_per_batch)
         max_bytes: int = DEFAULT_MEMORY_BYTES,
         storage_device: Optional[torch.device] = None,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
@@ -49,9 +55,8 @@ class FeatureCache:
         self.frames = frames
         self.device = device
         self.storage_device = storage_device or device
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size or frames_per_batch(device)))
         self.max_bytes = int(max_bytes)
-        self.direction = 1  # which way to prefetch: +1 forward, -1 backward
         self._features: "OrderedDict[int, list[torch.Tensor]]" = OrderedDict()
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._frame_bytes = 0
@@ -114,7 +119,7 @@ class FeatureCache:
         elif idx in self.spill:
             self._keep(idx, [f.to(self.storage_device, non_blocking=True) for f in self.spill.get(idx)])
         else:
-            self._encode(self._batch_from(idx))
+            self._encode(self.group(idx))
         fpn = [f.to(self.device, non_blocking=True) for f in self._features[idx]]
         return {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc), "vision_features": fpn[-1]}
 
@@ -122,33 +127,31 @@ class FeatureCache:
         """(N, D) pooled embeddings of the given frames (all by default), encoding only the missing ones."""
         idx = list(range(len(self.frames))) if indices is None else list(indices)
         todo = [i for i in idx if i not in self.embeddings]
-        for start in range(0, len(todo), self.batch_size):
-            self._encode(todo[start : start + self.batch_size])
+        groups = sorted({i - i % self.batch_size for i in todo})
+        for n, start in enumerate(groups):
+            self._encode(self.group(start))
             if progress:
-                progress(self.stage, min(start + self.batch_size, len(todo)), len(todo))
+                progress(self.stage, n + 1, len(groups))
         return torch.stack([self.embeddings[i] for i in idx]) if idx else torch.zeros(0)
 
-    def _batch_from(self, idx: int) -> list[int]:
-        """The next frames in the prefetch direction that are not cached yet, starting at idx."""
-        out, i = [], idx
-        while len(out) < self.batch_size and 0 <= i < len(self.frames):
-            if i == idx or (i not in self._features and i not in self.spill):
-                out.append(i)
-            i += self.direction
-        return out
+    def group(self, idx: int) -> list[int]:
+        """The frames encoded together with frame ``idx``: always the same ones, whatever was asked first."""
+        start = idx - idx % self.batch_size
+        return list(range(start, min(start + self.batch_size, len(self.frames))))
 
     @torch.inference_mode()
     def _encode(self, indices: list[int]) -> None:
         from .devices import model_autocast
 
+        padded = indices + indices[-1:] * (self.batch_size - len(indices))  # one shape for every call
         with model_autocast(self.predictor):  # at the model's precision: bf16 features stay bf16 (half the bytes)
-            out = self.predictor.forward_image(self.frames.batch(indices, self.device))
+            out = self.predictor.forward_image(self.frames.batch(padded, self.device))
         if self._pos_enc is None:  # positional encodings depend only on the image size
-            self._pos_enc = [p[:1].clone() for p in out["vision_pos_enc"]]
+            self._pos_enc = [_own(p[:1]) for p in out["vision_pos_enc"]]
         pooled = pooled_embedding(out).cpu()
         for n, i in enumerate(indices):
-            self.embeddings[i] = pooled[n]
-            self._keep(i, [f[n : n + 1].to(self.storage_device).clone() for f in out["backbone_fpn"]])
+            self.embeddings[i] = pooled[n].clone()
+            self._keep(i, [_own(f[n : n + 1].to(self.storage_device)) for f in out["backbone_fpn"]])
         self.encoded_frames += len(indices)
 
     def _keep(self, idx: int, feats: list[torch.Tensor]) -> None:
@@ -160,6 +163,12 @@ class FeatureCache:
         while len(self._features) > self.capacity:
             old, old_feats = self._features.popitem(last=False)
             self.spill.put(old, old_feats)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: the encoder returns strided views of its batch (channels last), and a layout
+    that differed between kept and read-back features would change the kernels that use them."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class StackedCache:
@@ -190,14 +199,6 @@ class StackedCache:
     def get(self, idx: int) -> dict:
         cache, local = self._locate(idx)
         return cache.get(local)
-
-    @property
-    def direction(self) -> int:
-        return self.caches[0].direction
-
-    @direction.setter
-    def direction(self, value: int) -> None:
-        self.caches[0].direction = value
 
     @property
     def encoded_frames(self) -> int:

@@ -18,20 +18,16 @@ from ..common.errors import InputError
 from ..io.normalization import Normalization
 from ..io.volume import Volume
 
-# Frames the image encoder takes at once. On a CPU a batch buys no speed (hiera-tiny at 1024 px, one
-# thread: 3.2-3.3 s of CPU per frame alone, 4.1-4.5 s in fours) but its activations grow with it
-# (1.3 GB for four frames at 1024 px, 0.44 GB for one), so the batch is held to a memory budget there.
+# Frames the image encoder takes at once. On a GPU a batch of 4 pays; on a CPU it buys nothing from
+# 256 px up (hiera-tiny, 2 threads, AMD EPYC: 198 ms per frame alone, 218 ms in fours at 256 px; 684 and
+# 939 ms at 512 px) while its activations grow with it (0.44 GB a frame at 1024 px), so a CPU encodes
+# one frame at a time: the features of a frame then never depend on which frames were encoded with it.
 BATCH_FRAMES = 4
-CPU_BATCH_BYTES = 256 * 1024 * 1024
-ENCODER_BYTES_PER_PIXEL = 444 * 1024 * 1024 / 1024 ** 2  # measured: hiera-tiny, one frame at 1024 px
 
 
-def frames_per_batch(image_size: int, device: torch.device | str) -> int:
-    """How many frames the image encoder takes at once: 4 on a GPU; on a CPU what the budget allows."""
-    if torch.device(device).type != "cpu":
-        return BATCH_FRAMES
-    per_frame = ENCODER_BYTES_PER_PIXEL * image_size * image_size
-    return int(max(1, min(BATCH_FRAMES, CPU_BATCH_BYTES // per_frame)))
+def frames_per_batch(device: torch.device | str) -> int:
+    """How many frames the image encoder takes at once: 4 on a GPU, 1 on a CPU (see BATCH_FRAMES)."""
+    return 1 if torch.device(device).type == "cpu" else BATCH_FRAMES
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -38,9 +38,7 @@ class Float32Memories:
         return self._storable(features), pos_enc
 
     def _storable(self, features):
-        from .devices import default_precision
-
-        if features is None or (getattr(self, "precision", None) or default_precision(self.device)) == "bf16":
+        if features is None or self.precision == "bf16":
             return features
         return features.float()
 
@@ -90,7 +88,7 @@ class MaskHintPrompts:
 class VolumePredictor(Float32Memories, MaskHintPrompts, SAM2VideoPredictor):
     """sam2's video predictor with in-memory frames and a batched, reusable feature cache."""
 
-    precision: Optional[str] = None  # "fp32" or "bf16" (build.load_model); None: the device's default
+    precision = "fp32"  # or "bf16": what its forward work runs in (build.build_video_predictor sets it)
 
     def init_volume_state(
         self,

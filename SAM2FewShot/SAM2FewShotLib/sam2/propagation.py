@@ -289,8 +289,6 @@ class _Run:
                                  self.visited, self.prompt_model_masks, self.details)
 
     def _pass(self, order: list[int], reverse: bool) -> None:
-        cache = self.state["feature_cache"]
-        cache.direction = -1 if reverse else 1
         stage = PROPAGATE_BACKWARD if reverse else PROPAGATE_FORWARD
         for n, t in enumerate(order):
             if self.should_cancel is not None and self.should_cancel():

@@ -40,7 +40,7 @@ class VolumeSession:
         self.axis = axis if isinstance(axis, int) else slicing_axis(volume, axis)
         self.normalization = normalization.resolved(volume.array)
         self.frames = FrameSource.from_volume(volume, self.axis, predictor.image_size, self.normalization)
-        batch_size = batch_size or frames_per_batch(predictor.image_size, predictor.device)
+        batch_size = batch_size or frames_per_batch(predictor.device)
         self.cache = FeatureCache(predictor, self.frames, predictor.device, batch_size=batch_size,
                                   max_bytes=feature_budget_bytes, spill_bytes=spill_bytes)
         self._own_supports = supports is None  # a store of its own, or one shared by the runner's sessions

@@ -35,7 +35,7 @@ class SupportFeatureStore:
         self.predictor = predictor
         self.folder = Path(folder) if folder is not None else None
         self.keep = max(1, keep)
-        self.batch_size = batch_size or frames_per_batch(predictor.image_size, predictor.device)
+        self.batch_size = batch_size or frames_per_batch(predictor.device)
         self.max_bytes, self.spill_bytes, self.disk_budget = max_bytes, spill_bytes, disk_budget
         self._caches: "OrderedDict[str, FeatureCache]" = OrderedDict()
         self._saved: set[str] = set()

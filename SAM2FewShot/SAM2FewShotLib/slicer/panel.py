@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..common.choices import AXES, DEVICES, SCHEMES  # noqa: F401 - the panel's combo items
+from ..common.choices import AXES, DEVICES, PRECISIONS, SCHEMES  # noqa: F401 - the panel's combo items
 from ..common.errors import InputError
 from ..common.progress import (
     DOWNLOAD,
@@ -37,7 +37,7 @@ from ..methods.registry import METHODS, get_method
 from ..run.protocol import METHODS as WORKER_METHODS
 from ..run.protocol import Job
 from ..run.request import FrameOptions
-from ..sam2.build import PRECISIONS, ModelOptions
+from ..sam2.build import ModelOptions
 from ..sam2.registry import DEFAULT_MODEL
 
 NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
@@ -59,8 +59,8 @@ def method_availability(worker_methods: Sequence[str] = WORKER_METHODS) -> dict[
 # --- jobs -----------------------------------------------------------------------------------------
 
 
-# The Precision combo: "default" is each device's own (bfloat16 on CUDA, float32 elsewhere), as the CLI
-# without --precision; "auto" is bfloat16 only where the processor computes it natively.
+# The Precision combo: "default" is what the CLI runs without --precision (bfloat16 on CUDA and on
+# processors that compute it natively, else float32); "auto" is bfloat16 only where it is native.
 PANEL_PRECISIONS = ("default",) + PRECISIONS
 
 

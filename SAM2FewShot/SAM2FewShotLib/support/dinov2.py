@@ -91,10 +91,13 @@ class DINOv2Features:
     name = "dinov2"
 
     def __init__(self, model: torch.nn.Module, device: Union[str, torch.device] = "cpu", batch_size: int = 16,
-                 pooling: str = "cls", label: str = "dinov2"):
+                 pooling: str = "cls", label: str = "dinov2", precision: Optional[str] = None):
+        from ..sam2.devices import resolve_precision
+
         if pooling not in POOLINGS:
             raise InputError(f"unknown DINOv2 pooling '{pooling}': use {' or '.join(POOLINGS)}")
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device).precision  # the default: bf16 where native
         self.model = model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
         self.pooling = pooling
@@ -103,11 +106,11 @@ class DINOv2Features:
 
     @property
     def key(self) -> str:
-        """What the vectors depend on, for the embedding index: variant, pooling, input, weights."""
+        """What the vectors depend on, for the embedding index: variant, pooling, input, weights, precision."""
         if self._key is None:
             from ..sam2.checkpoint import weights_fingerprint
 
-            self._key = f"{self.label}:{self.pooling}:{INPUT_SIZE}:{weights_fingerprint(self.model)}"
+            self._key = f"{self.label}:{self.pooling}:{INPUT_SIZE}:{weights_fingerprint(self.model)}:{self.precision}"
         return self._key
 
     @torch.inference_mode()
@@ -119,7 +122,7 @@ class DINOv2Features:
         out = []
         for start in range(0, images.shape[0], self.batch_size):
             x = model_input(images[start : start + self.batch_size].to(self.device), INPUT_SIZE)
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 hidden = self.model(pixel_values=x).last_hidden_state  # layer-normed, CLS first
             pooled = hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
             out.append(pooled.float().cpu())

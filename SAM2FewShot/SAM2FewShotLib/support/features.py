@@ -7,7 +7,7 @@ anyway), plain intensities (NCC, CPU-quick), or others registered later (DINOv2 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..common.errors import InputError
 from ..io.normalization import CHUNK_VOXELS
 from ..sam2.feature_cache import pooled_embedding
-from ..sam2.frames import model_input
+from ..sam2.frames import frames_per_batch, model_input
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,21 +77,23 @@ class SAM2Features:
         return F.normalize(self.embed_fn(images).float(), dim=1)
 
 
-def sam2_embed_fn(predictor, device: torch.device | str = "cpu", batch_size: int = 8) -> EmbedFn:
-    """An embed_fn running the predictor's image encoder in batches, for slices no cache holds.
+def sam2_embed_fn(predictor, device: torch.device | str = "cpu", batch_size: Optional[int] = None) -> EmbedFn:
+    """An embed_fn running the predictor's image encoder in batches (default: as the feature cache
+    does, sam2/frames.frames_per_batch), for slices no cache holds.
 
     Only the pooled vector of each slice is kept, so library-sized sets fit in memory.
     """
-    from ..sam2.devices import autocast
+    from ..sam2.devices import model_autocast
 
     device = torch.device(device)
+    batch_size = batch_size or frames_per_batch(device)
 
     @torch.inference_mode()
     def embed(images: torch.Tensor) -> torch.Tensor:
         out = []
         for start in range(0, images.shape[0], batch_size):
             x = model_input(images[start : start + batch_size].to(device), predictor.image_size)
-            with autocast(device, getattr(predictor, "precision", None)):  # the model's --precision
+            with model_autocast(predictor):  # the model's --precision
                 out.append(pool_sam2_features(predictor.forward_image(x)).cpu())
         return torch.cat(out)
 
