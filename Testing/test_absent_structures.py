@@ -48,7 +48,7 @@ def test_every_support_structure_is_reported_found_or_not_with_its_best_score(sm
         scores = scores_of(report, entry["name"])
         assert entry["voxels"] == counts[entry["value"]]
         assert entry["status"] == ("found" if counts[entry["value"]] else "not found")
-        assert entry["best_slice"] == int(np.nanargmax(scores))
+        assert scores[entry["best_slice"]] == np.nanmax(scores)  # the best (reported scores are rounded: ties)
         assert entry["best_object_score"] == pytest.approx(np.nanmax(scores), abs=1e-4)
         on = [t for t in range(len(scores)) if np.any(np.take(labels.volume.array, t, axis=0) == entry["value"])]
         assert entry["slices"] == len(on)
@@ -64,7 +64,8 @@ def test_a_threshold_keeps_only_the_slices_sam2_is_surer_of(small_predictor, cut
     assert report["fewshot"]["min_object_score"] == middle
     for entry in report["structures"]:
         kept = [t for t in range(labels.volume.array.shape[0]) if np.any(labels.volume.array[t] == entry["value"])]
-        assert all(scores_of(report, entry["name"])[t] > middle for t in kept)
+        # kept where the score is above the threshold; the report rounds scores to 4 decimals, as the threshold is
+        assert all(scores_of(report, entry["name"])[t] >= middle for t in kept)
 
     above = max(s["best_object_score"] for s in plain["structures"]) + 0.01  # above every score: nothing found
     with caplog.at_level(logging.WARNING):

@@ -197,8 +197,9 @@ def test_truth_prompts_use_each_structures_largest_slice():
 def test_scaling_point_accounts_for_frames_and_features(one_thread):
     point = scaling_point(ModelRecipe(TEST_CONFIG, None, 128, 0, "cpu", 1), 12, 32, 1, 0.001)
     assert point["slices"] == 12 and point["frames_mb"] == 0  # frames are read from the volume, not copied
-    # a tiny budget keeps two batches of 4 frames in memory; the other 4 frames went to disk
-    assert point["features_held_mb"] == 2 * point["features_on_disk_mb"] > 0
+    # a tiny budget keeps two encoder batches in memory (of one frame each on a CPU); the other 10 frames went
+    # to disk
+    assert point["features_on_disk_mb"] == 5 * point["features_held_mb"] > 0
     assert point["outputs_mb"] == round(12 * 32 * 32 / MB, 1) and point["peak_rss_above_start_mb"] > 0
     assert point["rss_method"] in ("VmHWM", "sampled")
     assert 0 < point["live_at_end_mb"] <= point["peak_rss_above_start_mb"]
@@ -217,8 +218,8 @@ def test_peer_pipeline_does_the_same_model_work(random_predictor, one_thread):
     # same frames, same objects, same prompts: the same memory-attention and decoder calls
     for part in ("memory_attention", "sam_mask_decoder", "memory_encoder"):
         assert ours["model_calls"][part] == ref["model_calls"][part] > 0, part
-    assert ref["model_calls"]["image_encoder"] == 3  # one frame at a time; ours in batches
-    assert ours["model_calls"]["image_encoder"] == 1
+    assert ref["model_calls"]["image_encoder"] == 3  # one frame at a time
+    assert ours["model_calls"]["image_encoder"] == 3  # on a CPU ours too (sam2/frames.frames_per_batch)
     assert r["ratio_reference_over_ours"] == pytest.approx(ref["wall_s"] / ours["wall_s"], rel=0.01)
     assert set(r["agreement_dice"]) == {"tube_1", "tube_2"}
 

@@ -18,7 +18,7 @@ from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 from SAM2FewShotLib.sam2.build import build_video_predictor
 
-RANDOM = ["--random-weights", "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu", "-q"]
+RANDOM = ["--random-weights", "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu", "--threads", "1", "-q"]
 
 
 @pytest.fixture()

@@ -29,7 +29,7 @@ from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume_io import read_labels, read_volume, write_labels, write_volume
 from SAM2FewShotLib.run import protocol
 
-RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu"]
+RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1"]  # one thread: runs compare bit for bit
 SHAPE = (8, 32, 32)
 
 

@@ -25,7 +25,7 @@ from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume import LabelMap, Volume
 from SAM2FewShotLib.io.volume_io import read_labels, read_volume, write_labels, write_volume
 
-RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "-q"]
+RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1", "-q"]  # runs compare bit for bit
 FAST = ["--augmentations", "1", "--slices-per-structure", "2"]  # matched-support and guided, for speed
 THIN_MM = 8.0
 CASES = ("015", "184", "195")  # the query, the support, and a second library case

@@ -334,8 +334,11 @@ def test_retrieval_segmentation_end_to_end(tmp_path, random_predictor):
     for entry in report["slices"]:
         [hit] = entry["objects"]["structure_1"]["retrieved"]
         assert set(hit) == {"case", "slice", "similarity", "in_window"}
-        if truth[entry["slice"]].any():  # SAM2's pooled features find the identical slice
-            assert (hit["case"], hit["slice"]) == ("beta0_label.nii.gz", entry["slice"]) and hit["similarity"] > 0.999
+        if truth[entry["slice"]].any():  # SAM2's pooled features find the identical slice (cosine 1), or
+            # one tied with it: random weights on a symmetric phantom put the mirror slice within 1.3e-6 of it
+            # (measured on an AMD EPYC), closer than another CPU's kernels may keep them apart
+            identical = (hit["case"], hit["slice"]) == ("beta0_label.nii.gz", entry["slice"])
+            assert hit["similarity"] > 0.999 and (identical or hit["similarity"] > 1 - 1e-4), hit
     # the query was encoded once, for retrieval and propagation alike, plus each retrieved slice once
     assert report["timing"]["frames_encoded"] == session.num_slices + r["support_entries"]
 

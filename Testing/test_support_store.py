@@ -20,7 +20,7 @@ from SAM2FewShotLib.sam2.feature_files import FeatureFileError
 from SAM2FewShotLib.sam2.frames import FrameSource
 from SAM2FewShotLib.sam2.support_store import SupportFeatureStore
 
-MODEL = ModelOptions(random_weights=True, image_size=128, device="cpu")
+MODEL = ModelOptions(random_weights=True, image_size=128, device="cpu", threads=1)  # runs compare bit for bit
 PARAMS = {"augmentations": 2, "slices_per_structure": 2, "top_k": 1, "scheme": "pair"}
 SLICES = 8
 

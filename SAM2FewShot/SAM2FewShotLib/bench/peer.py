@@ -2,7 +2,7 @@
 
 Peer tools write every slice as a JPEG file, call stock sam2's ``init_state(video_path=folder)``
 (which reads and resizes them all with PIL), add a mask on one slice and run forward-only
-``propagate_in_video``. This engine keeps the frames in memory, encodes them in batches into a
+``propagate_in_video``. This engine keeps the frames in memory, encodes them (in batches on a GPU) into a
 feature cache and propagates from the prompted slice. Both start from the same volume and the same
 normalisation, prompt the same masks on slice 0 (so forward-only covers every slice and both do
 the same model work) and end with the same label array. Time inside the model's main modules is
