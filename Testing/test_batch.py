@@ -165,26 +165,26 @@ def test_other_options_are_refused_unless_forced(cohort, tmp_path, capsys):
 
 
 def test_each_case_records_what_ran_and_a_cohort_is_not_mixed_unless_asked(cohort, tmp_path, capsys):
-    out, listing = tmp_path / "out", tmp_path / "two.csv"
-    listing.write_text("query\n" + "".join(f"{cohort['queries'] / n}.nrrd\n" for n in CASES[:2]))
+    out, listing = tmp_path / "out", tmp_path / "one.csv"  # one case: bf16 is slow where it is emulated
+    listing.write_text(f"query\n{cohort['queries'] / CASES[0]}.nrrd\n")
     first = ["batch", "--queries", str(listing), "--out", str(out), "--support", *cohort["support"], *FAST, "-q"]
     assert main(first) == 0
     manifest = _manifest(out)
     assert all(r["compute"] == {"precision": "fp32", "threads": 1, "device": "cpu"} for r in manifest.values())
-    reports = [json.loads((out / f"{n}_report.json").read_text())["model"] for n in CASES[:2]]
+    reports = [json.loads((out / f"{n}_report.json").read_text())["model"] for n in CASES[:1]]
     assert all(m["precision"] == "fp32" and m["threads"] == 1 and m["precision_reason"] for m in reports)
     capsys.readouterr()
     assert main([*first, "--threads", "2"]) == 0  # another thread count: said in one line, nothing redone
     out_text, err = capsys.readouterr()
     assert "0 run now" in out_text
     said = [line for line in err.splitlines() if "thread" in line]
-    assert len(said) == 1 and "2 case(s)" in said[0] and "--threads 1" in said[0], err
-    bf16 = [*first, "--precision", "bf16"]  # emulated on most CPUs: slow, so two small cases
+    assert len(said) == 1 and "1 case(s)" in said[0] and "--threads 1" in said[0], err
+    bf16 = [*first, "--precision", "bf16"]
     assert main(bf16) == 2  # another precision: refused, with the three ways on
     err = capsys.readouterr().err
     assert "ran in fp32" in err and "--mixed-precision" in err and "--force" in err and len(err.splitlines()) == 1
     assert main([*bf16, "--mixed-precision"]) == 0 and "0 run now" in capsys.readouterr().out
-    assert main([*bf16, "--force"]) == 0 and "2 run now" in capsys.readouterr().out
+    assert main([*bf16, "--force"]) == 0 and "1 run now" in capsys.readouterr().out
     assert all(r["compute"]["precision"] == "bf16" for r in _manifest(out).values())
 
 

@@ -55,7 +55,7 @@ def test_training_loss_falls(trained):
     *_, adapters, _ = trained
     losses = adapters.losses
     assert len(losses) == 20 and all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses  # measured a drop of 0.59 (AMD EPYC)
     assert any(float(w.abs().max()) > 0 for k, w in adapters.weights.items() if "lora_B" in k)  # B starts at 0
     names = list(adapters.weights)
     assert names and all("image_encoder.trunk.blocks." in k and (".attn.qkv." in k or ".attn.proj." in k)

@@ -68,8 +68,8 @@ def test_ct_copy_rotated_and_shifted_recovers_the_organs(ct_moved):
     assert reg.labels.volume.same_grid(query)
     assert reg.labels.segments == labels.segments
     after = dice_per_label(reg.labels.volume.array, truth, large)
-    assert all(d > 0.9 for d in after.values()), after
-    assert reg.similarity > 0.95
+    assert all(d > 0.9 for d in after.values()), after  # measured 0.997-0.999 (AMD EPYC; ITK pinned to 2 threads)
+    assert reg.similarity > 0.95  # measured 0.9997
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_hippocampus_pair_beats_the_measured_floor(hippocampus):
     # measured 0.798 / 0.760 (plain Mattes MI affine: 0.79 / 0.72 on this pair, 0.54 over all pairs)
     assert dice[1] > 0.72 and dice[2] > 0.68, dice
     assert reg.image.same_grid(truth.volume) and reg.image.array.dtype == np.float32
-    assert 0.4 < reg.similarity < 1.0
+    assert 0.4 < reg.similarity < 1.0  # measured 0.637
 
 
 def test_hippocampus_bspline_refines_a_pair(hippocampus):
@@ -128,7 +128,8 @@ def test_fusion_of_four_supports_beats_one(hippocampus):
     assert [s for s in steps if s[0].startswith("register")] == [(f"register support {n}/4", i, 2)
                                                                  for n in range(1, 5) for i in (1, 2)]
     majority = fuse_labels([r.labels for r in registered.values()], "majority")
-    assert np.mean(list(dice_per_label(majority.volume.array, truth.volume.array, HIPPOCAMPUS).values())) > single
+    fused_dice = np.mean(list(dice_per_label(majority.volume.array, truth.volume.array, HIPPOCAMPUS).values()))
+    assert fused_dice > single + 0.05, (fused_dice, single)  # measured 0.795 against 0.677
 
 
 def test_strategy_keeps_names_and_colours_and_renumbers_by_name(hippocampus):
@@ -187,7 +188,7 @@ def test_thin_ct_stack_registers_a_moved_copy(shared_data):
     after = dice_per_label(reg.labels.volume.array, truth, large)
     # measured 0.927 0.896 0.876 0.937, against 0.773 0.659 0.809 0.843 unregistered
     assert all(after[v] > 0.85 and after[v] > before[v] + 0.04 for v in large), (after, before)
-    assert reg.similarity > 0.9
+    assert reg.similarity > 0.9  # measured 0.952; the organs 0.876-0.937 against 0.659-0.843 before
 
 
 def test_thin_hippocampus_stacks_beat_centring(shared_data):

@@ -253,14 +253,16 @@ def test_intensity_matching_finds_itself_and_its_shifted_copy(shared_data, case)
         assert own.tolist() == list(range(len(s)))
     # the query moved by one voxel in-plane, with noise: the same slice, or its 1 mm neighbour
     s = _slices(vol, 0)
-    g = torch.Generator().manual_seed(int(case))
-    shifted = (torch.roll(s, (1, 1), dims=(1, 2)) + 0.01 * torch.randn(s.shape, generator=g)).clamp(0, 1)
+    noise = np.random.default_rng(int(case)).normal(0.0, 0.01, s.shape).astype(np.float32)  # the same on every CPU
+    shifted = (torch.roll(s, (1, 1), dims=(1, 2)) + torch.from_numpy(noise)).clamp(0, 1)
     n = np.arange(len(s))
     found = match_slices(f.embed(shifted), f.embed(s)).best()
+    # measured (AMD EPYC): 0.909 and 0.929 for cases 184 and 015 (one slice found its neighbour), 0.97-1 elsewhere;
+    # the noise comes from numpy, the same on every CPU, so only the last bits of the features may differ
     assert (found == n).mean() >= 0.9 and np.abs(found - n).max() <= 1
     pos = relative_positions(len(s))
     with_prior = match_slices(f.embed(shifted), f.embed(s), pos, pos, position_weight=0.5).best()
-    assert (with_prior == n).mean() >= 0.95
+    assert (with_prior == n).mean() >= 0.95  # measured 1.0 for every case
 
 
 def test_sam2_features_of_the_random_model_find_themselves(random_predictor, shared_data):
