@@ -20,7 +20,7 @@ from slicer.util import VTKObservationMixin
 
 from SAM2FewShotLib.common.errors import SAM2FewShotError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
-from SAM2FewShotLib.sam2 import registry
+from SAM2FewShotLib.sam2 import models
 from SAM2FewShotLib.slicer import install, panel, scene_io
 
 TITLE = "SAM2FewShot"
@@ -123,7 +123,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for index, method in enumerate(METHODS.values()):
             self.ui.methodComboBox.setItemData(index, availability[method.key] or method.summary, qt.Qt.ToolTipRole)
             self.ui.methodComboBox.model().item(index).setEnabled(availability[method.key] is None)
-        for index, spec in enumerate(registry.REGISTRY.values()):
+        for index, spec in enumerate(models.REGISTRY.values()):
             self.ui.modelComboBox.setItemData(index, spec.description, qt.Qt.ToolTipRole)
 
     def cleanup(self):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]  # the repository root, wherever a test file sits below Testing/
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:

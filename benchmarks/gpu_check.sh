@@ -63,7 +63,7 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/device.txt" 2>&1 || true
-step cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s Testing/test_cuda.py
+step cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s Testing/sam2/test_cuda.py
 step equivalence "${CLI[@]}" bench --check-equivalence --data "$DATA" --max-cases 1 --support "$SUPPORT" \
   --methods "$METHODS" --preset matched-support,fs-medsam2,fate-sam "${MODEL[@]}" --out "$OUT/equivalence"
 step peer_speed "${CLI[@]}" bench --peer-speed 200 --synthetic-size 512 --synthetic-structures 3 "${MODEL[@]}" \

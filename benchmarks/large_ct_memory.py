@@ -73,7 +73,7 @@ def measure(query: str, prompts: str, image_size: int, timed: int, threads: int 
     """In a fresh process: the model loaded first, then the run and the write measured together."""
     import gc
 
-    from SAM2FewShotLib.bench.memory import PeakMemory, release_free_memory
+    from SAM2FewShotLib.bench.ram import PeakMemory, release_free_memory
     from SAM2FewShotLib.run.outputs import write_outputs
     from SAM2FewShotLib.run.request import FrameOptions, Request
     from SAM2FewShotLib.run.runner import Runner

@@ -34,7 +34,11 @@ sys.path.insert(0, str(ROOT / "SAM2FewShot"))
 from SAM2FewShotLib.bench.metrics import dice_per_label
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap, Volume, default_segments
-from SAM2FewShotLib.registration.fusion import FUSION_METHODS, fuse_labels, similarity_weights
+from SAM2FewShotLib.registration.fusion import (
+    FUSION_METHODS,
+    fuse_labels,
+    similarity_weights,
+)
 from SAM2FewShotLib.registration.register import THREADS, TRANSFORMS, register_support
 
 LABELS = (1, 2)

@@ -32,12 +32,12 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
     from SAM2FewShotLib.bench.synthetic import slice_masks, synthetic_case
+    from SAM2FewShotLib.common.context import RunContext
     from SAM2FewShotLib.methods.propagate import segment_propagate
     from SAM2FewShotLib.sam2.build import build_video_predictor
     from SAM2FewShotLib.sam2.devices import resolve_device
-    from SAM2FewShotLib.sam2.propagation import Prompt
+    from SAM2FewShotLib.sam2.conditioning import Prompt
     from SAM2FewShotLib.sam2.session import VolumeSession
 
     device = resolve_device(args.device)
@@ -63,7 +63,7 @@ def main() -> int:
     encoded = session.cache.encoded_frames
     edited = mid + args.range // 2  # the fixed slice, re-propagated over its neighbourhood
     lo, hi = max(0, edited - args.range // 2), min(args.slices - 1, edited - args.range // 2 + args.range - 1)
-    warm = timed(lambda: segment_propagate(session, prompts(edited), truth.segments, frame_range=(lo, hi)))
+    warm = timed(lambda: segment_propagate(session, prompts(edited), truth.segments, RunContext(frame_range=(lo, hi))))
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
         "slices": args.slices, "slice_size": args.size, "image_size": args.image_size,

@@ -21,7 +21,7 @@ from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
 from SAM2FewShotLib.common.choices import RESERVED_CORES_ENV
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
-from SAM2FewShotLib.sam2 import registry, weights
+from SAM2FewShotLib.sam2 import models, weights
 from SAM2FewShotLib.slicer import install, panel, runs
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
@@ -52,21 +52,21 @@ class SAM2FewShotParameterNode:
     supportVolume: vtkMRMLScalarVolumeNode
     supportSegmentation: vtkMRMLSegmentationNode
     outputSegmentation: vtkMRMLSegmentationNode  # None: the query's own result segmentation
-    method: MethodChoice = MethodChoice.propagate
-    model: Annotated[str, Choice(list(registry.REGISTRY))] = registry.DEFAULT_MODEL
-    device: Annotated[str, Choice(list(panel.DEVICES))] = "auto"
-    precision: Annotated[str, Choice(list(panel.PANEL_PRECISIONS))] = "default"
-    scheme: Annotated[str, Choice(list(panel.SCHEMES))] = "video+memory"
-    axis: Annotated[str, Choice(list(panel.AXES))] = "auto"
-    augmentations: Annotated[int, WithinRange(1, 64)] = 4
-    topK: Annotated[int, WithinRange(1, 20)] = 3
+    method: MethodChoice = MethodChoice(PanelChoices.method)
+    model: Annotated[str, Choice(list(models.REGISTRY))] = models.DEFAULT_MODEL
+    device: Annotated[str, Choice(list(panel.DEVICES))] = PanelChoices.device
+    precision: Annotated[str, Choice(list(panel.PANEL_PRECISIONS))] = PanelChoices.precision
+    scheme: Annotated[str, Choice(list(panel.SCHEMES))] = PanelChoices.scheme
+    axis: Annotated[str, Choice(list(panel.AXES))] = PanelChoices.axis
+    augmentations: Annotated[int, WithinRange(1, 64)] = PanelChoices.augmentations
+    topK: Annotated[int, WithinRange(1, 20)] = PanelChoices.top_k
     useSliceRange: bool = False
     firstSlice: Annotated[int, WithinRange(0, 99999)] = 0
     lastSlice: Annotated[int, WithinRange(0, 99999)] = 0
     show3D: bool = False
     supportFromLibrary: bool = False
     libraryFolder: str = ""
-    normalization: str = "auto"
+    normalization: str = PanelChoices.normalization
     excludedSegments: str = ""  # ids of unchecked support segments, comma-separated
 
 

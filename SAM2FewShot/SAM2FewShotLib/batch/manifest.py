@@ -8,14 +8,14 @@ Only the process driving the cohort writes the manifest (Ray actors return their
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common.errors import InputError
-from ..common.files import sha256_of, write_json_atomic
+from ..common.digests import file_digest, json_digest
+from ..common.files import write_json_atomic
 from ..run.request import Request
 from .cohort import Case
 
@@ -32,7 +32,7 @@ def options_digest(template: Request) -> str:
         data.pop(key, None)
     data["model"].update(threads=None, precision=None)
     data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return json_digest(data, 20)
 
 
 def input_stamp(case: Case) -> list:
@@ -90,7 +90,7 @@ class Manifest:
     def outputs_intact(self, entry: dict) -> bool:
         for name, (size, digest) in entry.get("files", {}).items():
             path = self.folder / name
-            if not path.is_file() or path.stat().st_size != size or sha256_of(path) != digest:
+            if not path.is_file() or path.stat().st_size != size or file_digest(path) != digest:
                 return False
         return bool(entry.get("files"))
 
@@ -102,7 +102,7 @@ def output_names(case: Case, suffix: str) -> tuple[str, str]:
 
 def files_record(folder: Path, names) -> dict:
     """name -> [size, sha256] of written outputs (the sidecar of a plain label file included)."""
-    return {str(Path(p).relative_to(folder)): [os.path.getsize(p), sha256_of(p)] for p in names if Path(p).is_file()}
+    return {str(Path(p).relative_to(folder)): [os.path.getsize(p), file_digest(p)] for p in names if Path(p).is_file()}
 
 
 def failed(case: Case, options: str, error: str, attempts: int = 1) -> dict:

@@ -43,7 +43,7 @@ from ..support.memory import SupportMemoryPolicy
 
 # On logits, float32 on the CPU: ours against stock sam2 (measured at most 3.1e-7 with an AMD EPYC, every
 # method, 8 slices at 128 px: the two differ only in the order of some sums), and also the bound a
-# request's logits keep across machines (README, Cohorts; Testing/test_precision.py measures another
+# request's logits keep across machines (README, Cohorts; Testing/sam2/test_precision.py measures another
 # set of this CPU's kernels at 4.5e-6 to 1.3e-5).
 TOLERANCE = 1e-4
 # Under CUDA bfloat16 autocast (8 significand bits) the encoder's batched and single-frame runs round

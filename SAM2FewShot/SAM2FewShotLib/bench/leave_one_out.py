@@ -30,7 +30,7 @@ from ..io.volume import LabelMap, Volume
 from ..methods.registry import LIBRARY, PROMPTS, get_method
 from ..run.request import FrameOptions, Request
 from ..sam2.build import ModelOptions
-from .memory import PeakMemory
+from .ram import PeakMemory
 from .metrics import DEFAULT_TOLERANCE_MM, score_labels
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ register_variant(BenchVariant("registration", "support cases registered to the q
 for _prior in ("registration", "sam2"):
     register_variant(BenchVariant(f"guided:{_prior}", f"pseudo-masks from the {_prior} prior as box+mask prompts "
                                   "that SAM2 refines", "guided",
-                                  lambda fs, p=_prior: {"prior": p, "fewshot": {**fs, "scheme": "video"}}))
+                                  lambda fs, p=_prior: {"prior": p, "fewshot": dict(fs)}))  # its own scheme
 
 
 def preset_variant(name: str) -> BenchVariant:

@@ -104,7 +104,7 @@ def run_ours(predictor, volume: Volume, prompt_masks: dict[int, np.ndarray], lab
              normalization: Normalization) -> tuple[np.ndarray, dict]:
     """This engine: in-memory frames, batched cached features, propagation from slice 0."""
     from ..methods.propagate import segment_propagate
-    from ..sam2.propagation import Prompt
+    from ..sam2.conditioning import Prompt
     from ..sam2.session import VolumeSession
 
     with ForwardTimer(predictor) as timer:

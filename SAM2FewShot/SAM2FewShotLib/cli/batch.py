@@ -51,7 +51,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from ..batch.cohort import find_cases
     from ..batch.compute import actor_compute, local_compute, pinned
     from ..batch.manifest import Manifest, options_digest
-    from ..batch.report import write_report
+    from ..batch.cohort_report import write_report
     from ..common.files import writable_folder
     from ..run.runner import check_request
     from .segment import template_from_args

@@ -10,9 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from ..common.choices import SIMILARITY_FEATURES
 from ..common.errors import InputError
+from ..methods.matched_support import FewShotParams
+from ..methods.options import AUGMENTATIONS, SIMILARITY, SLICES_PER_STRUCTURE, TOP_K
 from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
+
+# The matched-support parameters every support variant of the bench shares; defaults: the method's own.
+BENCH_SUPPORT_OPTIONS = (AUGMENTATIONS, SLICES_PER_STRUCTURE, SIMILARITY, TOP_K)
 
 
 def add_bench_parser(sub) -> None:
@@ -39,11 +43,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--cold-sessions", action="store_true",
                    help="every method encodes the query itself (default: encoded once, shared)")
     fs = p.add_argument_group("matched support (and the support methods built on it)")
-    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice")
-    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure")
-    fs.add_argument("--features", default="sam2", choices=SIMILARITY_FEATURES,
-                    help="how support and query slices are compared")
-    fs.add_argument("--top-k", type=int, default=3, help="support memories per query slice")
+    defaults = FewShotParams()
+    for option in BENCH_SUPPORT_OPTIONS:
+        default = getattr(defaults, option.dest)
+        fs.add_argument(option.flag, type=type(default), choices=list(option.choices) or None,
+                        metavar=None if option.choices else "N",
+                        help=f"{option.help} (default: {default})")
     sy = p.add_argument_group("speed and memory (synthetic volumes)")
     sy.add_argument("--peer-speed", type=int, default=0, metavar="SLICES",
                     help="compare with a JPEG-folder + stock sam2 pipeline on this many slices (0: off)")
@@ -94,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         plan_queries,
         run_leave_one_out,
     )
-    from ..bench.report import markdown, summarize_runs, write_results
+    from ..bench.results import markdown, summarize_runs, write_results
     from ..io.normalization import Normalization
     from ..methods.registry import get_method
     from ..run.runner import Runner
@@ -108,8 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("nothing to benchmark: give --data, --peer-speed or --memory-scaling")
     if args.check_equivalence and args.data is None:
         raise InputError("--check-equivalence runs the methods on --data: give a folder of labelled cases")
-    fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
-               "features": args.features, "top_k": args.top_k}
+    fewshot = _fewshot(args)
     checked = get_method("matched-support").params(fewshot, seed=args.seed)  # bad values fail before any work
     Normalization.parse(args.normalization)
     settings = BenchSettings(frame_options(args), model_options(args), fewshot, args.tolerance, args.support,
@@ -184,8 +188,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.profile_slices < 0:
         raise InputError("--profile-slices must be 0 (all) or more")
-    fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
-               "features": args.features, "top_k": args.top_k}
+    fewshot = _fewshot(args)
     results, say = {}, (lambda text: _say(args, text))
     with profile.scratch_folder() as tmp:
         cases = profile.data_inputs(Path(tmp), args.data, args.profile_slices, args.synthetic_size,
@@ -209,7 +212,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
-    from ..bench.memory import ModelRecipe, fit_per_slice, memory_scaling
+    from ..bench.ram import ModelRecipe, fit_per_slice, memory_scaling
 
     recipe = ModelRecipe(model_info["config"], None if args.random_weights else model_info["weights"],
                          int(model_info["image_size"]), args.seed, model_info["device"], args.threads)
@@ -257,6 +260,11 @@ def machine_info(predictor) -> dict:
             "device": None if predictor is None else str(predictor.device),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": None if load is None else [round(x, 2) for x in load]}
+
+
+def _fewshot(args: argparse.Namespace) -> dict:
+    """The support options given (the others keep matched support's defaults)."""
+    return {o.dest: getattr(args, o.dest) for o in BENCH_SUPPORT_OPTIONS if getattr(args, o.dest) is not None}
 
 
 def _say(args, text: str) -> None:

@@ -13,7 +13,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.choices import SCHEMES
+from ..methods.matched_support import FewShotParams
+from ..methods.options import SCHEME
 from ..common.errors import InputError, ModelError
 from ..common.files import writable_folder
 from ..io.example_data import DEMO_QUERY, DEMO_SUPPORT
@@ -37,7 +38,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--support-case", default=DEMO_SUPPORT, help="case name of the support")
     p.add_argument("--method", default="matched-support", choices=["matched-support", "registration"],
                    help="matched support (SAM2), or registration (CPU only, needs no model weights)")
-    p.add_argument("--scheme", default="video+memory", choices=SCHEMES, help="how matched supports condition SAM2")
+    p.add_argument(SCHEME.flag, choices=SCHEME.choices, help=f"{SCHEME.help} (default: {FewShotParams.scheme})")
     add_model_args(p)
     add_frame_args(p)
 
@@ -61,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise InputError(f"cannot write into {args.out}: it cannot be made, or it is not writable")
     request = Request(method=args.method, query=cases[args.query_case][0], supports=(cases[args.support_case],),
                       model=model_options(args), frames=frame_options(args),
-                      params={"scheme": args.scheme} if args.method == "matched-support" else {})
+                      params={"scheme": args.scheme} if args.method == "matched-support" and args.scheme else {})
     runner, progress = Runner(), ConsoleProgress(enabled=not args.quiet)
     try:
         labels, report = runner.run(request, progress)

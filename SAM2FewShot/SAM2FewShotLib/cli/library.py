@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..common.choices import LIBRARY_FEATURES
 from ..common.errors import InputError
+from ..methods.retrieval import RetrievalParams
 from .options import add_command, add_console_args, add_model_args, add_normalization_args, model_options
 
 PLANE_CHOICES = ("auto", "axial", "coronal", "sagittal", "all")
@@ -22,7 +23,7 @@ def add_library_parser(subparsers) -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="library_action", required=True, metavar="ACTION")
     build = add_command(actions, "build", "embed every labelled slice (only new or changed cases)")
     build.add_argument("library", type=Path, metavar="DIR", help="library folder or list file")
-    build.add_argument("--features", default="sam2", choices=LIBRARY_FEATURES,
+    build.add_argument("--features", default=RetrievalParams.features, choices=LIBRARY_FEATURES,
                        help="slice descriptors; sam2: the SAM2 encoder, whose features propagation reuses")
     build.add_argument("--plane", default="auto", choices=PLANE_CHOICES,
                        help="slicing plane of the index; auto: every plane a case was acquired in, the planes "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.cache import CACHE_ENV, cache_dir
 from ..common.errors import ModelError
-from ..sam2 import registry, weights
+from ..sam2 import models, weights
 from .options import add_command
 
 EXIT_OK = 0
@@ -54,8 +54,8 @@ def run_models(args: argparse.Namespace) -> int:
 
 def model_rows() -> list[list[str]]:
     rows = [["NAME", "FAMILY", "INPUT", "CACHED", "SOURCE"]]
-    for spec in registry.REGISTRY.values():
-        name = f"{spec.name}*" if spec.name == registry.DEFAULT_MODEL else spec.name
+    for spec in models.REGISTRY.values():
+        name = f"{spec.name}*" if spec.name == models.DEFAULT_MODEL else spec.name
         rows.append([name, spec.family, f"{spec.image_size} px", "yes" if weights.is_cached(spec.name) else "no",
                      f"hf:{spec.hf_repo}/{spec.hf_file}"])
     return rows
@@ -69,8 +69,8 @@ def format_table(rows: list[list[str]]) -> str:
 def _verify(names: list[str]) -> int:
     """One line per model; exit 1 when any cached file fails its check."""
     for name in names:
-        registry.get_spec(name)  # unknown names fail before any hashing
-    names = names or [n for n in registry.REGISTRY if weights.is_cached(n)]
+        models.get_spec(name)  # unknown names fail before any hashing
+    names = names or [n for n in models.REGISTRY if weights.is_cached(n)]
     if not names:
         print(f"no cached weights in {weights.weights_dir()}")
         return EXIT_OK

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..common.choices import AXES, DEVICES, PRECISIONS
 from ..run.request import FrameOptions
 from ..sam2.build import ModelOptions
-from ..sam2.registry import DEFAULT_MODEL, REGISTRY
+from ..sam2.models import DEFAULT_MODEL, REGISTRY
 
 IMAGE_SIZE_RULE = "a multiple of 64, at least 128"
 

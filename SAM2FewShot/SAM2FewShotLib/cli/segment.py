@@ -14,34 +14,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..common.choices import (
-    EXTENTS,
-    FUSION_METHODS,
-    LIBRARY_FEATURES,
-    PRIORS,
-    PROMPT_TYPES,
-    SCHEMES,
-    SIMILARITY_FEATURES,
-    TRANSFORMS,
-)
 from ..common.errors import InputError
 from ..methods.presets import PRESETS
 from ..methods.registry import LIBRARY, METHODS, PROMPTS, SUPPORTS, get_method
 from ..run.outputs import default_report_path
 from ..run.request import Request
+from ..methods.options import set_path
+from . import method_options
 from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 
-# Options that belong to some methods: given with another, they would be silently ignored, so they are refused.
-OPTION_METHODS = {
-    "scheme": ("matched-support",), "augmentations": ("matched-support", "guided"),
-    "slices_per_structure": ("matched-support", "guided"), "features": ("matched-support", "guided"),
-    "top_k": ("matched-support", "retrieval", "guided"), "extent": ("matched-support", "retrieval", "guided"),
-    "position_weight": ("matched-support", "guided"), "library_features": ("retrieval",),
-    "position_window": ("retrieval",), "prior": ("guided",), "prior_scheme": ("guided",),
-    "prompt_type": ("guided",), "box_margin": ("guided",), "lora_steps": ("guided",), "lora_rank": ("guided",),
-    "lora_decoder": ("guided",), "transform": ("registration", "guided"), "fusion": ("registration", "guided"),
-    "labels": ("propagate",),
-}
 # The option that gives each kind of conditioning, and the method it runs by default.
 INPUT_OPTIONS = {SUPPORTS: "--support", LIBRARY: "--library", PROMPTS: "--prompt-labels or --prompts"}
 DEFAULT_METHODS = {SUPPORTS: "matched-support", LIBRARY: "retrieval", PROMPTS: "propagate"}
@@ -68,62 +49,34 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_method_args(seg: argparse.ArgumentParser) -> None:
-    """Everything but the query, its prompts and the outputs: the options segment and batch share."""
-    fs = seg.add_argument_group("matched support (--support; also the guided sam2 prior)")
-    fs.add_argument("--support", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
-                    help="a labelled support case; repeat for several")
-    fs.add_argument("--method", choices=list(METHODS),
-                    help="with --support: matched-support (the default), guided (a prior's pseudo-mask on each "
-                         "slice prompts SAM2) or registration (registered support labels alone: CPU only, no model "
-                         "or weights); with --library: retrieval; with prompts: propagate")
-    fs.add_argument("--scheme", default="video+memory", choices=SCHEMES, help="how matched supports condition SAM2")
-    fs.add_argument("--augmentations", type=int, default=4, help="augmented copies per support slice")
-    fs.add_argument("--slices-per-structure", type=int, default=8, help="support slices per structure")
-    fs.add_argument("--features", default="sam2", choices=SIMILARITY_FEATURES,
-                    help="how support and query slices are compared: SAM2's encoder features or intensity")
-    fs.add_argument("--top-k", type=int, default=3, help="support (or library) memories per query slice")
-    fs.add_argument("--extent", default="largest-run", choices=EXTENTS,
-                    help="where each structure starts and ends: its longest run of slices SAM2 accepts, or every "
-                         "slice its object score accepts (also retrieval)")
-    fs.add_argument("--position-weight", type=float, default=0.0,
-                    help="penalty on the difference in relative slice position when matching")
-    rt = seg.add_argument_group("retrieval (--library; with --top-k and --extent above)")
-    rt.add_argument("--library", type=_existing, metavar="DIR",
-                    help="a labelled library (folder or list file); each query slice is conditioned on its most "
-                         "similar library slices")
-    rt.add_argument("--library-features", default="sam2", choices=LIBRARY_FEATURES, help="retrieval descriptors")
-    rt.add_argument("--position-window", type=float, metavar="W",
-                    help="prefer library slices whose relative position differs by at most W (0..1)")
-    gd = seg.add_argument_group("guided (--method guided)")
-    gd.add_argument("--prior", default="registration", choices=PRIORS,
-                    help="pseudo-masks from registering the supports, or from SAM2 with support memories and no "
-                         "prompt on the query slice")
-    gd.add_argument("--prior-scheme", default="video", choices=["pair", "video"],
-                    help="with --prior sam2: how support memories condition it")
-    gd.add_argument("--prompt-type", default="box+mask", choices=PROMPT_TYPES,
-                    help="the pseudo-mask's box, the pseudo-mask as a dense hint SAM2 refines, or both")
-    gd.add_argument("--box-margin", type=int, default=5, help="pixels added around each box")
-    gd.add_argument("--lora-steps", type=int, default=0,
-                    help="first fit LoRA adapters on the supports' augmented slices for N steps (0: off; adapters "
-                         "are cached per support set; needs the lora extra)")
-    gd.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
-    gd.add_argument("--lora-decoder", action="store_true",
-                    help="LoRA on the mask decoder's attention too, not only the image encoder's")
-    rg = seg.add_argument_group("registration (--method registration, and guided's registration prior)")
-    rg.add_argument("--transform", default="affine", choices=TRANSFORMS, help="affine, or affine then B-spline")
-    rg.add_argument("--fusion", default="weighted", choices=FUSION_METHODS,
-                    help="how the warped labels of several supports are fused")
-    anyg = seg.add_argument_group("any method")
+    """Everything but the query, its prompts and the outputs: the options segment and batch share. Each
+    method's options come from the method itself (cli/method_options.py)."""
+    anyg = seg.add_argument_group("method")
+    anyg.add_argument("--method", choices=list(METHODS),
+                      help="with --support: matched-support (the default), guided (a prior's pseudo-mask on each "
+                           "slice prompts SAM2) or registration (registered support labels alone: CPU only, no model "
+                           "or weights); with --library: retrieval; with prompts: propagate")
     anyg.add_argument("--preset", choices=list(PRESETS),
-                      help="a published construction's method and parameters (options given as well change them): "
-                           + "; ".join(f"{p.name}: {p.title}, {p.method} method" for p in PRESETS.values()))
+                      help="a published construction's method and parameters (options given as well change them; the "
+                           "report names it and what it does not reproduce): "
+                           + "; ".join(p.help() for p in PRESETS.values()))
     anyg.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE",
         help="a method parameter without an option of its own (VALUE as JSON, else text; NAME.FIELD for a "
              "nested group, e.g. fewshot.neighbours=2); repeat for several")
+    groups = {key: seg.add_argument_group(f"{spec.label.lower()} ({spec.summary[0].lower()}{spec.summary[1:-1]})")
+              for key, spec in METHODS.items() if spec.inputs != PROMPTS}  # propagate's inputs are above
+    first = {kind: next(k for k, spec in METHODS.items() if spec.inputs == kind) for kind in (SUPPORTS, LIBRARY)}
+    groups[first[SUPPORTS]].add_argument(
+        "--support", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABELS"),
+        help="a labelled support case; repeat for several (" + ", ".join(
+            k for k, spec in METHODS.items() if spec.inputs == SUPPORTS) + ")")
+    groups[first[LIBRARY]].add_argument("--library", type=_existing, metavar="DIR",
+                                        help="a labelled library (folder or list file); each query slice is "
+                                             "conditioned on its most similar library slices")
+    method_options.add_method_options(groups)
     add_model_args(seg)
     add_frame_args(seg, query_frame=True)
-    seg.set_defaults(option_defaults={a.dest: a.default for a in seg._actions if a.dest in OPTION_METHODS})
 
 
 def _existing(text: str) -> Path:
@@ -157,53 +110,22 @@ def segment_method(args: argparse.Namespace, prompted: Optional[bool] = None) ->
     if not kinds:
         raise InputError("nothing to segment from: give --support, --library, --prompt-labels or --prompts")
     method = spec.key if spec is not None else DEFAULT_METHODS[kinds[0]]
-    if args.lora_steps and method != "guided":
-        raise InputError("--lora-steps works with --method guided")
-    for dest, default in getattr(args, "option_defaults", {}).items():
-        if getattr(args, dest) != default and method not in OPTION_METHODS[dest]:
-            option = "--" + dest.replace("_", "-")
-            raise InputError(f"{option} does not apply to the {method} method (it is for "
-                             f"{' and '.join(OPTION_METHODS[dest])}): leave it out")
+    method_options.refuse_foreign(method, args)
     return method
 
 
 def method_params(method: str, args: argparse.Namespace) -> dict:
-    """The method's parameters from the options (seeds come from --seed through the request's model)."""
-    fewshot = {"augmentations": args.augmentations, "slices_per_structure": args.slices_per_structure,
-               "features": args.features, "top_k": args.top_k, "extent": args.extent,
-               "position_weight": args.position_weight}
-    registration = {"transform": args.transform, "fusion": args.fusion}
-    options = {
-        "propagate": {},
-        "matched-support": {"scheme": args.scheme, **fewshot},
-        "retrieval": {"features": args.library_features, "top_k": args.top_k, "window": args.position_window,
-                      "extent": args.extent},
-        "registration": registration,
-        "guided": {"prior": args.prior, "prompt_type": args.prompt_type, "box_margin": args.box_margin,
-                   **registration, "fewshot": {"scheme": args.prior_scheme, **fewshot},
-                   "lora": {"steps": args.lora_steps, "rank": args.lora_rank, "decoder": args.lora_decoder}},
-    }
-    params = options.get(method, {})  # a method without options of its own: its defaults, and --param
-    if getattr(args, "preset", None):  # the preset's values, except where an option was given
-        given = _options_given(args)
-        params.update({k: v for k, v in PRESETS[args.preset].params.items() if k not in given})
+    """The method's parameters: a preset's, then the options given, then --param (seeds come from --seed
+    through the request's model). Options left out keep the method's own defaults."""
+    preset = PRESETS[args.preset].params if getattr(args, "preset", None) else {}
+    params = method_options.params_for(method, args, preset)
     for item in args.param:
         name, value = parse_param(item)
-        *groups, last = name.split(".")
-        target = params
-        for group in groups:
-            target = target.setdefault(group, {})
-            if not isinstance(target, dict):
-                raise InputError(f"--param {item}: {group} is not a group of parameters")
-        target[last] = value
+        try:
+            set_path(params, name, value)
+        except InputError:
+            raise InputError(f"--param {item}: {name.rpartition('.')[0]} is not a group of parameters") from None
     return params
-
-
-def _options_given(args: argparse.Namespace) -> set[str]:
-    """Parameter names set by an option the user changed from its default."""
-    names = {"library_features": "features", "position_window": "window"}
-    return {names.get(dest, dest) for dest, default in getattr(args, "option_defaults", {}).items()
-            if getattr(args, dest) != default}
 
 
 def parse_param(item: str) -> tuple[str, object]:
@@ -232,7 +154,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
     return Request(method=method, query=args.query, out=args.out, report=args.report or default_report_path(args.out),
                    prompt_labels=args.prompt_labels, values=label_values(args.labels), prompts=args.prompts,
                    supports=tuple(args.support or ()), library=args.library, model=model_options(args),
-                   frames=frame_options(args), params=method_params(method, args))
+                   frames=frame_options(args), params=method_params(method, args),
+                   preset=getattr(args, "preset", None))
 
 
 def template_from_args(args: argparse.Namespace, query, prompted: bool) -> Request:
@@ -240,7 +163,7 @@ def template_from_args(args: argparse.Namespace, query, prompted: bool) -> Reque
     method = segment_method(args, prompted)
     return Request(method=method, query=query, supports=tuple(args.support or ()),
                    library=args.library, model=model_options(args), frames=frame_options(args),
-                   params=method_params(method, args))
+                   params=method_params(method, args), preset=getattr(args, "preset", None))
 
 
 def run_segment(args: argparse.Namespace) -> int:

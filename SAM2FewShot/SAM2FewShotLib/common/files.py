@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all (written beside their place, then renamed onto it), and their hashes.
+"""Files that appear whole or not at all (written beside their place, then renamed onto it).
 
 Label maps, reports, index shards, weights and adapters all go through ``replacing``, so a reader
 (or a crash, or a cancel that kills the process) never meets half a file. Imports nothing heavy,
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
-
-CHUNK = 8 << 20  # bytes hashed at a time
 
 
 @contextlib.contextmanager
@@ -85,11 +82,3 @@ def write_json_atomic(data: dict, path) -> None:
     with replacing(Path(path)) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1)
 
-
-def sha256_of(path) -> str:
-    """The SHA-256 of a file, read in chunks (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -6,7 +6,6 @@ Offline machines point ``--data`` at a folder that already holds the cases, eith
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from ..common.digests import file_digest
 from ..common.errors import InputError
 
 # The MONAI project's public mirror of the MSD archive, and the MD5 MONAI publishes for it.
@@ -90,7 +90,7 @@ def _download_and_unpack(root: Path) -> None:
             urllib.request.urlretrieve(MSD_HIPPOCAMPUS_URL, tmp)
         except OSError as exc:
             raise InputError(f"cannot download the example data from {MSD_HIPPOCAMPUS_URL} ({exc})") from None
-        digest = hashlib.md5(Path(tmp).read_bytes()).hexdigest()
+        digest = file_digest(tmp, "md5")
         if digest != MSD_HIPPOCAMPUS_MD5:
             raise InputError(f"example data checksum mismatch (md5 {digest}, expected {MSD_HIPPOCAMPUS_MD5})")
         with tarfile.open(tmp) as tar:

@@ -168,12 +168,31 @@ def _fmt(v: Sequence[float]) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
-SupportCase = tuple[Volume, LabelMap]  # a labelled case: an image and its labels on the image's grid
+@dataclass(frozen=True)
+class SupportCase:
+    """A labelled case: an image, its labels on the image's grid, and the files they came from, so that
+    an error about a support names its file. Unpacks as ``image, labels``."""
 
+    image: Volume
+    labels: LabelMap
+    files: Optional[tuple[str, str]] = None  # (image, labels) paths, when read from files
+    index: int = 0  # its place among the request's supports, from 0
 
-def support_name(index: int, files: Sequence[Sequence[str]] = ()) -> str:
-    """'support 2', with its label file when the files are known: an error about a support names the file."""
-    return f"support {index + 1}" + (f" (labels {files[index][1]})" if index < len(files) else "")
+    @property
+    def name(self) -> str:
+        """'support 2', with its label file when known."""
+        return f"support {self.index + 1}" + (f" (labels {self.files[1]})" if self.files else "")
+
+    def __iter__(self):
+        return iter((self.image, self.labels))
+
+    @classmethod
+    def listed(cls, supports: Sequence) -> list["SupportCase"]:
+        """Supports numbered in order; (image, labels) pairs (callers in code and tests) become cases."""
+        out = []
+        for n, s in enumerate(supports):
+            out.append(replace(s, index=n) if isinstance(s, SupportCase) else cls(s[0], s[1], index=n))
+        return out
 
 
 def voxel_counts(labels: np.ndarray, top: int) -> np.ndarray:

@@ -84,14 +84,13 @@ class Library:
 
     def index_locations(self) -> tuple[Path, Path]:
         """Where an index may live: beside the library, and in the user cache (keyed by that path)."""
-        from hashlib import sha256
-
         from ..common.cache import cache_dir
+        from ..common.digests import text_digest
 
         beside = self.root / INDEX_FOLDER
         if self.list_file is not None and self.list_file.name != LIST_FILE:
             beside = beside / self.list_file.name
-        key = sha256(str(beside.resolve()).encode()).hexdigest()[:16]
+        key = text_digest(str(beside.resolve()), 16)
         return beside, cache_dir() / "library_index" / key
 
     def index_root(self) -> Path:

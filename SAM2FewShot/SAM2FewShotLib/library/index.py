@@ -14,7 +14,6 @@ found damaged (with a warning): the index is a cache, never a reason to fail.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import Cancelled, InputError, SAM2FewShotError
-from ..common.files import replacing, sha256_of, write_json_atomic
+from ..common.digests import combined_digest, file_digest, json_digest
+from ..common.files import replacing, write_json_atomic
 from ..common.progress import EMBED_LIBRARY, ProgressFn
 from ..io.volume import Segment, default_segments
 from .cases import ROW_DTYPE, LibraryCase
@@ -57,7 +57,7 @@ class IndexConfig:
 
     @property
     def id(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.as_dict(), 16)
 
 
 @dataclass
@@ -103,15 +103,14 @@ class FileHashes:
         if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
             sha = str(entry.get("sha256"))
         else:
-            sha = sha256_of(Path(key))
+            sha = file_digest(key)
             self.hashed += 1
         self.used[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
         return sha
 
     def content_key(self, files: Sequence[Path]) -> str:
         """One hash for a case: its files' hashes in order (image, labels, sidecar)."""
-        joined = "\n".join(self.sha256(f) for f in files)
-        return hashlib.sha256(joined.encode()).hexdigest()
+        return combined_digest(self.sha256(f) for f in files)
 
 
 class EmbeddingIndex:
@@ -259,7 +258,7 @@ class EmbeddingIndex:
     def _load_shard(self, meta: dict) -> np.ndarray:
         path = self.folder / meta["file"]
         st = path.stat()
-        if (st.st_size, st.st_mtime_ns) != (meta["size"], meta["mtime_ns"]) and sha256_of(path) != meta["sha256"]:
+        if (st.st_size, st.st_mtime_ns) != (meta["size"], meta["mtime_ns"]) and file_digest(path) != meta["sha256"]:
             raise ValueError(f"{path.name} changed since it was written")
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
@@ -328,7 +327,7 @@ def _save_npy(path: Path, array: np.ndarray) -> dict:
     with replacing(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     st = path.stat()
-    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_of(path)}
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_digest(path)}
 
 
 # -------------------------------------------------------------------------------------- search

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from ..common.progress import ProgressFn
+from ..common.context import RunContext
 from ..io.normalization import Normalization
 from ..io.volume import LabelMap, SupportCase, Volume, voxel_counts
-from ..library.cases import Library
 from ..sam2.build import ModelOptions
-from ..sam2.propagation import Prompt, PropagationResult
-from ..sam2.session import VolumeSession
+from ..sam2.conditioning import Prompt
+
+if TYPE_CHECKING:  # annotations only: a method module loads without torch (the CLI's help, the panel)
+    from ..library.cases import Library
+    from ..sam2.propagation import PropagationResult
+    from ..sam2.session import VolumeSession
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,6 @@ class MethodInputs:
     query: Volume
     session: Optional[VolumeSession] = None  # frames and features of the query; None without a model
     supports: Sequence[SupportCase] = ()
-    support_files: Sequence[tuple[str, str]] = ()  # the supports' (image, labels) files, same order
     library: Optional[Library] = None
     prompt_labels: Optional[LabelMap] = None  # masks on some slices, on the query's grid
     values: Optional[Sequence[int]] = None  # the labels of prompt_labels to use (default all)
@@ -40,9 +42,7 @@ class MethodInputs:
     axis: str = "auto"
     normalization: Normalization = field(default_factory=Normalization)  # as the request gave it
     model: ModelOptions = field(default_factory=ModelOptions)
-    frame_range: Optional[tuple[int, int]] = None
-    progress: Optional[ProgressFn] = None
-    should_cancel: Optional[Callable[[], bool]] = None
+    context: RunContext = field(default_factory=RunContext)  # progress, cancel, slice range
 
 
 def build_report(method: str, session: VolumeSession, result: PropagationResult, segments, seconds: float,

@@ -13,20 +13,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from ..common.choices import PRIORS, PROMPT_TYPES
+from ..common.context import RunContext
 from ..common.errors import InputError
-from ..common.progress import ProgressFn
 from ..io.volume import LabelMap, SupportCase
-from ..sam2.propagation import MemoryPolicy, Prompt, propagate
-from ..sam2.session import VolumeSession
-from ..support.lora import LoraSettings, adapted_session, require_peft
+from ..sam2.conditioning import MemoryPolicy, Prompt
+from ..support.lora_settings import LoraSettings, require_peft
 from .common import MethodInputs, build_report
 from .matched_support import FewShotParams
+from .options import FUSION, SUPPORT_OPTIONS, TRANSFORM, Option
+
+if TYPE_CHECKING:
+    from ..sam2.session import VolumeSession
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +59,33 @@ class GuidedParams:
             require_peft()
 
 
-def pseudo_masks(
-    session: VolumeSession,
-    supports: Sequence[SupportCase],
-    params: GuidedParams,
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
-    frame_range: Optional[tuple[int, int]] = None,
-    files: Sequence[Sequence[str]] = (),
-) -> tuple[LabelMap, dict]:
-    """The prior's label map on the query's grid, and the prior's own report (``files``: the supports'
-    files, named in errors)."""
+Params = GuidedParams
+# The supports' options reach the sam2 prior's matched supports; --prior-scheme is its scheme.
+OPTIONS = (Option("--prior", "pseudo-masks from registering the supports, or from SAM2 with support memories and no "
+                             "prompt on the query slice", PRIORS).at(),
+           Option("--prior-scheme", "with --prior sam2: how support memories condition it", ("pair", "video"))
+           .at("fewshot.scheme"),
+           Option("--prompt-type", "the pseudo-mask's box, the pseudo-mask as a dense hint SAM2 refines, or both",
+                  PROMPT_TYPES).at(),
+           Option("--box-margin", "pixels added around each box").at(),
+           Option("--lora-steps", "first fit LoRA adapters on the supports' augmented slices for N steps (0: off; "
+                                  "adapters are cached per support set; needs the lora extra)").at("lora.steps"),
+           Option("--lora-rank", "LoRA rank").at("lora.rank"),
+           Option("--lora-decoder", "LoRA on the mask decoder's attention too, not only the image encoder's")
+           .at("lora.decoder"),
+           TRANSFORM.at(), FUSION.at(), *(o.at(f"fewshot.{o.dest}") for o in SUPPORT_OPTIONS))
+
+
+def pseudo_masks(session: VolumeSession, supports: Sequence[SupportCase], params: GuidedParams,
+                 context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
+    """The prior's label map on the query's grid, and the prior's own report."""
     if params.prior == "registration":
         from .registration import registration_segment
 
-        return registration_segment(session.volume, supports, params.transform, params.fusion,
-                                    progress=progress, should_cancel=should_cancel, files=files)
+        return registration_segment(session.volume, supports, params.transform, params.fusion, context)
     from .matched_support import segment_fewshot
 
-    return segment_fewshot(session, supports, params.fewshot, progress=progress, should_cancel=should_cancel,
-                           frame_range=frame_range, files=files)
+    return segment_fewshot(session, supports, params.fewshot, context)
 
 
 def box_from_mask(mask: np.ndarray, margin: int = 0) -> Optional[tuple[float, float, float, float]]:
@@ -125,35 +134,27 @@ class NearestPromptsPolicy(MemoryPolicy):
         self.max_cond_frames = max_prompts
 
 
-def segment_guided(
-    session: VolumeSession,
-    supports: Sequence[SupportCase],
-    params: GuidedParams = GuidedParams(),
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
-    frame_range: Optional[tuple[int, int]] = None,
-    files: Sequence[Sequence[str]] = (),
-) -> tuple[LabelMap, dict]:
-    """The supports' structures in the query, SAM2 prompted on every slice the prior marks (``files``: the
-    supports' (image, labels) files, named in errors)."""
+def segment_guided(session: VolumeSession, supports: Sequence[SupportCase], params: GuidedParams = GuidedParams(),
+                   context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
+    """The supports' structures in the query, SAM2 prompted on every slice the prior marks."""
+    from ..sam2.propagation import propagate
+
     params.check()
     if not supports:
         raise InputError("no support case was given")
     start = time.perf_counter()
     encoded_before = session.cache.encoded_frames
-    prior_labels, prior_report = pseudo_masks(session, supports, params, progress, should_cancel, frame_range,
-                                              files)
+    prior_labels, prior_report = pseudo_masks(session, supports, params, context)
     slices = session.slices_of(prior_labels.volume.array)
     values = [s.value for s in prior_labels.segments]
-    prompts = prompts_from_pseudo_masks(slices, values, params.prompt_type, params.box_margin, frame_range)
+    prompts = prompts_from_pseudo_masks(slices, values, params.prompt_type, params.box_margin, context.frame_range)
     if not prompts:
         raise InputError(f"the {params.prior} prior found none of the supports' structures in the query: "
                          "there is nothing to prompt SAM2 with")
     prompted = {p.obj_id for p in prompts}
     segments = [s for s in prior_labels.segments if s.value in prompted]
     result = propagate(session.predictor, session.frames, prompts, cache=session.cache,
-                       policy=NearestPromptsPolicy(params.max_prompt_memories), progress=progress,
-                       should_cancel=should_cancel, frame_range=frame_range)
+                       policy=NearestPromptsPolicy(params.max_prompt_memories), context=context)
     labels = session.to_labelmap(result.labels, segments)
     report = build_report("guided", session, result, segments, time.perf_counter() - start,
                           session.cache.encoded_frames - encoded_before)
@@ -195,19 +196,14 @@ def _prior_summary(prior_report: dict) -> dict:
     return {k: v for k, v in prior_report.items() if k not in ("slices", "session", "segments")}
 
 
-Params = GuidedParams
-
-
 def run(inputs: MethodInputs, params: GuidedParams) -> tuple[LabelMap, dict]:
     """Guided prompts, on a LoRA-adapted copy of the model when ``params.lora.steps`` asks for one."""
     session, lora_report = inputs.session, None
     if params.lora.steps > 0:
+        from ..support.lora import adapted_session
+
         model_id = "|".join(str(v) for v in inputs.model.key())
-        files = [Path(f) for pair in inputs.support_files for f in pair]
-        session, lora_report = adapted_session(session, inputs.supports, params.lora, model_id, files,
-                                               inputs.progress, inputs.should_cancel)
-    labels, report = segment_guided(session, inputs.supports, params, progress=inputs.progress,
-                                    should_cancel=inputs.should_cancel, frame_range=inputs.frame_range,
-                                    files=inputs.support_files)
+        session, lora_report = adapted_session(session, inputs.supports, params.lora, model_id, inputs.context)
+    labels, report = segment_guided(session, inputs.supports, params, inputs.context)
     report["lora"] = lora_report
     return labels, report

@@ -22,6 +22,16 @@ class Preset:
     differences: tuple[str, ...] = field(default_factory=tuple)  # what is not reproduced, and why
     extent_from_truth: bool = False  # the paper segments only the query's labelled slice range
 
+    def as_report(self) -> dict:
+        """What a run's report says of the preset it followed, what is not reproduced included."""
+        return {"name": self.name, "title": self.title, "source": self.source, "model": self.model,
+                "construction": self.construction, "differences": list(self.differences)}
+
+    def help(self) -> str:
+        """One line for --preset's help: what it builds and what it does not reproduce."""
+        text = f"{self.name}: {self.title}, {self.method} method"
+        return text + (f" (not reproduced: {'; '.join(self.differences)})" if self.differences else "")
+
 
 PRESETS: dict[str, Preset] = {}
 
@@ -42,7 +52,7 @@ def get_preset(name: str) -> Preset:
 register_preset(Preset(
     "matched-support", "training-free matched support (this project)", "matched-support",
     {"scheme": "video+memory"}, "sam2.1-tiny",
-    "this project's matched support (DESIGN.md, method 2)",
+    "this project's matched support (README, Command line)",
     "training-free matched support: each labelled support slice augmented 4 times; every query slice "
     "conditioned by its 3 most similar augmented support images+masks (its own and its neighbours'), "
     "placed just behind it, with SAM2's memory of the neighbouring predictions, both ways",

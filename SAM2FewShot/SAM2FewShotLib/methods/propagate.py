@@ -15,16 +15,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from ..common.context import RunContext
 from ..common.errors import InputError
-from ..common.progress import ProgressFn
 from ..io.volume import MAX_LABEL, LabelMap, default_segments
-from ..sam2.propagation import Prompt, PropagationResult, propagate
-from ..sam2.session import VolumeSession
+from ..sam2.conditioning import Prompt
 from .common import MethodInputs, build_report
+
+if TYPE_CHECKING:
+    from ..sam2.session import VolumeSession
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Params:
 
     def check(self) -> None:
         parse_mask_slices(self.mask_slices)
+
+
+OPTIONS = ()  # conditioned by the request's prompts (--prompt-labels, --prompts, --labels), not by options
 
 
 def parse_mask_slices(text: str) -> Optional[dict[int, list[int]]]:
@@ -68,8 +73,7 @@ def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     prompts += list(inputs.prompts)  # boxes and points, read before the model loaded
     known = {s.value for s in segments}
     segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
-    return segment_propagate(session, prompts, segments, progress=inputs.progress, should_cancel=inputs.should_cancel,
-                             frame_range=inputs.frame_range)
+    return segment_propagate(session, prompts, segments, inputs.context)
 
 
 def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Optional[Sequence[int]] = None,
@@ -101,15 +105,11 @@ def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Option
     return prompts
 
 
-def segment_propagate(
-    session: VolumeSession,
-    prompts: Sequence[Prompt],
-    segments,
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
-    frame_range: Optional[tuple[int, int]] = None,
-) -> tuple[LabelMap, dict]:
+def segment_propagate(session: VolumeSession, prompts: Sequence[Prompt], segments,
+                      context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
     """The label map on the query's grid and the per-slice report."""
+    from ..sam2.propagation import propagate
+
     wanted = {p.obj_id for p in prompts}
     segments = [s for s in segments if s.value in wanted]
     missing = wanted - {s.value for s in segments}
@@ -117,10 +117,7 @@ def segment_propagate(
         raise InputError(f"prompts name label values with no segment: {sorted(missing)}")
     start = time.perf_counter()
     encoded_before = session.cache.encoded_frames
-    result: PropagationResult = propagate(
-        session.predictor, session.frames, prompts, cache=session.cache,
-        progress=progress, should_cancel=should_cancel, frame_range=frame_range,
-    )
+    result = propagate(session.predictor, session.frames, prompts, cache=session.cache, context=context)
     labels = session.to_labelmap(result.labels, segments)
     report = build_report("propagate", session, result, segments, time.perf_counter() - start,
                           session.cache.encoded_frames - encoded_before)

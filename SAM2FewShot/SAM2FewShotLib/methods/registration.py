@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..common.choices import FUSION_METHODS, TRANSFORMS
-from ..common.errors import Cancelled, InputError
+from ..common.context import RunContext
+from ..common.errors import InputError
 from ..common.progress import FUSE_LABELS, ProgressFn, register_stage
 from ..io.slicing import slicing_axis
-from ..io.volume import LabelMap, Segment, Volume, support_name, voxel_counts
-from ..registration.fusion import fuse_labels, similarity_weights
-from ..registration.register import register_support
+from ..io.volume import LabelMap, Segment, SupportCase, Volume, voxel_counts
 from .common import MethodInputs
+from .options import FUSION, TRANSFORM
 
 
 @dataclass(frozen=True)
@@ -34,42 +34,38 @@ class Params:
             raise InputError(f"unknown fusion method '{self.fusion}': use {', '.join(FUSION_METHODS)}")
 
 
+OPTIONS = (TRANSFORM.at(), FUSION.at())
+
+
 def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     labels, report = registration_segment(inputs.query, inputs.supports, params.transform, params.fusion,
-                                          progress=inputs.progress, should_cancel=inputs.should_cancel,
-                                          files=inputs.support_files)
+                                          inputs.context)
     slices = inputs.query.array.shape[slicing_axis(inputs.query, inputs.axis)]
     report["timing"]["per_slice_s"] = round(report["timing"]["total_s"] / max(1, slices), 4)
     return labels, report
 
 
-def registration_segment(
-    query: Volume,
-    supports: Sequence[tuple[Volume, LabelMap]],
-    transform: str = "affine",
-    fusion: str = "weighted",
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
-    files: Sequence[Sequence[str]] = (),
-) -> tuple[LabelMap, dict]:
-    """The CPU-only strategy: register every support, warp its labels, fuse; no SAM2, no weights.
-    ``files``: the supports' (image, labels) files, named in errors."""
+def registration_segment(query: Volume, supports: Sequence[SupportCase], transform: str = "affine",
+                         fusion: str = "weighted", context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
+    """The CPU-only strategy: register every support, warp its labels, fuse; no SAM2, no weights."""
+    from ..registration.fusion import fuse_labels, similarity_weights
+    from ..registration.register import register_support
+
     if fusion not in FUSION_METHODS:
         raise InputError(f"unknown fusion method '{fusion}': use {', '.join(FUSION_METHODS)}")
-    supports = _checked_supports(supports, files)
+    supports = _checked_supports(SupportCase.listed(supports))
     start = time.perf_counter()
     n = len(supports)
     warped, similarities, entries = [], [], []
     for index, (image, labels) in enumerate(supports):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled("cancelled by the user")
-        reg = register_support(query, image, labels, transform, progress=_support_progress(progress, index, n))
+        context.check_cancelled()
+        reg = register_support(query, image, labels, transform,
+                               progress=_support_progress(context.progress, index, n))
         warped.append(reg.labels)
         similarities.append(reg.similarity)
         entries.append({"support": index, "similarity": round(reg.similarity, 4),
                         "time_s": round(reg.seconds, 3)})
-    if progress is not None:
-        progress(FUSE_LABELS, 0, 1)
+    context.report(FUSE_LABELS, 0, 1)
     fusion_start = time.perf_counter()
     weights = similarity_weights(similarities) if fusion == "weighted" else None
     method = fusion if n > 1 else "none"
@@ -78,8 +74,7 @@ def registration_segment(
         total = sum(weights)
         for entry, w in zip(entries, weights):
             entry["weight"] = round(w / total, 4)
-    if progress is not None:
-        progress(FUSE_LABELS, 1, 1)
+    context.report(FUSE_LABELS, 1, 1)
     report = {
         "method": "registration",
         "transform": transform,
@@ -113,19 +108,18 @@ def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Opt
     return report
 
 
-def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]],
-                      files: Sequence[Sequence[str]] = ()) -> list[tuple[Volume, LabelMap]]:
+def _checked_supports(supports: Sequence[SupportCase]) -> list[tuple[Volume, LabelMap]]:
     """All supports valid before any work starts, labels renumbered to the first support's values.
 
     Fusion votes structure by structure, so every support must label the same ones: a support
     without one of them would vote it away wherever the others agree on it."""
     if not supports:
         raise InputError("the registration strategy needs at least one support case")
-    reference = supports[0][1].segments
+    reference = supports[0].labels.segments
     names = {s.name for s in reference}
     checked = []
-    for index, (image, labels) in enumerate(supports):
-        name = support_name(index, files)
+    for support in supports:
+        image, labels, name = support.image, support.labels, support.name
         image.require_same_grid(labels.volume, f"{name} labels")
         if not np.any(labels.volume.array > 0):
             raise InputError(f"{name} has no labelled voxel")
@@ -133,7 +127,7 @@ def _checked_supports(supports: Sequence[tuple[Volume, LabelMap]],
         if other != names:
             lacks, adds = sorted(names - other), sorted(other - names)
             raise InputError(
-                f"{name} labels other structures than {support_name(0, files)}"
+                f"{name} labels other structures than {supports[0].name}"
                 + (f": it lacks {', '.join(lacks)}" if lacks else "")
                 + (f"{';' if lacks else ':'} it adds {', '.join(adds)}" if adds else "")
                 + " (registration fuses the supports structure by structure: give supports that label the same "

@@ -1,9 +1,10 @@
 """The methods a request can name, and what each needs: one line per method in ``METHODS``.
 
 A method named ``my-method`` lives in ``methods/my_method.py`` with a parameter dataclass ``Params``
-(with a ``check()`` that raises InputError) and ``run(inputs: MethodInputs, params) -> (LabelMap,
-report)``. The registry imports nothing heavy: the Slicer panel lists the methods before torch is
-installed, and a method's module is imported only when it runs.
+(every default, and a ``check()`` that raises InputError), the ``OPTIONS`` the front ends offer for it
+(methods/options.py) and ``run(inputs: MethodInputs, params) -> (LabelMap, report)``. The registry and
+the method modules import nothing heavy at load (their work imports torch, sam2 or SimpleITK when it
+runs): the CLI's help and the Slicer panel read the methods and their options before torch is installed.
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ class MethodSpec:
         return f"{__package__}.{self.key.replace('-', '_')}"
 
     def load(self) -> ModuleType:
-        """The method's module (its Params and run)."""
+        """The method's module (its Params, OPTIONS and run)."""
         return importlib.import_module(self.module_name)
+
+    def options(self) -> tuple:
+        """The options the front ends offer for this method (methods/options.MethodOption), if any."""
+        return tuple(getattr(self.load(), "OPTIONS", ()))  # a method may have none of its own
+
+    def defaults(self):
+        """The method's Params with every default: the one place they are written."""
+        return self.load().Params()
 
     def params(self, values: Any = None, seed: Optional[int] = None):
         """The method's Params from a mapping of JSON values (or a Params as is), checked.

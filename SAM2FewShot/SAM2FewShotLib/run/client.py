@@ -226,9 +226,6 @@ class WorkerClient:
         """Lines on the worker's stdout that were not protocol events (there should be none)."""
         return [] if self._proc is None else list(self._proc.stray_lines)
 
-    def stderr_text(self) -> str:
-        return "" if self._proc is None else "\n".join(self._proc.stderr_tail)
-
     # ---------------------------------------------------------------------------- jobs
 
     def submit(self, job: Union[protocol.Job, dict]) -> str:

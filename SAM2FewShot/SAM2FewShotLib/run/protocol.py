@@ -55,7 +55,6 @@ from ..sam2.build import ModelOptions
 from .request import FrameOptions, Request
 
 METHODS = tuple(REGISTERED)
-EVENTS = ("ready", "progress", "log", "result", "error")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _NONE = type(None)
@@ -145,6 +144,7 @@ def job_from_message(data: dict) -> Job:
         model=_options(ModelOptions, _get(data, "model", (dict,), "job", {}), "model"),
         frames=_frame_options(_get(data, "frames", (dict,), "job", {})),
         params=_get(data, "params", (dict,), "job", {}),
+        preset=_get(data, "preset", (str, _NONE), "job", None),
     )
 
 

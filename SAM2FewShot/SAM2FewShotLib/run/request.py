@@ -50,6 +50,7 @@ class Request:
     model: ModelOptions = field(default_factory=ModelOptions)
     frames: FrameOptions = field(default_factory=FrameOptions)
     params: Mapping[str, Any] = field(default_factory=dict)
+    preset: Optional[str] = None  # the published construction the parameters come from (methods/presets.py)
 
     def __post_init__(self) -> None:
         """Paths as plain strings, whatever the caller gave (Path, str)."""

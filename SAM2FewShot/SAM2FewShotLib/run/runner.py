@@ -11,17 +11,18 @@ the Slicer client writes every job's files into a fresh private folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..common.context import RunContext
 from ..common.errors import InputError
 from ..common.progress import LOAD_MODEL, ProgressFn
 from ..io.normalization import Normalization
 from ..io.slicing import prompt_plane, slicing_axis
+from ..methods.presets import get_preset
 from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
 from ..sam2.build import ModelOptions
 from .outputs import check_outputs
@@ -29,7 +30,6 @@ from .request import FrameOptions, Request
 
 MAX_SESSIONS = 3
 log = logging.getLogger(__name__)
-_CHUNK = 8 << 20
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -77,10 +77,9 @@ class Runner:
         if spec.needs_model:
             session, reused = self._session_for(key, query, request, normalization, progress)
         inputs = MethodInputs(
-            query=query, session=session, supports=supports, support_files=request.supports, library=library,
-            prompt_labels=prompt_labels, values=request.values, prompts=prompts, axis=request.frames.axis,
-            normalization=normalization, model=request.model, frame_range=frame_range, progress=progress,
-            should_cancel=should_cancel)
+            query=query, session=session, supports=supports, library=library, prompt_labels=prompt_labels,
+            values=request.values, prompts=prompts, axis=request.frames.axis, normalization=normalization,
+            model=request.model, context=RunContext(progress, should_cancel, frame_range))
         labels, report = spec.load().run(inputs, params)
         report["model"] = dict(self._model_info) if spec.needs_model else dict(NO_MODEL)
         if spec.needs_model:
@@ -92,6 +91,8 @@ class Runner:
         if notes:
             report["input_notes"] = notes
         report["run"] = {"session_reused": reused}
+        if request.preset:
+            report["preset"] = get_preset(request.preset).as_report()
         return labels, report
 
     def prepare(self, request: Request) -> None:
@@ -278,6 +279,9 @@ def check_request(request: Request) -> tuple[MethodSpec, object]:
     if spec.needs_model:
         check_model_options(request.model)
     params = spec.params(request.params, seed=request.model.seed)
+    if request.preset and get_preset(request.preset).method != spec.key:
+        raise InputError(f"the preset {request.preset} runs the {get_preset(request.preset).method} method, "
+                         f"not {spec.key}")
     for path in request.input_files():
         try:
             exists = Path(path).exists()
@@ -298,7 +302,7 @@ def check_model_options(options: ModelOptions) -> None:
     """A model name or image size that cannot work fails before anything is loaded or downloaded."""
     from ..common.errors import ModelError
     from ..sam2.build import size_overrides
-    from ..sam2.registry import REGISTRY
+    from ..sam2.models import REGISTRY
 
     if options.threads is not None and options.threads < 1:
         raise InputError(f"threads must be at least 1, got {options.threads}")
@@ -317,15 +321,17 @@ def checked_frame_range(slice_range: Optional[tuple[int, int]], num_slices: int)
 
 
 def read_supports(request: Request) -> tuple[list, list[dict]]:
-    """The labelled support cases, each label file read onto its own (checked) image's grid, and
-    what was repaired in them."""
+    """The labelled support cases (SupportCase, knowing their files), each label file read onto its own
+    (checked) image's grid, and what was repaired in them."""
     from ..io.checks import checked_image
+    from ..io.volume import SupportCase
     from ..io.volume_io import read_labels, read_volume
 
     supports, notes = [], []
-    for image_path, labels_path in request.supports:
+    for index, (image_path, labels_path) in enumerate(request.supports):
         image, note = checked_image(read_volume(image_path), f"support image {image_path}")
-        supports.append((image, read_labels(labels_path, reference=image)))
+        labels = read_labels(labels_path, reference=image)
+        supports.append(SupportCase(image, labels, (image_path, labels_path), index))
         notes += [note] if note else []
     return supports, notes
 
@@ -381,13 +387,10 @@ def read_prompts(request: Request, query) -> list:
 
 
 def content_digest(root: Path, files: list[Path]) -> str:
-    digest = hashlib.blake2b(digest_size=20)
+    """The digest of a volume's file, or of a DICOM folder's files: the same content, the same session."""
+    from ..common.digests import files_digest
+
     try:
-        for f in files:
-            digest.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
-            with f.open("rb") as stream:
-                for block in iter(lambda: stream.read(_CHUNK), b""):
-                    digest.update(block)
+        return files_digest(files)
     except OSError as exc:
         raise InputError(f"cannot read {root}: {exc.strerror or exc}") from exc
-    return digest.hexdigest()

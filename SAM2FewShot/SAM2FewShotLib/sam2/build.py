@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..common.errors import ModelError
 from ..common.progress import ProgressFn
-from .registry import DEFAULT_MODEL, REGISTRY, get_spec
+from .models import DEFAULT_MODEL, REGISTRY, get_spec
 from .weights import download
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ before anything is copied, so that a wrong file never leaves a half-loaded model
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
 import torch
 
+from ..common.digests import bytes_digest
 from ..common.errors import ModelError
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -121,10 +121,9 @@ def _examples(keys: list[str]) -> str:
 def weights_fingerprint(module: torch.nn.Module, sample: int = 256) -> str:
     """A short hash of a model's weights (names, shapes, a sample of values): tells checkpoints and
     random seeds apart without hashing hundreds of megabytes."""
-    digest = hashlib.sha256()
+    chunks = []
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(flat[:sample].float().cpu().numpy().tobytes())
-        digest.update(flat[-sample:].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        chunks += [f"{name}{tuple(tensor.shape)}".encode(), flat[:sample].float().cpu().numpy().tobytes(),
+                   flat[-sample:].float().cpu().numpy().tobytes()]
+    return bytes_digest(*chunks, length=16)

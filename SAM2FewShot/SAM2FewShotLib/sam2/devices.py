@@ -10,7 +10,7 @@ import torch
 
 from ..common.choices import PRECISIONS, RESERVED_CORES_ENV
 from ..common.errors import InputError
-from .registry import REGISTRY, get_spec
+from .models import REGISTRY, get_spec
 
 
 def resolve_device(name: str = "auto") -> torch.device:

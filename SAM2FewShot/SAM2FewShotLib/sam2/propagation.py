@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import Cancelled, InputError
-from ..common.progress import PROPAGATE_BACKWARD, PROPAGATE_FORWARD, ProgressFn
+from ..common.context import RunContext
+from ..common.errors import InputError
+from ..common.progress import PROPAGATE_BACKWARD, PROPAGATE_FORWARD
+from .conditioning import MemoryPolicy, Prompt
 from .devices import model_autocast
 from .estimate import PassClock
 from .feature_cache import FeatureCache
@@ -29,58 +31,6 @@ from .frames import FrameSource
 from .offload import OffloadedDict
 
 MASK_LOGIT = 1.0e4  # a mask prompt's own slice: certain inside, certain outside
-
-
-@dataclass
-class Prompt:
-    """A user (or prior) prompt for one object on one slice, in slice pixel coordinates (x = column)."""
-
-    frame: int
-    obj_id: int
-    mask: Optional[np.ndarray] = None
-    box: Optional[Sequence[float]] = None  # x0, y0, x1, y1
-    points: Optional[np.ndarray] = None  # (P, 2) x, y
-    point_labels: Optional[np.ndarray] = None  # 1 positive, 0 negative
-    mask_hint: Optional[np.ndarray] = None  # with box/points (or alone): a dense hint SAM2 refines, never kept
-    erased: bool = False  # an empty mask meant as such: the object is absent on this slice
-
-    @property
-    def kind(self) -> str:
-        if self.mask is not None:
-            return "mask"
-        parts = [p for p, v in (("box", self.box), ("points", self.points), ("mask-hint", self.mask_hint))
-                 if v is not None]
-        return "+".join(parts)
-
-
-class MemoryPolicy:
-    """Which memories condition each slice: the prompts, plus the neighbouring predictions.
-
-    Subclasses (matched support, retrieval) swap in other conditioning frames per slice.
-    """
-
-    temporal = True  # use the memory of neighbouring slices' predictions
-    # Without prompts, how the passes sweep the volume: "both" ways in full, averaged; "forward"
-    # only; "middle-out": backward from the middle, then forward from the slice after it, the
-    # memory carried over (FATE-SAM's order). Prompts always propagate both ways.
-    passes = "both"
-    max_cond_frames: Optional[int] = None  # sam2's max_cond_frames_in_attn for the run (None: the model's)
-    obj_ids: tuple[int, ...] = ()  # objects conditioned by the policy's own memories, not by prompts
-
-    def prepare(self, predictor, state: dict) -> None:
-        """Hook run once the prompts are added, before the passes: add conditioning outputs here."""
-
-    def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
-        return prompts
-
-    def describe(self, obj_idx: int, frame: int) -> Optional[dict]:
-        """Per-slice report entries of this policy (what conditioned the slice)."""
-        return None
-
-    def video_length(self, obj_idx: int, frame: int) -> Optional[int]:
-        """The length of the video this slice is computed in, if not the volume's own stack: sam2
-        scales object-pointer distances by it (a pair is a 2-frame video, whatever the volume)."""
-        return None
 
 
 @dataclass
@@ -129,12 +79,10 @@ def propagate(
     prompts: Sequence[Prompt],
     cache: Optional[FeatureCache] = None,
     policy: Optional[MemoryPolicy] = None,
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
-    frame_range: Optional[tuple[int, int]] = None,
+    context: RunContext = RunContext(),
     on_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> PropagationResult:
-    """Segment every slice of ``frames`` (or ``frame_range``, inclusive) from the prompts.
+    """Segment every slice of ``frames`` (or the context's frame range, inclusive) from the prompts.
 
     ``on_logits(slice, logits)`` receives each slice's merged (n_obj, H, W) logits as the passes
     decide them, before a mask prompt replaces its own slice's: what the equivalence checks
@@ -144,7 +92,7 @@ def propagate(
     if not prompts and not policy.obj_ids:
         raise InputError("no prompt was given: nothing to propagate")
     n = len(frames)
-    lo, hi = frame_range if frame_range is not None else (0, n - 1)
+    lo, hi = context.frame_range if context.frame_range is not None else (0, n - 1)
     for p in prompts:
         if not 0 <= p.frame < n:
             raise InputError(f"prompt on slice {p.frame} is outside the volume (0..{n - 1})")
@@ -157,7 +105,7 @@ def propagate(
         seen: dict[int, torch.Tensor] = {}
         if _watchers:
             on_logits = _also(on_logits, seen.__setitem__)
-        run = _Run(predictor, state, prompts, obj_ids, policy, progress, should_cancel, (lo, hi), on_logits)
+        run = _Run(predictor, state, prompts, obj_ids, policy, context, (lo, hi), on_logits)
         result = run.execute()
     if _watchers:
         call = PropagationCall(predictor, frames, list(prompts), policy, (lo, hi), obj_ids, seen)
@@ -238,10 +186,10 @@ def choose_pass(t: int, before: Optional[int], after: Optional[int], forward: bo
 class _Run:
     """One propagation: two passes, their merge, and the bookkeeping for the report."""
 
-    def __init__(self, predictor, state, prompts, obj_ids, policy, progress, should_cancel, frame_range, on_logits):
-        self.p, self.state, self.policy, self.on_logits = predictor, state, policy, on_logits
-        self.obj_ids = obj_ids
-        self.progress, self.should_cancel = progress, should_cancel
+    def __init__(self, predictor, state, prompts, obj_ids, policy: MemoryPolicy, context: RunContext,
+                 frame_range: tuple[int, int], on_logits):
+        self.predictor, self.state, self.policy, self.on_logits = predictor, state, policy, on_logits
+        self.obj_ids, self.context = obj_ids, context
         self.lo, self.hi = frame_range
         self.n, self.h, self.w = len(state["images"]), state["video_height"], state["video_width"]
         n_obj = len(obj_ids)
@@ -291,8 +239,7 @@ class _Run:
     def _pass(self, order: list[int], reverse: bool) -> None:
         stage = PROPAGATE_BACKWARD if reverse else PROPAGATE_FORWARD
         for n, t in enumerate(order):
-            if self.should_cancel is not None and self.should_cancel():
-                raise Cancelled("cancelled by the user")
+            self.context.check_cancelled()
             start = time.perf_counter()
             logits, scores = self._frame(t, reverse)
             self.seconds[t] += time.perf_counter() - start
@@ -300,8 +247,7 @@ class _Run:
             self._merge(t, logits, scores, reverse)
             self._trim(t, reverse)
             self.clock.step()
-            if self.progress:
-                self.progress(stage, n + 1, len(order))
+            self.context.report(stage, n + 1, len(order))
 
     def _frame(self, t: int, reverse: bool) -> tuple[torch.Tensor, np.ndarray]:
         """(n_obj, H, W) logits at slice resolution and (n_obj,) object scores for slice t."""
@@ -318,7 +264,7 @@ class _Run:
                 length, self.state["num_frames"] = self.state["num_frames"], (
                     self.policy.video_length(o, t) or self.state["num_frames"])
                 try:
-                    out, _ = self.p._run_single_frame_inference(
+                    out, _ = self.predictor._run_single_frame_inference(
                         inference_state=self.state, output_dict=view, frame_idx=t, batch_size=1,
                         is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
                         run_mem_encoder=self.policy.temporal,

@@ -51,10 +51,6 @@ class VolumeSession:
         """Encoder features of support frames, kept for the next run (and query) with the same supports."""
         return self.supports.cache(key, frames)
 
-    def drop_supports(self) -> None:
-        """Forget the supports' features held in memory (the next run encodes its supports again)."""
-        self.supports.drop()
-
     def close(self) -> None:
         """Release the volume's features (memory and scratch file), and the supports' when they are its own."""
         self.cache.close()

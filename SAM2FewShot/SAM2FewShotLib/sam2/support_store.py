@@ -9,13 +9,13 @@ The folder has a size budget; the least recently used sets go first.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
+from ..common.digests import text_digest
 from ..common.progress import ENCODE_SUPPORTS
 from .feature_cache import DEFAULT_MEMORY_BYTES, FeatureCache
 from .frames import FrameSource, frames_per_batch
@@ -88,7 +88,7 @@ class SupportFeatureStore:
 
             self._model_id = f"{weights_fingerprint(self.predictor)}:{self.predictor.image_size}:" \
                              f"{self.predictor.device.type}" + precision_tag(self.predictor)
-        name = hashlib.sha256(f"{self._model_id}|{key}".encode()).hexdigest()[:32]
+        name = text_digest(f"{self._model_id}|{key}", 32)
         return self.folder / f"{name}.features"
 
     def _restore(self, key: str, cache: FeatureCache) -> Optional[bool]:

@@ -18,9 +18,10 @@ from typing import Optional, Union
 
 from ..common.cache import cache_dir
 from ..common.errors import ModelError
-from ..common.files import replacing, sha256_of, write_json_atomic
+from ..common.digests import file_digest
+from ..common.files import replacing, write_json_atomic
 from ..common.progress import ProgressFn
-from .registry import ModelSpec, get_spec
+from .models import ModelSpec, get_spec
 
 MANIFEST = "manifest.json"
 
@@ -65,7 +66,7 @@ def verify_file(path: Path, sha256: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"cannot verify {path}: no such file")
-    actual = sha256_of(path)
+    actual = file_digest(path)
     if actual != sha256.lower():
         raise ModelError(f"checksum mismatch for {path.name}: SHA-256 is {actual}, expected {sha256.lower()}; "
                          "the file is damaged or not the published one")
@@ -238,7 +239,7 @@ def import_checkpoint(name: str, file: Path) -> Path:
         from .checkpoint import read_state_dict
 
         read_state_dict(file)  # at least a loadable state dict; its keys are checked when it is loaded
-        sha256, source = sha256_of(file), f"imported from {file} (no published SHA-256; recorded as is)"
+        sha256, source = file_digest(file), f"imported from {file} (no published SHA-256; recorded as is)"
     target = weights_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

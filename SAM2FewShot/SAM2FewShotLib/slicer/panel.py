@@ -33,12 +33,14 @@ from ..common.progress import (
     stage_unit,
 )
 from ..io.normalization import CT_PRESETS
+from ..methods.matched_support import FewShotParams
+from ..methods.options import AUGMENTATIONS, SCHEME, TOP_K, params_from
 from ..methods.registry import METHODS, get_method
 from ..run.protocol import METHODS as WORKER_METHODS
 from ..run.protocol import Job
 from ..run.request import FrameOptions
 from ..sam2.build import ModelOptions
-from ..sam2.registry import DEFAULT_MODEL
+from ..sam2.models import DEFAULT_MODEL
 
 NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
 
@@ -64,25 +66,33 @@ def method_availability(worker_methods: Sequence[str] = WORKER_METHODS) -> dict[
 PANEL_PRECISIONS = ("default",) + PRECISIONS
 
 
+# The method options the panel shows, by PanelChoices field; a method takes those it declares
+# (methods/options.py), at the parameter it declares them for. Their defaults are matched support's.
+PANEL_OPTIONS = {"scheme": SCHEME, "augmentations": AUGMENTATIONS, "top_k": TOP_K}
+_FEWSHOT = FewShotParams()
+
+
 @dataclass(frozen=True)
 class PanelChoices:
-    """The run options the panel offers (parameter-node values, already typed)."""
+    """The run options the panel offers (parameter-node values, already typed). Defaults come from the
+    engine's own (the model's and frames' options, the methods' Params): the parameter node takes them
+    from here."""
 
     method: str = "propagate"
     model: str = DEFAULT_MODEL
-    device: str = "auto"
+    device: str = ModelOptions.device
     precision: str = "default"
     checkpoint: Optional[str] = None
     image_size: Optional[int] = None
     random_weights: bool = False
     offline: bool = False
-    seed: int = 0
-    axis: str = "auto"
-    normalization: str = "auto"
+    seed: int = ModelOptions.seed
+    axis: str = FrameOptions.axis
+    normalization: str = FrameOptions.normalization
     slice_range: Optional[tuple[int, int]] = None
-    scheme: str = "video+memory"
-    augmentations: int = 4
-    top_k: int = 3
+    scheme: str = _FEWSHOT.scheme
+    augmentations: int = _FEWSHOT.augmentations
+    top_k: int = _FEWSHOT.top_k
 
 
 def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
@@ -92,12 +102,8 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
     parameters the panel does not show, e.g. a refine's prompt slices)."""
     method = get_method(choices.method)
     folder = Path(folder)
-    params_extra, params = params, {}
-    if method.key == "matched-support":
-        params = {"scheme": choices.scheme, "augmentations": int(choices.augmentations), "top_k": int(choices.top_k)}
-    elif method.key == "retrieval":
-        params = {"top_k": int(choices.top_k)}
-    params.update(params_extra or {})
+    shown = {option.dest: getattr(choices, name) for name, option in PANEL_OPTIONS.items()}
+    params = {**params_from(method.options(), shown), **(params or {})}
     model = ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
                          device=choices.device, precision=None if choices.precision == "default" else choices.precision,
                          offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))

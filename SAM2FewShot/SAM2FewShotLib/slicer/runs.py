@@ -18,8 +18,8 @@ from ..methods.registry import get_method
 from ..run.protocol import describe_devices
 from ..run.reports import SliceFlag, low_confidence_slices, report_axis
 from ..sam2.estimate import ESTIMATE_PREFIX
-from . import outputs, panel, scene_io
-from .outputs import Change
+from . import panel, result_segments, scene_io
+from .result_segments import Change
 from .panel import PanelChoices
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ class RunController:
         return self._submit(choices, query_node, inputs, output_node, scene_io.prompt_slices_of(inputs, axis))
 
     def can_refine(self) -> bool:
-        return (self.last is not None and not self.is_running and outputs.same_node(self.scene, self.last.output_node)
-                and outputs.same_node(self.scene, self.last.query_node))
+        return (self.last is not None and not self.is_running and result_segments.same_node(self.scene, self.last.output_node)
+                and result_segments.same_node(self.scene, self.last.query_node))
 
     def start_refine(self, choices: PanelChoices) -> str:
         """Propagate the corrected segments from all their prompt slices; replace those segments only."""
@@ -156,7 +156,7 @@ class RunController:
         run = self.run
         try:
             labels, report = read_result(event)
-            output = run.output_node if run.output_node is not None else outputs.find_output(run.query_node)
+            output = run.output_node if run.output_node is not None else result_segments.find_output(run.query_node)
             self.before_insert(output)
             inserted = scene_io.finish_run(run, labels, report, self.last, self.show_3d, run.job_id)
         except Exception as exc:  # noqa: BLE001 - one message; the scene unchanged
@@ -177,7 +177,7 @@ class RunController:
         if not self.can_undo():
             raise InputError("nothing to undo")
         change = self.changes.pop()
-        message = outputs.undo(change)
+        message = result_segments.undo(change)
         if self.last is not None and self.last.change is change:
             self.last = None  # its labels are gone: refining would compare with what is no longer there
         return message

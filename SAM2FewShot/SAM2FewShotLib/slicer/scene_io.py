@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,10 +22,9 @@ from ..methods.registry import MethodSpec
 from ..run.reports import report_axis
 from .mrml_segments import labels_from_segmentation
 from .mrml_volume import volume_from_node
-from .outputs import Change, insert, same_node
+from .result_segments import Change, insert, same_node
 from .panel import edited_slices, library_cases, slice_center_ras
 
-SupportCase = Union[tuple[Volume, LabelMap], tuple[Path, Path]]
 
 
 @dataclass

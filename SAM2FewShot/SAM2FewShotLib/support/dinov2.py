@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError, ModelError
-from ..sam2 import registry, weights
+from ..sam2 import models, weights
 from ..sam2.frames import model_input
 from .features import register_extractor
 
@@ -35,10 +35,10 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def weight_spec(name: str) -> registry.ModelSpec:
+def weight_spec(name: str) -> models.ModelSpec:
     """The weights file of a DINOv2 variant, described as sam2/weights.py describes SAM2 checkpoints."""
     _check_name(name)
-    return registry.ModelSpec(name, "DINOv2", "", f"facebook/{name}", "model.safetensors", None, INPUT_SIZE,
+    return models.ModelSpec(name, "DINOv2", "", f"facebook/{name}", "model.safetensors", None, INPUT_SIZE,
                             f"DINOv2 ViT-{name.split('-')[1][0].upper()}/14 slice descriptors for retrieval")
 
 
@@ -72,7 +72,7 @@ def load_dinov2(name: str, offline: bool = False, progress=True) -> torch.nn.Mod
 
     from ..sam2.checkpoint import check_fits
 
-    registry.register_weights(weight_spec(name))
+    models.register_weights(weight_spec(name))
     path = weights.download(name, offline=offline, progress=progress)
     try:
         state = load_file(str(path))

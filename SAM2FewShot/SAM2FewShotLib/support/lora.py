@@ -12,56 +12,25 @@ predictor again. Adapters are saved per support set (content hash) in the user c
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import Cancelled, InputError, ModelError
+from ..common.digests import files_digest, json_digest
+from ..common.context import RunContext
+from ..common.errors import InputError, ModelError
 from ..common.files import replacing
-from ..common.progress import FIT_LORA, ProgressFn
+from ..common.progress import FIT_LORA
 from ..io.volume import SupportCase
 from ..sam2.devices import model_autocast
 from ..sam2.session import VolumeSession
+from .lora_settings import LoraSettings, require_peft
 
-ENCODER_TARGETS = r"image_encoder\.trunk\.blocks\.\d+\.attn\.(qkv|proj)"
-DECODER_TARGETS = r"sam_mask_decoder\.transformer\.(layers\.\d+\.)?\w+\.(q_proj|k_proj|v_proj|out_proj)"
 FORMAT = "sam2fewshot-lora-1"
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    steps: int = 0  # 0: LoRA off
-    rank: int = 4
-    alpha: float = 8.0
-    decoder: bool = False  # adapters on the mask decoder's transformer attention too
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.01
-    batch_size: int = 2
-    augmentations: int = 8  # augmented copies per support slice (the original is one of them)
-    slices_per_structure: int = 8
-    point: bool = False  # a positive point inside the mask with the box
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.steps < 0 or self.rank < 1 or self.batch_size < 1 or self.augmentations < 1:
-            raise InputError("LoRA steps must be 0 or more; rank, batch size and augmentations at least 1")
-        if not (self.learning_rate > 0 and self.alpha > 0 and self.slices_per_structure >= 1):
-            raise InputError("LoRA learning rate and alpha must be positive, slices per structure at least 1")
-
-    @property
-    def target_modules(self) -> str:
-        """peft matches a string as a regular expression on the full module name."""
-        return f"({ENCODER_TARGETS}|{DECODER_TARGETS})" if self.decoder else ENCODER_TARGETS
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=self.target_modules)
 
 
 @dataclass
@@ -107,14 +76,6 @@ def training_slices(session: VolumeSession, supports: Sequence[SupportCase], set
     return images_t[keep], masks_t[keep]
 
 
-def require_peft() -> None:
-    """LoRA is an optional extra: say how to get it rather than fail on an import."""
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
-        raise ModelError("LoRA needs the 'peft' package: pip install 'sam2fewshot[lora]'")
-
-
 def with_adapters(predictor, settings: LoraSettings):
     """A copy of the predictor with fresh (seeded) adapters; only the adapters are trainable."""
     require_peft()
@@ -134,8 +95,7 @@ def fit_lora(
     session: VolumeSession,
     supports: Sequence[SupportCase],
     settings: LoraSettings,
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
+    context: RunContext = RunContext(),
 ) -> LoraAdapters:
     """Adapters fitted for ``settings.steps`` AdamW steps on the supports' augmented slices (seeded)."""
     settings.check()
@@ -153,16 +113,14 @@ def fit_lora(
     generator = torch.Generator().manual_seed(settings.seed)
     losses = []
     for step in range(settings.steps):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled("cancelled by the user")
+        context.check_cancelled()
         pick = torch.randint(len(images), (settings.batch_size,), generator=generator)
         loss = support_loss(model, images[pick], masks[pick], settings.point)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         losses.append(float(loss.detach()))
-        if progress:
-            progress(FIT_LORA, step + 1, settings.steps)
+        context.report(FIT_LORA, step + 1, settings.steps)
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return LoraAdapters(settings, weights, losses)
 
@@ -234,16 +192,6 @@ def merge_adapters(model) -> None:
             setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
-def files_digest(paths: Sequence[Path]) -> str:
-    """One sha256 for the contents of files (a folder, e.g. DICOM: its files in name order), in order."""
-    from ..common.files import sha256_of
-
-    files = []
-    for path in map(Path, paths):
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return hashlib.sha256("\n".join(sha256_of(f) for f in files).encode()).hexdigest()
-
-
 def adapter_key(support_digest: str, model_name: str, settings: LoraSettings, session: VolumeSession) -> str:
     """What the adapters depend on: the support files, the model, the LoRA settings, plane and normalisation."""
     from ..io.slicing import anatomical_plane
@@ -252,7 +200,7 @@ def adapter_key(support_digest: str, model_name: str, settings: LoraSettings, se
                "image_size": session.predictor.image_size,
                "plane": anatomical_plane(session.volume, session.axis),
                "normalization": session.describe()["normalization"]}
-    return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()
+    return json_digest(context)
 
 
 def cache_path(key: str, folder: Optional[Path] = None) -> Path:
@@ -296,8 +244,7 @@ def adapters_for(
     settings: LoraSettings,
     key: str,
     folder: Optional[Path] = None,
-    progress: Optional[ProgressFn] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
+    context: RunContext = RunContext(),
 ) -> tuple[LoraAdapters, bool]:
     """The cached adapters for this key, or new ones fitted and saved; True when they came from the cache."""
     path = cache_path(key, folder)
@@ -308,19 +255,20 @@ def adapters_for(
                 return cached, True
         except ModelError:
             pass  # a damaged cache file is fitted again and replaced
-    adapters = fit_lora(predictor, session, supports, settings, progress, should_cancel)
+    adapters = fit_lora(predictor, session, supports, settings, context)
     save_adapters(adapters, path)
     return adapters, False
 
 
 def adapted_session(session: VolumeSession, supports: Sequence[SupportCase], settings: LoraSettings, model_id: str,
-                    support_files: Sequence[Path], progress: Optional[ProgressFn] = None,
-                    should_cancel: Optional[Callable[[], bool]] = None) -> tuple[VolumeSession, dict]:
+                    context: RunContext = RunContext()) -> tuple[VolumeSession, dict]:
     """A session of the same query on a copy of the model with the support set's adapters merged in
     (cached per support files, model and settings, else fitted), and what the report says of them."""
-    key = adapter_key(files_digest(support_files), model_id, settings, session)
-    adapters, cached = adapters_for(session.predictor, session, supports, settings, key, progress=progress,
-                                    should_cancel=should_cancel)
+    files = [f for support in supports for f in (support.files or ())]
+    if len(files) != 2 * len(supports):
+        raise InputError("LoRA adapters are cached per support files: every support must come from its files")
+    key = adapter_key(files_digest(files), model_id, settings, session)
+    adapters, cached = adapters_for(session.predictor, session, supports, settings, key, context=context)
     adapted = VolumeSession(apply_adapters(session.predictor, adapters), session.volume, session.axis,
                             session.normalization)
     return adapted, {**adapters.describe(), "cached": cached, "file": str(cache_path(key))}

@@ -21,7 +21,7 @@ import torch
 
 from ..common.choices import PASS_ORDERS, PLACEMENTS, SCHEMES
 from ..common.errors import InputError
-from ..sam2.propagation import MemoryPolicy
+from ..sam2.conditioning import MemoryPolicy
 from .matching import Matches
 
 
