@@ -13,8 +13,6 @@ import traceback
 import qt
 import slicer
 import vtk
-from SAM2FewShotPanel.logic import SAM2FewShotLogic, SAM2FewShotParameterNode  # noqa: F401 - Slicer finds them here
-from SAM2FewShotPanel.selftest import SAM2FewShotTest  # noqa: F401 - the module's self-test, run by Slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
@@ -22,6 +20,8 @@ from SAM2FewShotLib.common.errors import SAM2FewShotError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.sam2 import models
 from SAM2FewShotLib.slicer import install, panel, scene_io
+from SAM2FewShotPanel.logic import SAM2FewShotLogic, SAM2FewShotParameterNode  # noqa: F401 - Slicer finds them here
+from SAM2FewShotPanel.selftest import SAM2FewShotTest  # noqa: F401 - the module's self-test, run by Slicer
 
 TITLE = "SAM2FewShot"
 SCENE_SUPPORT_WIDGETS = ("supportSegmentationLabel", "supportSegmentationSelector", "supportSegmentsLabel",
@@ -254,7 +254,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def segmentIds(self, checked=True):
         widget = self.ui.supportSegmentsListWidget
         state = qt.Qt.Checked if checked else qt.Qt.Unchecked
-        return [widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count) if widget.item(i).checkState() == state]
+        return [widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count)
+                if widget.item(i).checkState() == state]
 
     def setWidgets(self, names, **properties):
         for name in names:
@@ -269,7 +270,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = get_method(p.method.value)
         library = p.supportFromLibrary and method.uses_support_volume
         self.ui.supportLibraryRadioButton.enabled = method.uses_support_volume
-        self.setWidgets(("supportVolumeLabel", "supportVolumeSelector"), visible=method.uses_support_volume and not library)
+        self.setWidgets(("supportVolumeLabel", "supportVolumeSelector"),
+                        visible=method.uses_support_volume and not library)
         self.setWidgets(SCENE_SUPPORT_WIDGETS, visible=not library)
         self.setWidgets(LIBRARY_WIDGETS, visible=library)
         self.ui.supportSegmentationLabel.text = "Segmentation:" if method.uses_support_volume else "Prompt masks:"
@@ -280,7 +282,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setWidgets(("firstSliceSpinBox", "lastSliceSpinBox"), enabled=p.useSliceRange)
         self.setWidgets(INPUT_SECTIONS, enabled=not running and not installing)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.ui.applyButton.toolTip = "Stop the run; the scene stays as it was." if running else "Segment in the background."
+        self.ui.applyButton.toolTip = ("Stop the run; the scene stays as it was." if running
+                                       else "Segment in the background.")
         self.ui.applyButton.enabled = not installing and (running or p.queryVolume is not None)
         self.ui.refineButton.enabled = not running and not installing and self.logic.canRefine()
         self.ui.undoButton.enabled = not running and self.logic.canUndo()
@@ -295,7 +298,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(panel.panel_message(str(exc)), windowTitle=TITLE)
         except Exception as exc:  # noqa: BLE001 - one clear message, the details in the log
             logging.error(traceback.format_exc())
-            slicer.util.errorDisplay(f"SAM2FewShot failed: {exc}", windowTitle=TITLE, detailedText=traceback.format_exc())
+            slicer.util.errorDisplay(f"SAM2FewShot failed: {exc}", windowTitle=TITLE,
+                                     detailedText=traceback.format_exc())
         return None
 
     def onApplyButton(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root, wherever a test file sits below Testing/
@@ -29,20 +30,21 @@ def phantom(
     shape_kji: tuple[int, int, int] = (12, 40, 48),
     spacing: tuple[float, float, float] = (0.8, 0.9, 2.5),
     origin: tuple[float, float, float] = (-20.0, 31.5, 7.25),
-    direction: np.ndarray = np.eye(3),
+    direction: np.ndarray | None = None,
     n_objects: int = 2,
     seed: int = 0,
 ) -> tuple[Volume, LabelMap]:
     """An MR-like image with ``n_objects`` bright ellipsoids and the label map that covers them."""
+    direction = np.eye(3) if direction is None else direction
     rng = np.random.default_rng(seed)
     k, j, i = np.meshgrid(*[np.arange(n, dtype=float) for n in shape_kji], indexing="ij")
     img = 100.0 + 10.0 * rng.standard_normal(shape_kji)
     labels = np.zeros(shape_kji, dtype=np.uint8)
-    K, J, I = shape_kji
+    nk, nj, ni = shape_kji
     segments = []
     for n in range(n_objects):
-        ck, cj, ci = K / 2, J * (0.3 + 0.4 * n / max(1, n_objects - 1)), I * (0.35 + 0.3 * (n % 2))
-        rk, rj, ri = K * 0.35, J * 0.14, I * 0.13
+        ck, cj, ci = nk / 2, nj * (0.3 + 0.4 * n / max(1, n_objects - 1)), ni * (0.35 + 0.3 * (n % 2))
+        rk, rj, ri = nk * 0.35, nj * 0.14, ni * 0.13
         inside = ((k - ck) / rk) ** 2 + ((j - cj) / rj) ** 2 + ((i - ci) / ri) ** 2 <= 1.0
         labels[inside & (labels == 0)] = n + 1
         img[inside] += 300.0 + 80.0 * n

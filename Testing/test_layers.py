@@ -62,8 +62,9 @@ def test_every_subpackage_has_a_layer_and_says_what_it_holds():
     assert not [p.name for p in ENGINE.glob("*.py") if p.name != "__init__.py"], "modules belong in a layer"
     for package in packages:
         doc = ast.get_docstring(ast.parse((ENGINE / package / "__init__.py").read_text(encoding="utf-8")))
-        assert doc and len(doc.split()) >= 25 and "import" in doc.lower(), f"{package}/__init__.py: say what it holds " \
-                                                                   "and what it may import"
+        assert doc and len(doc.split()) >= 25 and "import" in doc.lower(), \
+            f"{package}/__init__.py: say what it holds " \
+            "and what it may import"
 
 
 def test_imports_go_only_to_the_same_package_or_a_lower_layer():
@@ -125,5 +126,6 @@ def test_the_checks_see_real_imports():
 
 
 def test_no_module_outgrows_the_limit():
-    long = {name: n for name, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {name: n for name, p in MODULES.items()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"split these modules (over {MAX_LINES} lines): {long}"

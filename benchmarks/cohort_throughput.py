@@ -84,7 +84,7 @@ def main() -> int:
             timed(f"batch, Ray, {args.workers} CPU actors", [[*batch, "--out", str(args.out / "ray"), "--ray",
                                                              "--workers", str(args.workers)]])
     base = results[next(iter(results))]["seconds"]
-    for name, r in results.items():
+    for r in results.values():
         r["speedup_over_first_row"] = round(base / r["seconds"], 2)
     print(json.dumps(results, indent=1))
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

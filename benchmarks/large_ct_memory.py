@@ -141,7 +141,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['volume']} int16 ({r['volume_mb']:.0f} MB) | {r['image_size']} | {r['threads']} | "
-              f"{r['per_slice_s']:.2f} ({r['timed_slices']}) | {r['run_and_write_s']:.1f} s | {r['peak_rss_mb']:.0f} MB | "
+              f"{r['per_slice_s']:.2f} ({r['timed_slices']}) | {r['run_and_write_s']:.1f} s | "
+              f"{r['peak_rss_mb']:.0f} MB | "
               f"{r['peak_above_model_mb']:.0f} MB | {r['peak_above_volume_mb']:.0f} MB |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -151,7 +151,8 @@ def summary(name: str, supports: str, fusion: str, rows: list[dict]) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"| {'method':15s} | {'supports':8s} | {'fusion':8s} | {'n':>2s} | Dice 1 | Dice 2 | mean  | worst | time (s) |"
+    head = (f"| {'method':15s} | {'supports':8s} | {'fusion':8s} | {'n':>2s} | "
+            "Dice 1 | Dice 2 | mean  | worst | time (s) |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:

@@ -79,7 +79,8 @@ def run_latency(args: argparse.Namespace) -> None:
         batched = _time(lambda i: data.search(queries, args.k), args.repeats)
         windowed = _time(lambda i: data.search(queries, args.k, query_positions=positions, window=0.1), args.repeats)
     print(json.dumps({
-        "embeddings": len(data), "dim": args.dim, "cases": n_cases, "k": args.k, "torch_threads": torch.get_num_threads(),
+        "embeddings": len(data), "dim": args.dim, "cases": n_cases, "k": args.k,
+        "torch_threads": torch.get_num_threads(),
         "build_s": round(build_s, 2), "resync_no_change_s": round(resync_s, 2), "load_s": round(load_s, 2),
         "index_mb": round(size_mb, 1), "resync_embedded": stats2.embedded,
         "per_slice_ms": {
@@ -115,7 +116,8 @@ def run_build(args: argparse.Namespace) -> None:
         for attempt in ("first build", "no-change rebuild"):
             t0, c0 = time.perf_counter(), time.process_time()
             code = main(argv)
-            print(f"{attempt}: exit {code}, {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU "
+            print(f"{attempt}: exit {code}, {time.perf_counter() - t0:.1f} s wall, "
+                  f"{time.process_time() - c0:.1f} s CPU "
                   f"(model build included; torch threads {torch.get_num_threads()})")
         files = [p for p in (Path(tmp) / ".sam2fewshot_index").rglob("*") if p.is_file()]
         print(f"index: {len(files)} files, {sum(p.stat().st_size for p in files)} bytes")

@@ -32,12 +32,13 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+
     from SAM2FewShotLib.bench.synthetic import slice_masks, synthetic_case
     from SAM2FewShotLib.common.context import RunContext
     from SAM2FewShotLib.methods.propagate import segment_propagate
     from SAM2FewShotLib.sam2.build import build_video_predictor
-    from SAM2FewShotLib.sam2.devices import resolve_device
     from SAM2FewShotLib.sam2.conditioning import Prompt
+    from SAM2FewShotLib.sam2.devices import resolve_device
     from SAM2FewShotLib.sam2.session import VolumeSession
 
     device = resolve_device(args.device)

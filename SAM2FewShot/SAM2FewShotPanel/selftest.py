@@ -33,7 +33,7 @@ def _sphere_volume(name, centre, spacing=(1.0, 1.0, 2.0), shape=(24, 48, 48)):
 def _segmentation(name, volume, masks):
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    for (label, color), mask in zip((("Left", (0.9, 0.3, 0.2)), ("Right", (0.2, 0.6, 0.9))), masks):
+    for (label, color), mask in zip((("Left", (0.9, 0.3, 0.2)), ("Right", (0.2, 0.6, 0.9))), masks, strict=True):
         segment_id = node.GetSegmentation().AddEmptySegment(label, label, color)
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, volume)
     return node

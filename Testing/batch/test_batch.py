@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
@@ -196,8 +197,9 @@ def test_ray_gives_the_local_outputs_and_survives_a_killed_actor(cohort, tmp_pat
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     slower = ["--image-size", "256"]  # cases long enough that both actors are mid-case when one is killed
     assert main([*_batch(cohort, local), *slower]) == 0
-    run = subprocess.Popen([sys.executable, "-m", "SAM2FewShotLib.cli", *_batch(cohort, on_ray, "--ray", "--workers", 2),
-                            *slower], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    run = subprocess.Popen([sys.executable, "-m", "SAM2FewShotLib.cli",
+                            *_batch(cohort, on_ray, "--ray", "--workers", 2), *slower],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     deadline = time.monotonic() + 240
     try:
         while not ray.is_initialized():  # join the cohort's local cluster as soon as it is up

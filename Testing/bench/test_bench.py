@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from SAM2FewShotLib.bench.leave_one_out import (
     BenchSettings,
     bench_cases,
@@ -54,7 +55,7 @@ def one_thread():
 
 def _box(shape, lo, hi) -> np.ndarray:
     m = np.zeros(shape, bool)
-    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    m[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = True
     return m
 
 

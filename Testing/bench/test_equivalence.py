@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.bench.equivalence import (
     TOLERANCE,

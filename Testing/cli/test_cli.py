@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
+
 from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume

@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+
 from SAM2FewShotLib.common.files import replacing, write_json_atomic
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from phantoms import phantom
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.common.errors import InputError
@@ -33,7 +34,8 @@ from SAM2FewShotLib.io.volume_io import (
 )
 from SAM2FewShotLib.run import protocol
 
-RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1"]  # one thread: runs compare bit for bit
+# one thread: runs compare bit for bit
+RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1"]
 SHAPE = (8, 32, 32)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from phantoms import REPO
 from SAM2FewShotLib.cli.console import ConsoleProgress
 from SAM2FewShotLib.cli.main import build_parser, main

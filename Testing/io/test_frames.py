@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from phantoms import OBLIQUE, phantom, rotation
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.normalization import CT_PRESETS, Normalization
@@ -169,12 +170,12 @@ def test_a_frame_is_always_encoded_in_the_same_group_and_kept_in_one_layout(rand
     for order in ([6, 2, 5, 0, 3, 1, 4], [4, 3, 2, 1, 0, 6, 5]):
         _, other, other_groups = features(order)
         assert other_groups == groups
-        assert all(torch.equal(a, b) for i in range(7) for a, b in zip(forward[i], other[i]))
+        assert all(torch.equal(a, b) for i in range(7) for a, b in zip(forward[i], other[i], strict=True))
     spilled, back, _ = features(range(7), max_bytes=1)  # all but a window read back from the scratch file
     assert len(spilled.spill) > 0
     again = [spilled.get(i)["backbone_fpn"] for i in range(7)]
-    assert all(torch.equal(a, b) for i in range(7) for a, b in zip(forward[i], again[i]))
-    assert all(f.stride() == g.stride() for i in range(7) for f, g in zip(forward[i], again[i]))
+    assert all(torch.equal(a, b) for i in range(7) for a, b in zip(forward[i], again[i], strict=True))
+    assert all(f.stride() == g.stride() for i in range(7) for f, g in zip(forward[i], again[i], strict=True))
     embedded = FeatureCache(random_predictor, frames, random_predictor.device, batch_size=3)
     calls.clear()
     assert torch.equal(embedded.embed_all([5, 1]), cache.embed_all([5, 1])) and sorted(calls) == [[0, 1, 2], [3, 4, 5]]

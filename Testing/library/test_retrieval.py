@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.cli.main import EXIT_ERROR
 from SAM2FewShotLib.cli.main import main as cli_main
@@ -231,7 +232,8 @@ def test_search_is_exact_cosine_top_k_per_structure_with_a_window():
     windowed = data.search(query, k=30, structures=[1], query_positions=qpos, window=0.2)[1]
     diff = np.abs(qpos[:, None] - rows["position"][windowed.rows])
     assert np.array_equal(windowed.in_window, diff <= 0.2)
-    for flags, sims in zip(windowed.in_window, windowed.similarity):  # in-window first, each part by cosine
+    # in-window first, each part by cosine
+    for flags, sims in zip(windowed.in_window, windowed.similarity, strict=True):
         n = int(flags.sum())
         assert flags[:n].all() and not flags[n:].any()
         assert np.all(np.diff(sims[:n]) <= 1e-6) and np.all(np.diff(sims[n:]) <= 1e-6)

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import pytest
+
 from phantoms import phantom
 from SAM2FewShotLib.io.volume import voxel_counts
 from SAM2FewShotLib.methods.matched_support import FewShotParams, segment_fewshot

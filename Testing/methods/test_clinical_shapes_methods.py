@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume import LabelMap, Volume
 from SAM2FewShotLib.io.volume_io import (
@@ -29,7 +30,8 @@ from SAM2FewShotLib.io.volume_io import (
     write_volume,
 )
 
-RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1", "-q"]  # runs compare bit for bit
+# runs compare bit for bit
+RANDOM = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1", "-q"]
 FAST = ["--augmentations", "1", "--slices-per-structure", "2"]  # matched-support and guided, for speed
 THIN_MM = 8.0
 CASES = ("015", "184", "195")  # the query, the support, and a second library case

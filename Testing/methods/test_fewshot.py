@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from phantoms import phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
@@ -89,7 +90,8 @@ def test_totalsegmentator_ct_several_organs(small_predictor, shared_data):
     out, rep = segment_fewshot(s, [(image, support)], FewShotParams(scheme="video", features="intensity", **FAST))
     assert s.normalization.mode == "window"  # CT detected: a HU window feeds the model
     assert out.volume.same_grid(query, tol=0)
-    assert [(g.value, g.name, g.color) for g in out.segments] == [(v, n, (0.1 * v, 0.5, 0.5)) for v, n in organs.items()]
+    assert ([(g.value, g.name, g.color) for g in out.segments]
+            == [(v, n, (0.1 * v, 0.5, 0.5)) for v, n in organs.items()])
     assert set(np.unique(out.volume.array)) <= {0, 1, 2, 3, 5}
     assert set(rep["slices"][len(rep["slices"]) // 2]["objects"]) == set(organs.values())
 

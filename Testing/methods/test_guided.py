@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_CONFIG
+
 from phantoms import phantom
 from SAM2FewShotLib.cli.main import build_parser, main
 from SAM2FewShotLib.cli.segment import request_from_args
@@ -192,7 +193,8 @@ def test_cli_registration_needs_no_model(tmp_path, monkeypatch, capsys, shared_d
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "guided", "--prompt-labels", "L"], "--method guided needs --support"),
-    (["--support", "S", "L", "--lora-steps", "3"], "--lora-steps does not apply to the matched-support method (it is for guided)"),
+    (["--support", "S", "L", "--lora-steps", "3"],
+     "--lora-steps does not apply to the matched-support method (it is for guided)"),
     (["--support", "S", "L", "--method", "guided", "--box-margin", "-1"], "box margin"),
 ])
 def test_cli_guided_bad_options_fail_before_any_work(tmp_path, capsys, extra, message):

@@ -9,6 +9,7 @@ import dataclasses
 import xml.etree.ElementTree as ET
 
 import pytest
+
 from phantoms import REPO
 from SAM2FewShotLib.cli.main import build_parser
 from SAM2FewShotLib.cli.method_options import declarations

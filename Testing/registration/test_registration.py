@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from SAM2FewShotLib.bench.metrics import dice_per_label
 from SAM2FewShotLib.common.context import RunContext
 from SAM2FewShotLib.common.errors import Cancelled, InputError

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from phantoms import phantom
 from SAM2FewShotLib.cli.main import build_parser, main
 from SAM2FewShotLib.cli.segment import request_from_args
@@ -94,7 +95,8 @@ def test_a_new_method_takes_one_module_and_one_registration_line(files, tmp_path
     monkeypatch.setitem(sys.modules, module.__name__, module)  # as if methods/copy_support.py were there
     monkeypatch.setitem(METHODS, "copy-support", MethodSpec("copy-support", "Copy support", SUPPORTS, False, "test"))
 
-    request = Request(method="copy-support", query=files["query"], supports=((files["support"], files["support_labels"]),),
+    request = Request(method="copy-support", query=files["query"],
+                      supports=((files["support"], files["support_labels"]),),
                       model=dataclasses.replace(MODEL, seed=5), params={"value": 3})
     labels, report = Runner().run(request)
     assert labels.volume.same_grid(files["image"]) and set(np.unique(labels.volume.array)) == {0, 3}
@@ -146,7 +148,8 @@ def test_cli_and_panel_requests_mean_the_same_run(files, tmp_path):
                                       "--out", str(tmp_path / "o.seg.nrrd")])
     cli = request_from_args(args)
     choices = panel.PanelChoices(method="matched-support", device="cpu", random_weights=True, image_size=128, top_k=2,
-                                 augmentations=3, scheme="pair", axis="coronal", normalization="lung", slice_range=(2, 5))
+                                 augmentations=3, scheme="pair", axis="coronal", normalization="lung",
+                                 slice_range=(2, 5))
     job = panel.build_job("j", choices, tmp_path, Path(files["query"]),
                           supports=[(Path(files["support"]), Path(files["support_labels"]))])
     worker = parse_request(encode(job.to_message()))  # what the worker receives
@@ -167,7 +170,8 @@ def test_bad_requests_fail_before_any_model_is_loaded(files, tmp_path):
         (Request(method="propagate", query=files["query"]), "propagate needs prompts"),
         (Request(method="matched-support", query=files["query"], supports=support, library=str(tmp_path)),
          "not by library"),
-        (Request(method="registration", query=files["query"], supports=support, frames=FrameOptions(slice_range=(1, 2))),
+        (Request(method="registration", query=files["query"], supports=support,
+                 frames=FrameOptions(slice_range=(1, 2))),
          "takes no slice range"),
         (Request(method="matched-support", query=files["query"], supports=support, params={"top_k": 0}),
          "at least 1"),
@@ -253,6 +257,7 @@ def test_outputs_appear_together_or_leave_the_old_ones_whole(files, tmp_path):
 
 def test_threads_follow_the_free_cores_and_the_request(files, monkeypatch):
     import torch
+
     from SAM2FewShotLib.common.choices import RESERVED_CORES_ENV
     from SAM2FewShotLib.sam2 import devices
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+
 from phantoms import phantom
 from SAM2FewShotLib.io.volume import LabelMap
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
@@ -62,7 +63,8 @@ def propagate_job(data, folder: JobFolder, **extra) -> dict:
 
 
 def fewshot_job(data, folder: JobFolder) -> dict:
-    return {"method": "matched-support", "query": data["query"], "supports": [[data["support"], data["support_labels"]]],
+    return {"method": "matched-support", "query": data["query"],
+            "supports": [[data["support"], data["support_labels"]]],
             "out": str(folder.labels), "report": str(folder.report), "model": MODEL,
             "params": {"augmentations": 1, "slices_per_structure": 2, "features": "intensity", "top_k": 1}}
 
@@ -99,7 +101,8 @@ def test_progress_result_and_a_warm_second_run(client, data):
         with JobFolder() as folder:
             start = time.perf_counter()
             job_id = client.submit(propagate_job(data, folder))
-            events = events_until(client, lambda e: e.get("id") == job_id and e["event"] in ("result", "error"))
+            events = events_until(client,
+                                  lambda e, job=job_id: e.get("id") == job and e["event"] in ("result", "error"))
             times.append(time.perf_counter() - start)
             result = events[-1]
             assert result["event"] == "result", result

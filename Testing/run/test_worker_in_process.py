@@ -36,7 +36,8 @@ def test_each_request_line_gets_its_event_and_a_bad_one_never_stops_the_loop(tmp
     assert events[0]["message"].startswith("invalid job: not a JSON line")
     assert "does not exist" in events[1]["message"] and "\n" not in events[1]["message"]
     assert any(e["event"] == "progress" and e["id"] == "reg" for e in events)
-    assert (tmp_path / "r.nii.gz").is_file() and json.loads((tmp_path / "r_report.json").read_text())["method"] == "registration"
+    assert ((tmp_path / "r.nii.gz").is_file()
+            and json.loads((tmp_path / "r_report.json").read_text())["method"] == "registration")
 
 
 def test_errors_become_one_line_and_out_of_memory_is_named():

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.io.volume import LabelMap
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
@@ -74,7 +75,7 @@ def test_features_offloaded_from_the_gpu_come_back_bit_identical(cuda_predictor)
     assert first[0].device.type == "cuda" and len(cache.spill) == 16
     again = [cache.get(i)["backbone_fpn"][0] for i in reversed(range(20))][::-1]
     assert cache.encoded_frames == 20  # read back from disk, not encoded again
-    assert all(b.device.type == "cuda" and torch.equal(a, b) for a, b in zip(first, again))
+    assert all(b.device.type == "cuda" and torch.equal(a, b) for a, b in zip(first, again, strict=True))
     cache.close()
 
 

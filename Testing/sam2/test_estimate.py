@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from phantoms import phantom
 from SAM2FewShotLib.methods.propagate import segment_propagate
 from SAM2FewShotLib.sam2 import estimate

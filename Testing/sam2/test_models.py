@@ -17,6 +17,7 @@ import pytest
 import sam2
 import torch
 from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
 from SAM2FewShotLib.cli.models import add_models_parser, run_models
 from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
 from SAM2FewShotLib.common.digests import file_digest

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
 from SAM2FewShotLib.sam2 import propagation
@@ -29,7 +30,7 @@ def test_spill_file_gives_back_exactly_what_it_was_given(tmp_path, dtype):
     for i, f in frames.items():
         back = spill.get(i)
         assert [b.dtype for b in back] == [dtype, dtype]
-        assert all(torch.equal(a, b) for a, b in zip(f, back))
+        assert all(torch.equal(a, b) for a, b in zip(f, back, strict=True))
     assert spill.nbytes == 3 * sum(t.numel() * t.element_size() for t in frames[0])
     with pytest.raises(ValueError, match="same tensor layout"):
         spill.put(9, [torch.zeros(2)])
@@ -69,7 +70,7 @@ def test_a_full_disk_stops_offloading_and_keeps_what_was_written(tmp_path, caplo
     spill._file = FullDisk()
     assert not spill.put(1, _frame(1)) and spill.max_bytes == 0 and 1 not in spill
     assert "offloading stopped" in caplog.text
-    assert all(torch.equal(a, b) for a, b in zip(spill.get(0), _frame(0)))
+    assert all(torch.equal(a, b) for a, b in zip(spill.get(0), _frame(0), strict=True))
 
 
 def test_offloaded_dict_keeps_the_newest_in_memory_and_the_rest_on_disk():
@@ -98,7 +99,7 @@ def test_feature_cache_holds_a_fixed_window_and_reads_evicted_frames_back(random
     assert cache.held_bytes == 4 * cache._frame_bytes and len(cache.spill) == 16
     again = [cache.get(i)["backbone_fpn"][0] for i in reversed(range(20))][::-1]
     assert cache.encoded_frames == 20  # read back from disk, not encoded again
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert cache.embed_all().shape[0] == 20 and cache.encoded_frames == 20
     cache.close()
     assert cache.held_bytes == 0 and len(cache.spill) == 0

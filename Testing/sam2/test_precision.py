@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from SAM2FewShotLib.bench.precision import dice, logged_run
 from SAM2FewShotLib.bench.profile import case_inputs
 from SAM2FewShotLib.cli.main import main

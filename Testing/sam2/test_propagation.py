@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
+
 from phantoms import OBLIQUE, RAS_FLIP, phantom
 from SAM2FewShotLib.common.context import RunContext
 from SAM2FewShotLib.common.errors import Cancelled, InputError
@@ -137,6 +138,7 @@ def test_cancel_stops_the_run(random_predictor):
 
 def test_real_hippocampus_propagation(random_predictor, shared_data):
     import SimpleITK as sitk
+
     from SAM2FewShotLib.io.volume import LabelMap, Volume, default_segments
 
     d = shared_data / "msd_hippocampus"

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+
 from phantoms import phantom
 from SAM2FewShotLib.io.volume_io import write_labels, write_volume
 from SAM2FewShotLib.run.request import Request
@@ -54,8 +55,8 @@ def test_a_saved_set_reads_back_bit_identical_and_encodes_nothing(random_predict
     assert again.encoded_frames == 0 and again.complete
     for i in range(6):
         a, b = first.get(i), again.get(i)
-        assert all(torch.equal(x, y) for x, y in zip(a["backbone_fpn"], b["backbone_fpn"]))
-        assert all(torch.equal(x, y) for x, y in zip(a["vision_pos_enc"], b["vision_pos_enc"]))
+        assert all(torch.equal(x, y) for x, y in zip(a["backbone_fpn"], b["backbone_fpn"], strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(a["vision_pos_enc"], b["vision_pos_enc"], strict=True))
         assert torch.equal(first.embeddings[i], again.embeddings[i])
     assert again.encoded_frames == 0
     other = FeatureCache(random_predictor, FrameSource(torch.rand(5, 24, 20), 256), random_predictor.device)

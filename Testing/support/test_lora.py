@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_CONFIG
+
 from phantoms import phantom
 from SAM2FewShotLib.common.errors import ModelError
 from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate

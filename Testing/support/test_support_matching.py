@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from phantoms import phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.support.augment import AugmentParams, augment_slices
@@ -274,7 +275,8 @@ def test_sam2_features_of_the_random_model_find_themselves(random_predictor, sha
     query = make_extractor("sam2", predictor=random_predictor, batch_size=8)
     assert isinstance(query, SAM2Features) and query.name == "sam2"
     q = query.embed(s)
-    assert q.shape == (len(s), random_predictor.hidden_dim) and torch.allclose(q.norm(dim=1), torch.ones(len(s)), atol=1e-5)
+    assert (q.shape == (len(s), random_predictor.hidden_dim)
+            and torch.allclose(q.norm(dim=1), torch.ones(len(s)), atol=1e-5))
     # the supports: every second slice, encoded apart in other batches, must find their own slice
     support = SAM2Features(sam2_embed_fn(random_predictor, batch_size=5))
     picked = np.arange(0, len(s), 2)
@@ -296,6 +298,7 @@ def test_support_slices_normalised_on_demand_equal_the_normalised_volumes(axis):
     whole = select_support_slices(norm.apply(image.array, axis=axis), labels, axis, 3)
     lazy = select_support_slices(VolumeSlices(image.array, axis, norm), labels, axis, 3)
     assert [(s.index, s.value) for s in lazy] == [(s.index, s.value) for s in whole] and len(whole) >= 2
-    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) for a, b in zip(lazy, whole))
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+               for a, b in zip(lazy, whole, strict=True))
     with pytest.raises(InputError, match="same shape"):
         select_support_slices(VolumeSlices(image.array[:-1], axis, norm), labels, axis, 3)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.reorient import (
     query_frame_grid,
@@ -72,7 +73,8 @@ def resampled(volume: Volume, spacing, direction: np.ndarray, linear: bool) -> V
     local = direction.T @ (volume.ijk_to_lps()[:3, :3] @ corners + np.asarray(volume.origin)[:, None])
     low, high = local.min(1), local.max(1)
     size = [int(n) for n in np.ceil((high - low) / np.asarray(spacing) - 1e-6) + 1]
-    out = sitk.Resample(volume.to_sitk(), size, sitk.Transform(), sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
+    out = sitk.Resample(volume.to_sitk(), size, sitk.Transform(),
+                        sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
                         tuple(direction @ low), tuple(spacing), tuple(direction.ravel()), 0.0)
     return Volume.from_sitk(out)
 
@@ -107,7 +109,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def reference_masks(labels: LabelMap, value: int, grid: Volume) -> np.ndarray:
     """The original support's mask of ``value`` on ``grid`` (linear on the binary mask, > 0.5)."""
     mask = labels.volume.with_array((labels.volume.array == value).astype(np.float32))
-    return sitk.GetArrayFromImage(sitk.Resample(mask.to_sitk(), grid.to_sitk(), sitk.Transform(), sitk.sitkLinear)) > 0.5
+    return sitk.GetArrayFromImage(sitk.Resample(mask.to_sitk(), grid.to_sitk(), sitk.Transform(),
+                                                sitk.sitkLinear)) > 0.5
 
 
 # ---------------------------------------------------------------------------------- the resampling
@@ -208,7 +211,8 @@ def test_matched_support_cuts_the_same_slices_from_a_reoriented_support(original
     entries, matches = _entries(session, moved)
     offsets0 = np.array([m["support_offset_mm"] for m in entries0.meta])
     offsets = np.array([m["support_offset_mm"] for m in entries.meta])
-    assert all(m["support_reoriented"] for m in entries.meta) and not any(m["support_reoriented"] for m in entries0.meta)
+    assert (all(m["support_reoriented"] for m in entries.meta)
+            and not any(m["support_reoriented"] for m in entries0.meta))
     if kind in ("sagittal", "flipped"):  # the very same slices, voxel for voxel, and the same matches
         assert torch.equal(entries.images01, entries0.images01) and torch.equal(entries.masks, entries0.masks)
         assert [m["support_slice"] for m in entries.meta] == [m["support_slice"] for m in entries0.meta]
@@ -227,12 +231,12 @@ def test_matched_support_cuts_the_same_slices_from_a_reoriented_support(original
         cut = np.stack([entries.masks[r].numpy() for r in rows])
         want = np.stack([truth[entries.meta[r]["support_slice"]] for r in rows])
         if kind == "spacing":  # 0.75 mm and back to 1 mm in-plane, through-plane untouched: every slice agrees
-            assert min(dice(c, w) for c, w in zip(cut, want)) > 0.9
+            assert min(dice(c, w) for c, w in zip(cut, want, strict=True)) > 0.9
             _same_matches_up_to_ties(value, matches, matches0, offsets, offsets0, through)
         else:  # a rotated grid half a slice off the original's: the body of the structure agrees slice by
             # slice; its ends change fast from one slice to the next, so they count in the pooled Dice only
             body = want.sum(axis=(1, 2)) >= 0.4 * want.sum(axis=(1, 2)).max()
-            assert min(dice(c, w) for c, w in zip(cut[body], want[body])) > 0.85 and dice(cut, want) > 0.9
+            assert min(dice(c, w) for c, w in zip(cut[body], want[body], strict=True)) > 0.85 and dice(cut, want) > 0.9
 
 
 def _same_matches_up_to_ties(value, matches, matches0, offsets, offsets0, through) -> None:
@@ -243,7 +247,7 @@ def _same_matches_up_to_ties(value, matches, matches0, offsets, offsets0, throug
         if abs(offsets[best] - offsets0[best0]) <= through + 1e-3:
             continue
         ranked, sims = matches0.entries[value][t], matches0.similarity[value][t]
-        near = [s for e, s in zip(ranked, sims) if abs(offsets0[e] - offsets[best]) <= through + 1e-3]
+        near = [s for e, s in zip(ranked, sims, strict=True) if abs(offsets0[e] - offsets[best]) <= through + 1e-3]
         assert near and sims[0] - max(near) <= NEAR_TIE, f"query slice {t}: support slice {offsets[best]} mm"
 
 

@@ -12,7 +12,6 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -36,7 +35,7 @@ def case_request(template: Request, case: Case, folder: Path, suffix: str) -> Re
 
 
 def run_case(runner, case: Case, template: Request, folder: Path, suffix: str, options: str,
-             progress: Optional[ProgressFn] = None, tolerance_mm: float = 1.0) -> dict:
+             progress: ProgressFn | None = None, tolerance_mm: float = 1.0) -> dict:
     """Segment one case and write its outputs; the manifest record: done, or failed with its one line."""
     from ..run.outputs import write_outputs
     from ..run.worker import causes, error_message, is_out_of_memory
@@ -62,7 +61,7 @@ def run_case(runner, case: Case, template: Request, folder: Path, suffix: str, o
             "seconds": round(time.perf_counter() - start, 3), **summary}
 
 
-def completed_record(case: Case, request: Request, options: str) -> Optional[dict]:
+def completed_record(case: Case, request: Request, options: str) -> dict | None:
     """The record of outputs a stopped run wrote completely for these options and this query, or None."""
     from ..io.volume_io import read_labels
 
@@ -101,7 +100,7 @@ def add_missing_scores(cases, records: dict, folder: Path, tolerance_mm: float =
                 record["scores"] = {"error": str(exc)}
 
 
-def case_summary(labels, report: dict, template: Request, truth: Optional[Path], tolerance_mm: float = 1.0) -> dict:
+def case_summary(labels, report: dict, template: Request, truth: Path | None, tolerance_mm: float = 1.0) -> dict:
     """What the cohort report shows of a case: slices, volume per structure, SAM2's confidence, and
     with ground truth, Dice and HD95 per structure (the truth is read only now)."""
     volume = labels.volume
@@ -119,7 +118,7 @@ def case_summary(labels, report: dict, template: Request, truth: Optional[Path],
     return summary
 
 
-def _mean_score(report: dict) -> Optional[float]:
+def _mean_score(report: dict) -> float | None:
     scores = [obj["object_score"] for entry in report.get("slices", []) for obj in entry.get("objects", {}).values()
               if obj.get("object_score") is not None]
     return round(float(np.mean(scores)), 4) if scores else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..common.errors import InputError
 from ..io.volume_io import READ_SUFFIXES, SEG_NRRD, image_suffix
@@ -19,15 +18,15 @@ CSV_COLUMNS = ("id", "query", "labels", "prompt_labels")
 class Case:
     id: str  # names the case's outputs: <id>.nii.gz, <id>_report.json
     query: Path
-    truth: Optional[Path] = None  # ground truth, for Dice and HD95 in the cohort report
-    prompt_labels: Optional[Path] = None  # for propagate: masks on some slices of this query
+    truth: Path | None = None  # ground truth, for Dice and HD95 in the cohort report
+    prompt_labels: Path | None = None  # for propagate: masks on some slices of this query
 
     def as_json(self) -> dict:
         return {"id": self.id, "query": str(self.query), "truth": str(self.truth) if self.truth else None,
                 "prompt_labels": str(self.prompt_labels) if self.prompt_labels else None}
 
 
-def find_cases(queries: Path, labels: Optional[Path] = None) -> list[Case]:
+def find_cases(queries: Path, labels: Path | None = None) -> list[Case]:
     """The cases of a folder of volumes (label files and sidecars left out; DICOM series as subfolders
     of .dcm files) or of a CSV with a ``query`` column (and ``id``, ``labels``, ``prompt_labels``)."""
     queries = Path(queries)
@@ -59,7 +58,7 @@ def case_id(path: Path) -> str:
     return name
 
 
-def find_truth(folder: Path, case: Case) -> Optional[Path]:
+def find_truth(folder: Path, case: Case) -> Path | None:
     """The case's ground truth in ``folder``: the query's own file name (nnU-Net's labelsTr), or the id
     with a label token (X_label, X_seg, ...) or as a .seg.nrrd."""
     names = [case.query.name, *(f"{case.id}{token}{suffix}" for token in ("", *LABEL_TOKENS)
@@ -100,7 +99,7 @@ def _from_csv(path: Path) -> list[Case]:
     return cases
 
 
-def _path(csv_file: Path, text: Optional[str]) -> Optional[Path]:
+def _path(csv_file: Path, text: str | None) -> Path | None:
     if not (text or "").strip():
         return None
     p = Path(text.strip()).expanduser()

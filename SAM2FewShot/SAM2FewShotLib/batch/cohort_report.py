@@ -7,8 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..bench.results import write_plots
 from ..common.files import replacing
@@ -39,7 +39,7 @@ def cohort_rows(cases: Sequence[Case], records: dict) -> tuple[list[str], list[d
     return header, rows
 
 
-def summary(header: list[str], rows: list[dict], wall_s: Optional[float] = None) -> dict:
+def summary(header: list[str], rows: list[dict], wall_s: float | None = None) -> dict:
     done = [r for r in rows if r["status"] == "done"]
     seconds = [r["seconds"] for r in done if isinstance(r["seconds"], (int, float))]
     out = {"cases": len(rows), "done": len(done), "failed": sum(r["status"] == "failed" for r in rows),
@@ -53,7 +53,7 @@ def summary(header: list[str], rows: list[dict], wall_s: Optional[float] = None)
     return out
 
 
-def write_report(cases: Sequence[Case], records: dict, folder: Path, wall_s: Optional[float] = None) -> list[Path]:
+def write_report(cases: Sequence[Case], records: dict, folder: Path, wall_s: float | None = None) -> list[Path]:
     """cohort.csv, cohort.md and cohort.png in ``folder``; the paths written."""
     header, rows = cohort_rows(cases, records)
     totals = summary(header, rows, wall_s)
@@ -71,7 +71,8 @@ def write_report(cases: Sequence[Case], records: dict, folder: Path, wall_s: Opt
 
 def markdown(header: list[str], rows: list[dict], totals: dict) -> str:
     lines = ["# Cohort", "",
-             f"{totals['done']} of {totals['cases']} cases done, {totals['failed']} failed, {totals['not_run']} not run."]
+             f"{totals['done']} of {totals['cases']} cases done, {totals['failed']} failed, "
+             f"{totals['not_run']} not run."]
     if totals.get("cases_per_hour"):
         lines.append(f"This run: {totals['wall_s']} s, {totals['cases_per_hour']} cases per hour.")
     means = [(k[5:], v) for k, v in totals.items() if k.startswith("mean ") and v is not None]
@@ -90,7 +91,7 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _mean(values) -> Optional[float]:
+def _mean(values) -> float | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return round(sum(values) / len(values), 4) if values else None
 

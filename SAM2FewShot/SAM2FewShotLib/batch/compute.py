@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 from ..common.errors import InputError
 from ..run.request import Request
@@ -62,7 +61,7 @@ def pinned(template: Request, compute: Compute) -> Request:
     return dataclasses.replace(template, model=model)
 
 
-def ran_with(report: dict) -> Optional[dict]:
+def ran_with(report: dict) -> dict | None:
     """The compute a case's report says ran (None for a method without a model)."""
     model = report.get("model", {})
     if not model.get("name"):

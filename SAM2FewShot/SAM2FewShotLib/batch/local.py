@@ -4,9 +4,9 @@ case, and the next query is read and normalised while the model works on the cur
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..common.progress import DOWNLOAD, LOAD_MODEL
 from ..run.request import Request
@@ -28,7 +28,7 @@ def run_local(cases: Sequence[Case], template: Request, folder: Path, suffix: st
             for n, case in enumerate(cases):
                 started = threading.Event()
 
-                def progress(stage: str, done: int, total: int) -> None:
+                def progress(stage: str, done: int, total: int, started: threading.Event = started) -> None:
                     if stage not in (LOAD_MODEL, DOWNLOAD):  # the model is there: the query can be read ahead
                         started.set()
                     on_stage(stage)

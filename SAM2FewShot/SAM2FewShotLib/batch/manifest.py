@@ -13,8 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..common.errors import InputError
 from ..common.digests import file_digest, json_digest
+from ..common.errors import InputError
 from ..common.files import write_json_atomic
 from ..run.request import Request
 from .cohort import Case
@@ -56,7 +56,7 @@ class Manifest:
     cases: dict
 
     @classmethod
-    def open(cls, folder: Path) -> "Manifest":
+    def open(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST
         if not path.exists():
             return cls(Path(folder), {})

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from pathlib import Path
 
 from ..common.errors import InputError
 from ..run.request import Request
@@ -46,12 +46,13 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise InputError("running a cohort on Ray needs the 'ray' package: pip install 'sam2fewshot[cluster]'") from None
+        raise InputError("running a cohort on Ray needs the 'ray' package: "
+                         "pip install 'sam2fewshot[cluster]'") from None
     return ray
 
 
 @contextmanager
-def ray_session(address: Optional[str] = None, workers: Optional[int] = None) -> Iterator[int]:
+def ray_session(address: str | None = None, workers: int | None = None) -> Iterator[int]:
     """Ray for the length of a cohort: a new local instance (``address`` None) or an existing cluster,
     shut down after unless it was already running; yields the cluster's GPU count."""
     ray = require_ray()
@@ -71,7 +72,7 @@ def ray_session(address: Optional[str] = None, workers: Optional[int] = None) ->
 
 
 def run_on_ray(cases: Sequence[Case], template: Request, folder: Path, suffix: str, options: str,
-               on_record: Callable[[Case, dict], None], workers: Optional[int] = None,
+               on_record: Callable[[Case, dict], None], workers: int | None = None,
                max_retries: int = 2, tolerance_mm: float = 1.0) -> None:
     """Run the cases on the Ray cluster of the current ray_session."""
     ray = require_ray()

@@ -27,9 +27,9 @@ import contextlib
 import copy
 import io
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def add_stock_prompts(twin: StockTwin, state: dict, prompts: Sequence[Prompt]) -
 
 
 def stock_track(twin: StockTwin, state: dict, start: int, count: int, reverse: bool, obj_ids: Sequence[int],
-           before_step: Optional[Callable[[int], None]] = None) -> dict[int, torch.Tensor]:
+           before_step: Callable[[int], None] | None = None) -> dict[int, torch.Tensor]:
     """Stock ``propagate_in_video`` over ``count`` frames from ``start``: (n_obj, H, W) logits per frame,
     objects in ``obj_ids`` order. ``before_step(t)`` runs before frame t is computed."""
     step = -1 if reverse else 1
@@ -293,7 +293,7 @@ class Comparison:
     slices: int = 0
     objects: int = 0
     max_abs_diff: float = 0.0
-    worst_slice: Optional[int] = None
+    worst_slice: int | None = None
     dice: float = 1.0  # labels from our logits against labels from stock's
     notes: list[str] = field(default_factory=list)
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -30,8 +30,8 @@ from ..io.volume import LabelMap, Volume
 from ..methods.registry import LIBRARY, PROMPTS, get_method
 from ..run.request import FrameOptions, Request
 from ..sam2.build import ModelOptions
-from .ram import PeakMemory
 from .metrics import DEFAULT_TOLERANCE_MM, score_labels
+from .ram import PeakMemory
 
 log = logging.getLogger(__name__)
 CasePaths = tuple[Path, Path]
@@ -43,9 +43,9 @@ class BenchSettings:
     model: ModelOptions = field(default_factory=ModelOptions)
     fewshot: dict = field(default_factory=dict)  # matched-support parameters every support variant shares
     tolerance_mm: float = DEFAULT_TOLERANCE_MM
-    support: Optional[str] = None  # a fixed support case; default: every other case
-    max_cases: Optional[int] = None
-    max_supports: Optional[int] = None
+    support: str | None = None  # a fixed support case; default: every other case
+    max_cases: int | None = None
+    max_supports: int | None = None
     cold_sessions: bool = False
 
 
@@ -102,7 +102,7 @@ def preset_variant(name: str) -> BenchVariant:
                         extent_from_truth=preset.extent_from_truth)
 
 
-def choose_methods(names: Optional[Sequence[str]] = None, presets: Sequence[str] = ()) -> list[BenchVariant]:
+def choose_methods(names: Sequence[str] | None = None, presets: Sequence[str] = ()) -> list[BenchVariant]:
     """The named variants (all by default, unless presets alone are asked for), in registry order,
     then the presets'."""
     chosen = [preset_variant(p) for p in presets]
@@ -254,7 +254,7 @@ def query_cases(cases: dict[str, CasePaths], settings: BenchSettings) -> Iterato
 
 
 def run_leave_one_out(cases: dict[str, CasePaths], methods: Sequence[BenchVariant], runner,
-                      settings: BenchSettings, progress: Optional[BenchProgress] = None) -> list[dict]:
+                      settings: BenchSettings, progress: BenchProgress | None = None) -> list[dict]:
     """One record per (query, method): scores per structure, time, peak memory, or the error."""
     runs = []
     for case in query_cases(cases, settings):

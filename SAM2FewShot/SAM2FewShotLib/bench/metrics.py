@@ -18,8 +18,8 @@ HD95 mean and count it apart; NaN never comes out of a single comparison.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class StructureScores:
     truth_voxels: int
 
     @property
-    def empty(self) -> Optional[str]:
+    def empty(self) -> str | None:
         """Which side is empty, if any: 'both', 'result' or 'truth'."""
         if self.result_voxels == 0 and self.truth_voxels == 0:
             return "both"
@@ -152,8 +152,8 @@ def score_labels(result: LabelMap, truth: LabelMap,
 
 @dataclass(frozen=True)
 class Summary:
-    mean: Optional[float]
-    sd: Optional[float]
+    mean: float | None
+    sd: float | None
     n: int  # finite values the mean is over
     n_inf: int = 0  # left out of the mean: one mask was empty (HD95 only)
 

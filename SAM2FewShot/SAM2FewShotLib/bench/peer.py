@@ -14,7 +14,6 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ class ForwardTimer:
         self._started: dict[str, list[float]] = {p: [] for p in parts}
         self._sync = getattr(model, "device", torch.device("cpu")).type == "cuda"
 
-    def __enter__(self) -> "ForwardTimer":
+    def __enter__(self) -> ForwardTimer:
         for name in self.parts:
             module = getattr(self.model, name)
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
@@ -117,7 +116,7 @@ def run_ours(predictor, volume: Volume, prompt_masks: dict[int, np.ndarray], lab
 
 
 def run_reference(stock, volume: Volume, prompt_masks: dict[int, np.ndarray], normalization: Normalization,
-                  workdir: Optional[Path] = None) -> tuple[np.ndarray, dict]:
+                  workdir: Path | None = None) -> tuple[np.ndarray, dict]:
     """The peer pipeline: JPEG files, stock init_state, add_new_mask on slice 0, forward-only propagation."""
     from PIL import Image
 
@@ -144,7 +143,7 @@ def run_reference(stock, volume: Volume, prompt_masks: dict[int, np.ndarray], no
 
 
 def peer_speed(predictor, config: str, n_slices: int, size: int = 256, n_structures: int = 3,
-               seed: int = 0, workdir: Optional[Path] = None) -> dict:
+               seed: int = 0, workdir: Path | None = None) -> dict:
     """Wall time of both pipelines on one synthetic volume, their ratio and time outside the model."""
     from .synthetic import slice_masks, synthetic_case
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -88,7 +88,8 @@ def markdown(check: dict) -> str:
              "s/slice bf16 |", "|---|---|---|---|---|---|---|"]
     for c in check["cases"]:
         d = ", ".join(f"{k} {v:.3f}" for k, v in c["dice"].items())
-        lines.append(f"| {c['case']} | {c['slices']} | {c['max_abs_logit_diff']:.3g} | {c['median_abs_logit_fp32']:.3g} | "
+        lines.append(f"| {c['case']} | {c['slices']} | {c['max_abs_logit_diff']:.3g} | "
+                     f"{c['median_abs_logit_fp32']:.3g} | "
                      f"{d} | {c['s_per_slice']['fp32']:.3f} | {c['s_per_slice']['bf16']:.3f} |")
     per = check["s_per_slice"]
     lines += ["", f"all cases: {per['fp32']:.3f} s/slice fp32, {per['bf16']:.3f} s/slice bf16 "

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ def crop_slices(volume: Volume, axis: int, first: int, count: int) -> Volume:
     return Volume(np.ascontiguousarray(volume.array[tuple(index)]), volume.spacing, tuple(origin), volume.direction)
 
 
-def window(labels: np.ndarray, axis: int, count: Optional[int]) -> tuple[int, int]:
+def window(labels: np.ndarray, axis: int, count: int | None) -> tuple[int, int]:
     """(first, count): ``count`` slices centred on the one with the most labelled voxels (all for None/0)."""
     n = labels.shape[axis]
     if not count or count >= n:
@@ -206,7 +206,7 @@ def window(labels: np.ndarray, axis: int, count: Optional[int]) -> tuple[int, in
 
 
 def case_inputs(folder: Path, name: str, image: Path, labels: Path, support: tuple[Path, Path],
-                slices: Optional[int]) -> ProfileInputs:
+                slices: int | None) -> ProfileInputs:
     """A labelled case as profile inputs: a slice window of it, each structure's mask on its largest slice."""
     from .leave_one_out import truth_prompt_labels
 
@@ -224,7 +224,7 @@ def case_inputs(folder: Path, name: str, image: Path, labels: Path, support: tup
     return ProfileInputs(name, str(paths[0]), str(paths[1]), (str(support[0]), str(support[1])), count)
 
 
-def synthetic_inputs(folder: Path, slices: Optional[int], size: int, structures: int, seed: int) -> ProfileInputs:
+def synthetic_inputs(folder: Path, slices: int | None, size: int, structures: int, seed: int) -> ProfileInputs:
     """A synthetic query and support (bench/synthetic.py), written as files."""
     from .synthetic import synthetic_case
 
@@ -237,8 +237,8 @@ def synthetic_inputs(folder: Path, slices: Optional[int], size: int, structures:
     return case_inputs(folder, "synthetic", files[1][0], files[1][1], files[0], None)
 
 
-def data_inputs(folder: Path, data: Optional[Path], slices: Optional[int], size: int, structures: int, seed: int,
-                support: Optional[str] = None, max_cases: Optional[int] = 1) -> list[ProfileInputs]:
+def data_inputs(folder: Path, data: Path | None, slices: int | None, size: int, structures: int, seed: int,
+                support: str | None = None, max_cases: int | None = 1) -> list[ProfileInputs]:
     """Profile inputs from the first cases of ``data`` (the next case, or ``support``, as their support),
     or one synthetic case without data."""
     from .leave_one_out import bench_cases

@@ -17,9 +17,9 @@ import gc
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import psutil
 
@@ -52,7 +52,7 @@ def _reset_kernel_peak() -> bool:
         return False
 
 
-def _kernel_peak() -> Optional[int]:
+def _kernel_peak() -> int | None:
     try:
         found = re.search(r"VmHWM:\s+(\d+)\s+kB", _STATUS.read_text())
     except OSError:
@@ -68,12 +68,12 @@ class PeakMemory:
         self.interval_s = interval_s
         self.start_bytes = 0
         self.peak_bytes = 0
-        self.gpu_peak_bytes: Optional[int] = None
+        self.gpu_peak_bytes: int | None = None
         self.method = "sampled"
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         release_free_memory()
         self.start_bytes = self.peak_bytes = current_rss()
@@ -126,11 +126,11 @@ class ModelRecipe:
     """What a fresh process needs to build the same model: config, weights (None: random), size, seed."""
 
     config: str
-    checkpoint: Optional[str]
+    checkpoint: str | None
     image_size: int
     seed: int
     device: str
-    threads: Optional[int] = None  # torch CPU threads in the fresh process
+    threads: int | None = None  # torch CPU threads in the fresh process
 
     def build(self):
         import torch
@@ -148,9 +148,9 @@ def memory_scaling(
     counts: Sequence[int],
     size: int = 256,
     n_structures: int = 3,
-    feature_budget_mb: Optional[float] = None,
-    on_point: Optional[Callable[[dict], None]] = None,
-    mmap_threshold: Optional[int] = None,
+    feature_budget_mb: float | None = None,
+    on_point: Callable[[dict], None] | None = None,
+    mmap_threshold: int | None = None,
 ) -> list[dict]:
     """Propagate mode from the middle slice of synthetic volumes of each slice count, one process each.
 
@@ -192,7 +192,7 @@ def _environment(values: dict):
 
 
 def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: int,
-                  feature_budget_mb: Optional[float]) -> dict:
+                  feature_budget_mb: float | None) -> dict:
     """One slice count, in this (fresh) process: peak memory above the start, and what it is made of."""
     from ..methods.propagate import segment_propagate
     from ..sam2.conditioning import Prompt
@@ -232,7 +232,7 @@ def scaling_point(recipe: ModelRecipe, n_slices: int, size: int, n_structures: i
     }
 
 
-def fit_per_slice(points: Sequence[dict], key: str) -> Optional[float]:
+def fit_per_slice(points: Sequence[dict], key: str) -> float | None:
     """Least-squares slope of ``key`` (MB) against the slice count: MB per extra slice."""
     import numpy as np
 

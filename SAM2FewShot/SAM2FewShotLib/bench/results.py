@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 from ..common.files import replacing, write_json_atomic
 from .metrics import summarize
@@ -38,7 +37,7 @@ def summarize_runs(runs: list[dict]) -> dict:
     return out
 
 
-def _hd(entry: dict, key: str) -> Optional[float]:
+def _hd(entry: dict, key: str) -> float | None:
     """JSON keeps a missing HD95 as null with 'empty' saying why: back to inf for the summary."""
     value = entry[key]
     if key == "hd95_mm" and value is None and entry.get("empty") in ("result", "truth"):
@@ -46,7 +45,7 @@ def _hd(entry: dict, key: str) -> Optional[float]:
     return value
 
 
-def _max(values) -> Optional[float]:
+def _max(values) -> float | None:
     vals = [v for v in values if v is not None]
     return max(vals) if vals else None
 
@@ -148,7 +147,8 @@ def _memory_section(m: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in m["points"]:
         lines.append(f"| {p['slices']} | {p['frames_mb']} | {p['peak_rss_above_start_mb']} | {p['above_frames_mb']} "
-                     f"| {p['features_held_mb']} | {p.get('features_on_disk_mb', 0)} | {p['outputs_mb']} | {p['rest_mb']} | {p['live_at_end_mb']} "
+                     f"| {p['features_held_mb']} | {p.get('features_on_disk_mb', 0)} | {p['outputs_mb']} "
+                     f"| {p['rest_mb']} | {p['live_at_end_mb']} "
                      f"| {p['per_slice_s']} |")
     slopes = m.get("per_slice_mb", {})
     budget = m.get("feature_budget_mb")
@@ -234,7 +234,7 @@ def _plot_time(plt, results: dict):
                      if r["method"] == m and r["status"] == "ok"]) for m in methods]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods)), 4))
     ax.bar(methods, encode, label="encoding the query (shared)")
-    ax.bar(methods, [p - e for p, e in zip(per_slice, encode)], bottom=encode, label="method")
+    ax.bar(methods, [p - e for p, e in zip(per_slice, encode, strict=True)], bottom=encode, label="method")
     ax.set_ylabel("seconds per slice")
     ax.set_title("Time per slice (end to end)")
     plt.setp(ax.get_xticklabels(), rotation=25, ha="right")

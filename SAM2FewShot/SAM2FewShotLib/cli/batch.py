@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 from ..common.errors import InputError
 from ..run.outputs import LABEL_SUFFIXES
@@ -49,9 +49,9 @@ def add_batch_parser(sub) -> None:
 def run_batch(args: argparse.Namespace) -> int:
     from ..batch.case import add_missing_scores
     from ..batch.cohort import find_cases
+    from ..batch.cohort_report import write_report
     from ..batch.compute import actor_compute, local_compute, pinned
     from ..batch.manifest import Manifest, options_digest
-    from ..batch.cohort_report import write_report
     from ..common.files import writable_folder
     from ..run.runner import check_request
     from .segment import template_from_args

@@ -8,7 +8,6 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 from ..common.errors import InputError
 from ..methods.matched_support import FewShotParams
@@ -228,7 +227,7 @@ def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
             "per_slice_mb": {k: fit_per_slice(points, k) for k in keys}}
 
 
-def _counts(text: Optional[str]) -> list[int]:
+def _counts(text: str | None) -> list[int]:
     if not text:
         return []
     try:

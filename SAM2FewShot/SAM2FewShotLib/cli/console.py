@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -23,7 +22,7 @@ class ConsoleProgress:
     def __init__(self, enabled: bool = True, min_interval: float = 0.1):
         self.enabled = enabled and sys.stderr is not None
         self.min_interval = min_interval  # seconds between redraws
-        self._bar: Optional[tqdm] = None
+        self._bar: tqdm | None = None
         self._stage = ""
         self._line_open = False  # a bar may be on the terminal's last line, not ended by a newline
 

@@ -13,11 +13,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..methods.matched_support import FewShotParams
-from ..methods.options import SCHEME
 from ..common.errors import InputError, ModelError
 from ..common.files import writable_folder
 from ..io.example_data import DEMO_QUERY, DEMO_SUPPORT
+from ..methods.matched_support import FewShotParams
+from ..methods.options import SCHEME
 from ..run.request import Request
 from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 from .segment import announce

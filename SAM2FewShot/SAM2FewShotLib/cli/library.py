@@ -104,8 +104,10 @@ def format_summary(summary: dict) -> str:
         cfg = ix["config"]
         state = ", ".join(f"{ix[k]} {k}" for k in ("current", "changed", "new", "removed") if ix[k])
         lines.append(f"index {ix['folder']}")
-        lines.append(f"  features {cfg['features']}, plane {cfg['plane']}, normalization {cfg['normalization']['mode']}")
-        lines.append(f"  {ix['cases_indexed']} cases indexed ({state or 'empty'}), {ix['embeddings']} slice embeddings, "
+        lines.append(f"  features {cfg['features']}, plane {cfg['plane']}, "
+                     f"normalization {cfg['normalization']['mode']}")
+        lines.append(f"  {ix['cases_indexed']} cases indexed ({state or 'empty'}), "
+                     f"{ix['embeddings']} slice embeddings, "
                      f"{ix['rows']} slice-structure rows, {ix['size_bytes'] / 1e6:.2f} MB")
         for s in ix["structures"]:
             lines.append(f"  label {s['value']:>3}  {s['name']}  (in {s['cases']} cases)")

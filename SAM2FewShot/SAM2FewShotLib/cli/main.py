@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..common.errors import InputError, SAM2FewShotError
@@ -53,7 +53,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: whatever was being written is removed, and the exit code says so."""
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad option (already said in one line)

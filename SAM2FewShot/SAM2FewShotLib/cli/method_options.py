@@ -9,7 +9,7 @@ default comes from the method itself. Imports nothing heavy: the method modules 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any
 
 from ..common.errors import InputError
 from ..methods.options import MethodOption, params_from
@@ -66,7 +66,7 @@ def refuse_foreign(method: str, args: argparse.Namespace) -> None:
                              "leave it out")
 
 
-def params_for(method: str, args: argparse.Namespace, base: Optional[dict] = None) -> dict:
+def params_for(method: str, args: argparse.Namespace, base: dict | None = None) -> dict:
     """The method's parameters from the options given, over ``base`` (a preset's parameters)."""
     params = dict(base or {})
     for key, value in params_from(get_method(method).options(), given(args)).items():

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
 
 from ..common.errors import InputError
+from ..methods.options import set_path
 from ..methods.presets import PRESETS
 from ..methods.registry import LIBRARY, METHODS, PROMPTS, SUPPORTS, get_method
 from ..run.outputs import default_report_path
 from ..run.request import Request
-from ..methods.options import set_path
 from . import method_options
 from .options import add_command, add_frame_args, add_model_args, frame_options, model_options
 
@@ -86,7 +85,7 @@ def _existing(text: str) -> Path:
     return path
 
 
-def segment_method(args: argparse.Namespace, prompted: Optional[bool] = None) -> str:
+def segment_method(args: argparse.Namespace, prompted: bool | None = None) -> str:
     """The method the options ask for; options that contradict each other fail here, before any work.
     ``prompted``: whether prompts are given (default: --prompt-labels or --prompts)."""
     if prompted is None:
@@ -140,7 +139,7 @@ def parse_param(item: str) -> tuple[str, object]:
     return name.strip(), value
 
 
-def label_values(text: Optional[str]) -> Optional[tuple[int, ...]]:
+def label_values(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     try:

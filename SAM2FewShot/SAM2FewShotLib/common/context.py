@@ -6,8 +6,8 @@ precision travel with the model itself (the predictor knows both). Imports nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from .errors import Cancelled
 from .progress import ProgressFn
@@ -15,9 +15,9 @@ from .progress import ProgressFn
 
 @dataclass(frozen=True)
 class RunContext:
-    progress: Optional[ProgressFn] = None  # progress(stage, done, total)
-    should_cancel: Optional[Callable[[], bool]] = None  # True once the user cancelled
-    frame_range: Optional[tuple[int, int]] = None  # first, last slice (inclusive) along the slicing axis
+    progress: ProgressFn | None = None  # progress(stage, done, total)
+    should_cancel: Callable[[], bool] | None = None  # True once the user cancelled
+    frame_range: tuple[int, int] | None = None  # first, last slice (inclusive) along the slicing axis
 
     def report(self, stage: str, done: int, total: int) -> None:
         """Progress of a stage, when someone listens."""

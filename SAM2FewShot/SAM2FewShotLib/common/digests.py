@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 CHUNK = 8 << 20  # bytes read at a time: weights files are hundreds of MB
 
@@ -34,17 +35,17 @@ def files_digest(paths: Iterable) -> str:
     return combined_digest(file_digest(f) for f in files)
 
 
-def json_digest(data: Any, length: Optional[int] = None) -> str:
+def json_digest(data: Any, length: int | None = None) -> str:
     """The digest of JSON data with sorted keys (values JSON cannot hold are written as text)."""
     return text_digest(json.dumps(data, sort_keys=True, default=str), length)
 
 
-def text_digest(text: str, length: Optional[int] = None) -> str:
+def text_digest(text: str, length: int | None = None) -> str:
     """The digest of a text (UTF-8), cut to ``length`` hex digits when given."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
-def bytes_digest(*chunks: bytes, length: Optional[int] = None) -> str:
+def bytes_digest(*chunks: bytes, length: int | None = None) -> str:
     """The digest of byte strings in order (array contents, sampled weights), cut to ``length`` when given."""
     digest = hashlib.sha256()
     for chunk in chunks:

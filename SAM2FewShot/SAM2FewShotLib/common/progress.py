@@ -5,7 +5,7 @@ Stage names say what is happening ("encode query", "propagate backward", "regist
 ``stage_unit`` tells a progress display what ``done`` and ``total`` count.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import numpy as np
 
@@ -39,7 +38,7 @@ def check_geometry(volume: Volume, name: str) -> None:
         raise InputError(f"{name} has an origin that is not a finite position: {volume.origin}")
 
 
-def checked_image(volume: Volume, name: str) -> tuple[Volume, Optional[dict]]:
+def checked_image(volume: Volume, name: str) -> tuple[Volume, dict | None]:
     """The volume to segment or to learn from, repaired if it must be, and the note the report keeps.
 
     InputError when its geometry is degenerate or it holds nothing to segment.
@@ -62,7 +61,7 @@ def checked_image(volume: Volume, name: str) -> tuple[Volume, Optional[dict]]:
     return volume.with_array(array), note
 
 
-def _finite_range(array: np.ndarray) -> tuple[int, Optional[float], Optional[float]]:
+def _finite_range(array: np.ndarray) -> tuple[int, float | None, float | None]:
     """(non-finite voxels, lowest finite value, highest finite value), a few slices at a time."""
     if not array.size:
         return 0, None, None

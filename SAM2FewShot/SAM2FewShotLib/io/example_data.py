@@ -14,7 +14,6 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 from ..common.digests import file_digest
 from ..common.errors import InputError
@@ -49,7 +48,7 @@ def find_cases(folder: Path) -> dict[str, Case]:
     return cases
 
 
-def example_cases(data: Optional[Path] = None) -> dict[str, Case]:
+def example_cases(data: Path | None = None) -> dict[str, Case]:
     """The hippocampus cases: from ``data`` when given, else from the cache (downloading once)."""
     if data is not None:
         cases = find_cases(Path(data))
@@ -63,7 +62,7 @@ def example_cases(data: Optional[Path] = None) -> dict[str, Case]:
     return find_cases(target)
 
 
-def structure_names(data: Optional[Path] = None) -> dict[int, str]:
+def structure_names(data: Path | None = None) -> dict[int, str]:
     """Label value -> structure name: from the folder's MSD dataset.json when it has one, else the task's."""
     folder = Path(data) if data is not None else _cache_root() / "Task04_Hippocampus"
     try:

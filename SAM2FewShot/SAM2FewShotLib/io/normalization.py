@@ -6,7 +6,6 @@ Only the copy that feeds the model is normalised; the user's voxels are never ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -35,12 +34,12 @@ class Normalization:
     """
 
     mode: str = "auto"
-    window: Optional[tuple[float, float]] = None
+    window: tuple[float, float] | None = None
     percentiles: tuple[float, float] = (0.5, 99.5)
     per_slice: bool = False
 
     @classmethod
-    def parse(cls, text: str, per_slice: bool = False) -> "Normalization":
+    def parse(cls, text: str, per_slice: bool = False) -> Normalization:
         """'auto', a CT preset name ('abdomen', 'lung', ...), 'window:CENTRE,WIDTH', 'percentile[:LO,HI]'."""
         text = (text or "auto").strip().lower()
         try:
@@ -67,7 +66,7 @@ class Normalization:
             "window:CENTRE,WIDTH or percentile:LOW,HIGH"
         )
 
-    def resolved(self, array: np.ndarray) -> "Normalization":
+    def resolved(self, array: np.ndarray) -> Normalization:
         """Auto picks the abdomen window for CT-like volumes (air near -1000 HU), else percentiles."""
         if self.mode != "auto":
             return self
@@ -93,7 +92,7 @@ class Normalization:
             norm.scale_into(src[start:start + step], bounds, out[start:start + step])
         return out
 
-    def volume_bounds(self, array: np.ndarray) -> Optional[tuple[float, float]]:
+    def volume_bounds(self, array: np.ndarray) -> tuple[float, float] | None:
         """The intensities that become 0 and 1 for the whole volume; None when each slice has its own."""
         norm = self.resolved(array)
         if norm.mode == "window":
@@ -101,7 +100,7 @@ class Normalization:
             return c - w / 2.0, c + w / 2.0
         return None if norm.per_slice else _percentiles(np.asarray(array), norm.percentiles)
 
-    def scale_into(self, slices: np.ndarray, bounds: Optional[tuple[float, float]], out: np.ndarray) -> None:
+    def scale_into(self, slices: np.ndarray, bounds: tuple[float, float] | None, out: np.ndarray) -> None:
         """Some (n, H, W) slices into ``out`` (float32, in [0, 1]) with ``volume_bounds``' result; on a
         resolved normalisation, as bounds of None mean each slice's own percentiles."""
         if bounds is not None:

@@ -11,7 +11,6 @@ interpolation; anything else is resampled with SimpleITK (linear for the image, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -41,7 +40,7 @@ class Grid:
 
 
 def support_in_query_frame(image: Volume, labels: LabelMap, query: Volume,
-                           axis: Optional[int] = None) -> tuple[Volume, LabelMap]:
+                           axis: int | None = None) -> tuple[Volume, LabelMap]:
     """The support with the query's direction and in-plane spacing (``axis``: the query's slicing axis,
     numpy order; default its acquisition axis), its own spacing through the plane, covering all of it.
 
@@ -87,7 +86,7 @@ def query_frame_grid(image: Volume, query: Volume, axis: int) -> Grid:
                 tuple(float(v) for v in direction.ravel()))
 
 
-def _without_resampling(volume: Volume, query: Volume, axis: int) -> Optional[Volume]:
+def _without_resampling(volume: Volume, query: Volume, axis: int) -> Volume | None:
     """The volume itself when it matches the query's frame, a transposed/flipped view when that
     suffices, else None (it must be resampled)."""
     if _matches(volume.direction_matrix, volume.spacing, query, axis):
@@ -108,7 +107,7 @@ def _matches(direction: np.ndarray, spacing, query: Volume, axis: int) -> bool:
     return bool(np.all(np.abs(own - wanted) <= SPACING_TOL * wanted))
 
 
-def _axis_order(own: np.ndarray, target: np.ndarray) -> Optional[list[tuple[int, float]]]:
+def _axis_order(own: np.ndarray, target: np.ndarray) -> list[tuple[int, float]] | None:
     """Per target axis, (the support axis along it, +1 or -1) when the two differ by axis order and
     flips only; else None."""
     relation = target.T @ own  # [q, s]: cosine between target axis q and support axis s

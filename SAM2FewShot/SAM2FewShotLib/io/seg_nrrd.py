@@ -52,7 +52,7 @@ def read_seg_nrrd(path: Path) -> tuple[Volume, list[Segment]]:
     else:
         array_ijk = voxels if voxels.ndim == 3 else voxels[0]
         values = [int(s.get("labelValue", 1)) for s in listed]
-    segments = [_segment(info, value) for info, value in zip(listed, values)]
+    segments = [_segment(info, value) for info, value in zip(listed, values, strict=True)]
     spacing, origin, direction = _geometry(np.asarray(seg["ijkToLPS"], dtype=float))
     volume = Volume(np.ascontiguousarray(array_ijk.transpose(2, 1, 0)), spacing, origin, direction)
     return volume, segments
@@ -86,7 +86,7 @@ def _merge_layers(layers: np.ndarray, listed: list[dict], path: Path) -> tuple[n
             value, next_free = next_free, next_free + 1
         values.append(value)
     merged = np.zeros(layers.shape[1:], dtype=np.uint32)
-    for index, (info, stored, value) in enumerate(zip(listed, wanted, values)):
+    for index, (info, stored, value) in enumerate(zip(listed, wanted, values, strict=True)):
         merged[layers[int(info.get("layer", index))] == stored] = value
     return merged, values
 

@@ -6,8 +6,6 @@ library and the Slicer panel use it without torch.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ..common.errors import InputError
@@ -83,7 +81,7 @@ def prompt_plane(query: Volume, prompt_labels: np.ndarray, choose: str = "with -
     return plane
 
 
-def plane_of_axis(volume: Volume, axis: int) -> Optional[str]:
+def plane_of_axis(volume: Volume, axis: int) -> str | None:
     """The plane name that ``slicing_axis`` maps back to this voxel axis; None on an oblique volume,
     where no plane name picks it."""
     plane = anatomical_plane(volume, axis)
@@ -98,7 +96,7 @@ class PromptPlanesError(InputError):
         self.axes = axes
 
 
-def drawn_axis(labels: np.ndarray) -> Optional[int]:
+def drawn_axis(labels: np.ndarray) -> int | None:
     """The numpy axis perpendicular to the slices the user drew prompt masks on, or None.
 
     A voxel painted in a slice view is part of a layer one or a few slices thick along the view's

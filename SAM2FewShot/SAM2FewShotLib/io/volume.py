@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -56,13 +56,13 @@ class Volume:
         """4x4 matrix from (i, j, k) to RAS, the convention of Slicer's IJKToRAS."""
         return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.ijk_to_lps()
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """The same grid with other voxels (shape must match)."""
         if array.shape != self.array.shape:
             raise InputError(f"array shape {array.shape} does not match the grid {self.array.shape}")
         return replace(self, array=array)
 
-    def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
         """True when both volumes sample exactly the same points in space."""
         return (
             self.array.shape == other.array.shape
@@ -71,7 +71,7 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
-    def require_same_grid(self, other: "Volume", what: str = "labels") -> None:
+    def require_same_grid(self, other: Volume, what: str = "labels") -> None:
         if not self.same_grid(other):
             raise InputError(
                 f"{what} and volume are on different grids: shape {other.shape_ijk} vs "
@@ -90,7 +90,7 @@ class Volume:
         return img
 
     @classmethod
-    def from_sitk(cls, img) -> "Volume":
+    def from_sitk(cls, img) -> Volume:
         import SimpleITK as sitk
 
         if img.GetDimension() != 3:
@@ -114,7 +114,7 @@ class Segment:
     value: int
     name: str
     color: Color = (0.5, 0.5, 0.5)
-    terminology: Optional[str] = None
+    terminology: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class LabelMap:
                 return s
         raise InputError(f"label value {value} does not exist (values: {self.values})")
 
-    def with_array(self, array: np.ndarray, segments: Optional[Sequence[Segment]] = None) -> "LabelMap":
+    def with_array(self, array: np.ndarray, segments: Sequence[Segment] | None = None) -> LabelMap:
         return LabelMap(self.volume.with_array(array), tuple(self.segments if segments is None else segments))
 
 
@@ -175,7 +175,7 @@ class SupportCase:
 
     image: Volume
     labels: LabelMap
-    files: Optional[tuple[str, str]] = None  # (image, labels) paths, when read from files
+    files: tuple[str, str] | None = None  # (image, labels) paths, when read from files
     index: int = 0  # its place among the request's supports, from 0
 
     @property
@@ -187,7 +187,7 @@ class SupportCase:
         return iter((self.image, self.labels))
 
     @classmethod
-    def listed(cls, supports: Sequence) -> list["SupportCase"]:
+    def listed(cls, supports: Sequence) -> list[SupportCase]:
         """Supports numbered in order; (image, labels) pairs (callers in code and tests) become cases."""
         out = []
         for n, s in enumerate(supports):

@@ -17,8 +17,9 @@ import struct
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from .volume import MAX_LABEL, LabelMap, Segment, Volume, default_segments
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 SEG_NRRD = ".seg.nrrd"
 READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", SEG_NRRD)
@@ -81,7 +82,7 @@ def native_output_captured() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def read_volume(path: PathLike, frame: Optional[int] = None, component: Optional[int] = None) -> Volume:
+def read_volume(path: PathLike, frame: int | None = None, component: int | None = None) -> Volume:
     """A 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder, voxel type kept.
 
     A 4D series (cine, DWI, multi-echo) needs ``frame`` and a vector or colour image ``component``:
@@ -173,7 +174,7 @@ def _read_dicom_series(folder: Path):
         raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(exc)}") from exc
 
 
-def _volume_from_sitk(img, path: Path, frame: Optional[int] = None, component: Optional[int] = None) -> Volume:
+def _volume_from_sitk(img, path: Path, frame: int | None = None, component: int | None = None) -> Volume:
     size = "x".join(str(n) for n in img.GetSize())
     frames = img.GetSize()[3] if img.GetDimension() == 4 else 1
     if img.GetDimension() == 4 and frames > 1:
@@ -279,7 +280,7 @@ def _onto_reference(volume: Volume, reference: Volume, path: Path) -> Volume:
 def _overlap(source: Sequence[int], target: Sequence[int], offset: Sequence[int]):
     """Slices of source and target that coincide when source index n sits at target index n + offset."""
     src, dst = [], []
-    for n_src, n_dst, off in zip(source, target, offset):
+    for n_src, n_dst, off in zip(source, target, offset, strict=True):
         start, stop = max(0, -off), max(max(0, -off), min(n_src, n_dst - off))
         src.append(slice(start, stop))
         dst.append(slice(start + off, stop + off))

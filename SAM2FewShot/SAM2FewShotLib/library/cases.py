@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from ..io.volume_io import READ_SUFFIXES, SEG_NRRD, image_suffix, read_labels, r
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 INDEX_FOLDER = ".sam2fewshot_index"
 LIST_FILE = "library.json"
@@ -71,7 +71,7 @@ class Library:
 
     root: Path
     cases: tuple[LibraryCase, ...]
-    list_file: Optional[Path] = None
+    list_file: Path | None = None
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -160,7 +160,7 @@ def _image_files(folder: Path) -> Iterable[Path]:
                 yield path
 
 
-def label_base(path: Path) -> Optional[str]:
+def label_base(path: Path) -> str | None:
     """The case name a label file belongs to, or None when the file does not look like labels."""
     suffix = image_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)]
@@ -174,7 +174,7 @@ def label_base(path: Path) -> Optional[str]:
     return None
 
 
-def _image_for(labels: Path, base: str) -> Optional[Path]:
+def _image_for(labels: Path, base: str) -> Path | None:
     folders = [labels.parent]
     partner = LABEL_DIRS.get(labels.parent.name.lower())
     if partner is not None:

@@ -19,16 +19,16 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import Cancelled, InputError, SAM2FewShotError
 from ..common.digests import combined_digest, file_digest, json_digest
+from ..common.errors import Cancelled, InputError, SAM2FewShotError
 from ..common.files import replacing, write_json_atomic
 from ..common.progress import EMBED_LIBRARY, ProgressFn
 from ..io.volume import Segment, default_segments
@@ -150,7 +150,7 @@ class EmbeddingIndex:
     # ------------------------------------------------------------------------------ syncing
 
     def sync(self, cases: Sequence[LibraryCase], embed_case: EmbedCase,
-             progress: Optional[ProgressFn] = None) -> tuple["IndexData", SyncStats]:
+             progress: ProgressFn | None = None) -> tuple[IndexData, SyncStats]:
         """Bring the index in step with ``cases`` (one case in memory at a time) and load it."""
         start = time.perf_counter()
         manifest = self.read_manifest()
@@ -185,7 +185,7 @@ class EmbeddingIndex:
         return IndexData.from_shards([(cid, new[cid], loaded[cid]) for cid in new]), stats
 
     def _sync_case(self, case: LibraryCase, hashes: FileHashes, old: dict, by_content: dict,
-                   embed_case: EmbedCase, stats: SyncStats) -> Optional[tuple[dict, tuple]]:
+                   embed_case: EmbedCase, stats: SyncStats) -> tuple[dict, tuple] | None:
         """The case's manifest entry and loaded shards: reused when its content is indexed, else embedded."""
         try:
             content = hashes.content_key(case.files)
@@ -210,7 +210,7 @@ class EmbeddingIndex:
             stats.reused += 1
         return dict(entry, image=str(case.image), labels=str(case.labels)), shards
 
-    def load(self) -> "IndexData":
+    def load(self) -> IndexData:
         """The index as stored, without looking at the library's files (damaged shards are left out)."""
         manifest = self.read_manifest()
         parts = []
@@ -239,7 +239,7 @@ class EmbeddingIndex:
                 "rows": int(len(rows)), "num_slices": int(emb.num_slices), "segments": emb.segments,
                 "shards": shards}
 
-    def _load_entry(self, entry: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    def _load_entry(self, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
         """Both shards of a case, memory-mapped and checked; None (with a warning) when damaged."""
         try:
             vectors = self._load_shard(entry["shards"]["emb"])
@@ -269,7 +269,7 @@ class EmbeddingIndex:
                 path.unlink(missing_ok=True)
 
     @classmethod
-    def existing(cls, root: Path) -> list["EmbeddingIndex"]:
+    def existing(cls, root: Path) -> list[EmbeddingIndex]:
         """The indexes stored under ``root`` (any feature configuration), for inspection."""
         found = []
         for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
@@ -354,7 +354,7 @@ class IndexData:
     _keys: dict = field(default_factory=dict, repr=False)  # cached: label values; per value its rows and keys
 
     @classmethod
-    def from_shards(cls, parts: Sequence[tuple[str, dict, tuple[np.ndarray, np.ndarray]]]) -> "IndexData":
+    def from_shards(cls, parts: Sequence[tuple[str, dict, tuple[np.ndarray, np.ndarray]]]) -> IndexData:
         dims = {e["dim"] for _, e, _ in parts}
         if len(dims) > 1:
             raise InputError(f"the index mixes embedding sizes {sorted(dims)}: rebuild it")
@@ -386,8 +386,8 @@ class IndexData:
             self._keys["values"] = sorted(int(v) for v in np.unique(self.rows["value"]))
         return list(self._keys["values"])
 
-    def search(self, query: torch.Tensor, k: int, structures: Optional[Sequence[int]] = None,
-               query_positions: Optional[np.ndarray] = None, window: Optional[float] = None,
+    def search(self, query: torch.Tensor, k: int, structures: Sequence[int] | None = None,
+               query_positions: np.ndarray | None = None, window: float | None = None,
                position_field: str = "position") -> dict[int, TopK]:
         """Cosine top-k per structure for every query vector; with ``window``, rows whose relative
         position differs by more than it rank after all those within it."""

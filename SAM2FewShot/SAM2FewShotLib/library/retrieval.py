@@ -7,8 +7,6 @@ on-disk index, library/index.py); only the retrieved slices of the retrieved cas
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -26,15 +24,15 @@ from .sync import LibraryFeatures
 
 
 def query_embeddings(session: VolumeSession, features: LibraryFeatures,
-                     progress: Optional[ProgressFn] = None) -> torch.Tensor:
+                     progress: ProgressFn | None = None) -> torch.Tensor:
     """sam2: the session's cached encoder embeddings (propagation reuses the encoding); else the extractor's."""
     if features.name == "sam2":
         return session.cache.embed_all(progress=progress)
     return features.extractor.embed(session.frames.slices01)
 
 
-def retrieve(session: VolumeSession, data: IndexData, query: torch.Tensor, top_k: int, window: Optional[float],
-             neighbours: int, frame_range: Optional[tuple[int, int]] = None) -> dict[int, TopK]:
+def retrieve(session: VolumeSession, data: IndexData, query: torch.Tensor, top_k: int, window: float | None,
+             neighbours: int, frame_range: tuple[int, int] | None = None) -> dict[int, TopK]:
     """Top-k library rows per structure for every query slice.
 
     Positions for the window: without a slice range, a slice's place in its volume (both sides);
@@ -90,4 +88,4 @@ def add_retrievals(report: dict, data: IndexData, hits: dict[int, TopK]) -> None
             obj["retrieved"] = [
                 {"case": data.case_ids[int(data.case_of_row[r])], "slice": int(data.rows[r]["slice"]),
                  "similarity": round(float(s), 4), "in_window": bool(w)}
-                for r, s, w in zip(h.rows[t], h.similarity[t], h.in_window[t])]
+                for r, s, w in zip(h.rows[t], h.similarity[t], h.in_window[t], strict=True)]

@@ -7,8 +7,8 @@ both bring the index up to date through ``sync_library``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -44,7 +44,7 @@ class LibraryFeatures:
 
 
 def library_features(name: str, predictor=None, device: torch.device | str = "cpu", offline: bool = False,
-                     random_weights: bool = False, seed: int = 0, model: Optional[torch.nn.Module] = None,
+                     random_weights: bool = False, seed: int = 0, model: torch.nn.Module | None = None,
                      progress=True) -> LibraryFeatures:
     """'sam2': pooled encoder features of ``predictor``; 'dinov2-*': DINOv2 (``model``, random or pretrained)."""
     if name == "sam2":
@@ -88,7 +88,7 @@ def case_embedder(features: LibraryFeatures, plane: str, normalization: Normaliz
 
 
 def sync_library(library: Library, features: LibraryFeatures, plane: str = "axial",
-                 normalization: Normalization = Normalization(), progress: Optional[ProgressFn] = None
+                 normalization: Normalization = Normalization(), progress: ProgressFn | None = None
                  ) -> tuple[EmbeddingIndex, IndexData, SyncStats]:
     """The library's index, brought up to date (only new or changed cases are embedded), loaded."""
     index = open_index(library, features, plane, normalization)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,11 +34,11 @@ class MethodInputs:
     """What a method runs on: the request's files read, its model loaded and its query prepared."""
 
     query: Volume
-    session: Optional[VolumeSession] = None  # frames and features of the query; None without a model
+    session: VolumeSession | None = None  # frames and features of the query; None without a model
     supports: Sequence[SupportCase] = ()
-    library: Optional[Library] = None
-    prompt_labels: Optional[LabelMap] = None  # masks on some slices, on the query's grid
-    values: Optional[Sequence[int]] = None  # the labels of prompt_labels to use (default all)
+    library: Library | None = None
+    prompt_labels: LabelMap | None = None  # masks on some slices, on the query's grid
+    values: Sequence[int] | None = None  # the labels of prompt_labels to use (default all)
     prompts: Sequence[Prompt] = ()  # boxes and points from the request's prompts file
     axis: str = "auto"
     normalization: Normalization = field(default_factory=Normalization)  # as the request gave it

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def pseudo_masks(session: VolumeSession, supports: Sequence[SupportCase], params
     return segment_fewshot(session, supports, params.fewshot, context)
 
 
-def box_from_mask(mask: np.ndarray, margin: int = 0) -> Optional[tuple[float, float, float, float]]:
+def box_from_mask(mask: np.ndarray, margin: int = 0) -> tuple[float, float, float, float] | None:
     """x0, y0, x1, y1 (inclusive pixel indices) of the mask, grown by ``margin``, clipped to the slice."""
     rows = np.flatnonzero(np.any(mask, axis=1))
     cols = np.flatnonzero(np.any(mask, axis=0))
@@ -104,7 +105,7 @@ def prompts_from_pseudo_masks(
     values: Sequence[int],
     prompt_type: str = "box+mask",
     margin: int = 5,
-    frame_range: Optional[tuple[int, int]] = None,
+    frame_range: tuple[int, int] | None = None,
 ) -> list[Prompt]:
     """One prompt per structure and slice where its pseudo-mask (N, H, W) has voxels; none elsewhere."""
     if prompt_type not in PROMPT_TYPES:

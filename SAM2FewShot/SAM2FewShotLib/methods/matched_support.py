@@ -7,8 +7,9 @@ condition SAM2 as memories (methods/memory_conditioned.py). The query's own labe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ..common.choices import SCHEMES, SUPPORT_SELECTIONS
 from ..common.choices import SIMILARITY_FEATURES as FEATURES
@@ -16,8 +17,15 @@ from ..common.context import RunContext
 from ..common.errors import InputError
 from ..io.volume import LabelMap, SupportCase
 from .common import MethodInputs
-from .options import AUGMENTATIONS, MEMORY_OPTIONS, POSITION_WEIGHT, SCHEME, SIMILARITY, SLICES_PER_STRUCTURE
-from .options import MemoryParams
+from .options import (
+    AUGMENTATIONS,
+    MEMORY_OPTIONS,
+    POSITION_WEIGHT,
+    SCHEME,
+    SIMILARITY,
+    SLICES_PER_STRUCTURE,
+    MemoryParams,
+)
 
 if TYPE_CHECKING:
     from ..sam2.session import VolumeSession

@@ -9,8 +9,8 @@ the propagation both ways, the structures kept where SAM2 is confident, the labe
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..common.context import RunContext
 from ..io.volume import LabelMap, Segment

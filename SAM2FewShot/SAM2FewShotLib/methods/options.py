@@ -11,8 +11,9 @@ support memories (matched support, retrieval), live here. Imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from ..common.choices import EXTENTS, FUSION_METHODS, PASS_ORDERS, PLACEMENTS, SCHEMES, SIMILARITY_FEATURES, TRANSFORMS
 from ..common.errors import InputError
@@ -26,13 +27,13 @@ class Option:
     flag: str
     help: str
     choices: tuple = ()
-    metavar: Optional[str] = None
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
-    def at(self, path: str = "") -> "MethodOption":
+    def at(self, path: str = "") -> MethodOption:
         """This option setting the Params field ``path`` (default: the field named like the option)."""
         return MethodOption(self, path or self.dest)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Params:
 OPTIONS = ()  # conditioned by the request's prompts (--prompt-labels, --prompts, --labels), not by options
 
 
-def parse_mask_slices(text: str) -> Optional[dict[int, list[int]]]:
+def parse_mask_slices(text: str) -> dict[int, list[int]] | None:
     """"1:3,10;2:5" -> {1: [3, 10], 2: [5]}; "" -> None (every slice with voxels)."""
     if not text.strip():
         return None
@@ -76,8 +77,8 @@ def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     return segment_propagate(session, prompts, segments, inputs.context)
 
 
-def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Optional[Sequence[int]] = None,
-                        mask_slices: Optional[dict[int, list[int]]] = None) -> list[Prompt]:
+def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Sequence[int] | None = None,
+                        mask_slices: dict[int, list[int]] | None = None) -> list[Prompt]:
     """One mask prompt per label value and slice where the label file has voxels of it, or on the
     slices ``mask_slices`` lists for a label (an empty one says the structure is absent there)."""
     session.volume.require_same_grid(labels.volume, "prompt labels")
@@ -176,7 +177,7 @@ def _prompt(entry, what: str, axis: int, shape_kji: tuple[int, int, int]) -> Pro
                   point_labels=None if pts is None else np.asarray(labels, dtype=np.int32))
 
 
-def _coordinates(entry: dict, key: str, what: str, count: Optional[int] = None) -> Optional[np.ndarray]:
+def _coordinates(entry: dict, key: str, what: str, count: int | None = None) -> np.ndarray | None:
     """(P, 3) finite voxel coordinates under ``key`` (exactly ``count`` of them when given), or None."""
     if key not in entry:
         return None

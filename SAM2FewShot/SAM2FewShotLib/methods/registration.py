@@ -7,8 +7,8 @@ optionally B-spline), its labels warped onto the query's grid and the warped map
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def registration_segment(query: Volume, supports: Sequence[SupportCase], transfo
     result = fuse_labels(warped, fusion, weights) if n > 1 else warped[0]
     if weights is not None:
         total = sum(weights)
-        for entry, w in zip(entries, weights):
+        for entry, w in zip(entries, weights, strict=True):
             entry["weight"] = round(w / total, 4)
     context.report(FUSE_LABELS, 1, 1)
     report = {
@@ -97,7 +97,7 @@ def _structures(labels: LabelMap, similarity: float) -> list[dict]:
              "voxels": int(counts[s.value]), "best_similarity": round(similarity, 4)} for s in labels.segments]
 
 
-def _support_progress(progress: Optional[ProgressFn], index: int, n: int) -> Optional[ProgressFn]:
+def _support_progress(progress: ProgressFn | None, index: int, n: int) -> ProgressFn | None:
     """One support's registration steps, as the stage of that support ('register support 2/4')."""
     if progress is None:
         return None

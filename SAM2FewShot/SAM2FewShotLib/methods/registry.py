@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..common.errors import InputError
 
@@ -51,7 +52,7 @@ class MethodSpec:
         """The method's Params with every default: the one place they are written."""
         return self.load().Params()
 
-    def params(self, values: Any = None, seed: Optional[int] = None):
+    def params(self, values: Any = None, seed: int | None = None):
         """The method's Params from a mapping of JSON values (or a Params as is), checked.
 
         Unknown keys and wrong value types are refused in one line; a ``seed`` field left unset takes
@@ -89,7 +90,7 @@ def get_method(key: str) -> MethodSpec:
         raise InputError(f"unknown method '{key}': use one of {', '.join(METHODS)}") from None
 
 
-def dataclass_from_json(base, values: dict, seed: Optional[int] = None, where: str = ""):
+def dataclass_from_json(base, values: dict, seed: int | None = None, where: str = ""):
     """``base`` (a dataclass instance) with ``values`` replaced, unknown keys and wrong types refused.
 
     A field whose value is a dataclass takes a nested mapping (applied to that value, so a group's

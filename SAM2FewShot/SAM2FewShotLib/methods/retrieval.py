@@ -9,7 +9,7 @@ video+memory), combined with SAM2's temporal memory of the neighbouring query pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from ..common.choices import LIBRARY_FEATURES
 from ..common.context import RunContext
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RetrievalParams(MemoryParams):
     features: str = "sam2"  # or dinov2-small | dinov2-base | dinov2-large
-    window: Optional[float] = None  # keep retrievals within this relative-position difference first
+    window: float | None = None  # keep retrievals within this relative-position difference first
     normalization: Normalization = field(default_factory=Normalization)  # how library images become [0, 1]
 
     FROM_REQUEST = ("normalization",)  # the request's own: library images are normalised like the query
@@ -50,7 +50,7 @@ OPTIONS = (Option("--library-features", "retrieval descriptors", LIBRARY_FEATURE
 
 
 def segment_retrieval(session: VolumeSession, library: Library, params: RetrievalParams = RetrievalParams(),
-                      features: Optional[LibraryFeatures] = None,
+                      features: LibraryFeatures | None = None,
                       context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
     """Every structure of the library segmented in the query; the report names what each slice retrieved."""
     from ..io.slicing import anatomical_plane

@@ -7,7 +7,7 @@ supports, which an unweighted vote cannot.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,7 +23,7 @@ WEIGHT_POWER = 2.0
 
 
 def fuse_labels(warped: Sequence[LabelMap], method: str = "majority",
-                weights: Optional[Sequence[float]] = None) -> LabelMap:
+                weights: Sequence[float] | None = None) -> LabelMap:
     """One label map from several on the same grid.
 
     Ties are broken the same way every time: a structure beats background, a lower label value
@@ -65,7 +65,7 @@ def _segments_of(warped: Sequence[LabelMap], values: Sequence[int]) -> tuple[Seg
     return tuple(named[v] for v in values if v in named)
 
 
-def _weights(method: str, weights: Optional[Sequence[float]], n: int) -> np.ndarray:
+def _weights(method: str, weights: Sequence[float] | None, n: int) -> np.ndarray:
     if method == "majority":
         return np.ones(n)
     if weights is None or len(weights) != n:
@@ -83,7 +83,7 @@ def _vote(arrays: Sequence[np.ndarray], values: Sequence[int], weights: np.ndarr
     best = np.full(arrays[0].shape, -1.0)
     for v in list(values) + [0]:
         score = np.zeros(arrays[0].shape)
-        for array, w in zip(arrays, weights):
+        for array, w in zip(arrays, weights, strict=True):
             score += w * (array == v)
         better = score > best
         fused[better] = v

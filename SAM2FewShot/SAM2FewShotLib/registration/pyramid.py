@@ -11,8 +11,8 @@ metrics take central-difference gradients. Isotropic volumes keep ITK's own pyra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import SimpleITK as sitk
 
@@ -34,7 +34,7 @@ class Pyramid:
         return all(len(set(s)) == 1 for s in self.shrinks) and all(len(set(s)) == 1 for s in self.sigmas)
 
 
-def too_small(size: tuple[int, ...]) -> Optional[str]:
+def too_small(size: tuple[int, ...]) -> str | None:
     """Why a volume of this (i, j, k) size cannot be registered at all, or None."""
     thin, *plane = sorted(size)
     if thin < MIN_SLICES or min(plane) < MIN_IN_PLANE:
@@ -49,10 +49,10 @@ def plan(image: sitk.Image, factors: tuple[int, ...], sigmas: tuple[float, ...])
     stays at full resolution while the 1.4 mm plane is shrunk."""
     size, spacing = image.GetSize(), image.GetSpacing()
     shrinks, smooth = [], []
-    for factor, sigma in zip(factors, sigmas):
+    for factor, sigma in zip(factors, sigmas, strict=True):
         target = max(max(spacing), min(spacing) * factor) * (1 + 1e-6)
         axis_shrink = tuple(factor if n // factor >= MIN_VOXELS and s * factor <= target else 1
-                            for n, s in zip(size, spacing))
+                            for n, s in zip(size, spacing, strict=True))
         shrinks.append(axis_shrink)
         smooth.append(tuple(sigma if f == factor else 0.0 for f in axis_shrink))
     return Pyramid(tuple(shrinks), tuple(smooth))

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -67,7 +67,7 @@ def register_support(
     support_image: Volume,
     support_labels: LabelMap,
     transform: str = "affine",
-    progress: Optional[ProgressFn] = None,
+    progress: ProgressFn | None = None,
     seed: int = 0,
 ) -> RegisteredSupport:
     """Register the support image to the query and warp its labels (nearest neighbour)."""
@@ -97,7 +97,7 @@ def register_support(
 
 
 def _fit(query: Volume, support_image: Volume, support_labels: LabelMap, transform: str,
-         progress: Optional[ProgressFn], seed: int):
+         progress: ProgressFn | None, seed: int):
     """The transform from query to support points, and the images it was fitted on."""
     fixed, moving = _normalised(query), _normalised(support_image)
     labels = _label_image(support_labels)
@@ -162,12 +162,12 @@ def _warp(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) 
     return sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0)
 
 
-def _nonempty(mask: sitk.Image) -> Optional[sitk.Image]:
+def _nonempty(mask: sitk.Image) -> sitk.Image | None:
     """The mask, or None when the support's structures landed outside the query (fit everything)."""
     return mask if np.any(sitk.GetArrayViewFromImage(mask)) else None
 
 
-def _method(sampling: tuple[float, int], fixed_mask: Optional[sitk.Image]) -> sitk.ImageRegistrationMethod:
+def _method(sampling: tuple[float, int], fixed_mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     percentage, seed = sampling
@@ -196,7 +196,7 @@ def _run(make: Callable[[], sitk.ImageRegistrationMethod], fixed: sitk.Image, mo
 
 
 def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, sampling: tuple[float, int],
-              fixed_mask: Optional[sitk.Image] = None) -> None:
+              fixed_mask: sitk.Image | None = None) -> None:
     """Fit ``transform`` in place (rigid or affine)."""
     def make() -> sitk.ImageRegistrationMethod:
         reg = _method(sampling, fixed_mask)
@@ -218,9 +218,10 @@ def _bspline(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixe
     if min(box[3:]) < BSPLINE_MIN_VOXELS:  # a thin stack's few slices cannot hold a cubic B-spline
         return affine
     region = sitk.RegionOfInterest(fixed, box[3:], box[:3])
-    extent = [n * s for n, s in zip(box[3:], fixed.GetSpacing())]
+    extent = [n * s for n, s in zip(box[3:], fixed.GetSpacing(), strict=True)]
     # no more control points (mesh + order) along an axis than it has voxels: a thin stack's slices
-    mesh = [max(1, min(int(round(e / BSPLINE_SPACING_MM)), n - BSPLINE_ORDER)) for e, n in zip(extent, box[3:])]
+    mesh = [max(1, min(int(round(e / BSPLINE_SPACING_MM)), n - BSPLINE_ORDER))
+            for e, n in zip(extent, box[3:], strict=True)]
     bspline = sitk.BSplineTransformInitializer(region, mesh, order=BSPLINE_ORDER)
     n_mask = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
     def make() -> sitk.ImageRegistrationMethod:
@@ -246,6 +247,6 @@ def _execute(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.
                          "show the same anatomy, with overlapping fields of view?") from None
 
 
-def _report(progress: Optional[ProgressFn], done: int, total: int) -> None:
+def _report(progress: ProgressFn | None, done: int, total: int) -> None:
     if progress is not None:
         progress("register", done, total)

@@ -20,8 +20,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 from ..common.errors import SAM2FewShotError
 from . import protocol
@@ -60,7 +60,7 @@ def kill_tree(pid: int, grace: float = 0.3, timeout: float = 0.6) -> None:
 class JobFolder:
     """A private temporary folder for one job's inputs and outputs, removed after the result is read."""
 
-    def __init__(self, parent: Optional[Union[str, Path]] = None, prefix: str = "sam2fewshot-job-"):
+    def __init__(self, parent: str | Path | None = None, prefix: str = "sam2fewshot-job-"):
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # mode 0700: private to the user
 
     def file(self, name: str) -> Path:
@@ -77,7 +77,7 @@ class JobFolder:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def __enter__(self) -> "JobFolder":
+    def __enter__(self) -> JobFolder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -95,14 +95,14 @@ def read_result(event: dict):
 class _Process:
     """One running worker: its pipes, a reader thread per output, the parsed events."""
 
-    def __init__(self, argv: list[str], env: dict, cwd: Optional[str], stderr_lines: int):
+    def __init__(self, argv: list[str], env: dict, cwd: str | None, stderr_lines: int):
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, env=env, cwd=cwd, creationflags=flags)
         except OSError as exc:
             raise WorkerError(f"cannot start the worker ({argv[0]}): {exc.strerror or exc}") from exc
-        self.events: "queue.Queue" = queue.Queue()
+        self.events: queue.Queue = queue.Queue()
         self.stderr_tail: deque = deque(maxlen=stderr_lines)
         self.stray_lines: list[bytes] = []
         self.expected_exit = False
@@ -171,10 +171,10 @@ class WorkerClient:
 
     def __init__(
         self,
-        python: Optional[str] = None,
-        pythonpath: Sequence[Union[str, Path]] = (),
-        env: Optional[dict] = None,
-        cwd: Optional[Union[str, Path]] = None,
+        python: str | None = None,
+        pythonpath: Sequence[str | Path] = (),
+        env: dict | None = None,
+        cwd: str | Path | None = None,
         stderr_lines: int = 200,
     ):
         self.python = str(python or sys.executable)
@@ -182,7 +182,7 @@ class WorkerClient:
         self.base_env = dict(os.environ if env is None else env)
         self.cwd = None if cwd is None else str(cwd)
         self.stderr_lines = stderr_lines
-        self._proc: Optional[_Process] = None
+        self._proc: _Process | None = None
         self._pending: dict[str, None] = {}  # submitted jobs without a result or error yet, in order
         self._backlog: list[dict] = []  # events of a finished worker, not yet polled
         self.reapers: list[threading.Thread] = []  # threads killing cancelled workers
@@ -214,7 +214,7 @@ class WorkerClient:
         return self._proc is not None and self._proc.alive()
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return None if self._proc is None else self._proc.popen.pid
 
     @property
@@ -228,7 +228,7 @@ class WorkerClient:
 
     # ---------------------------------------------------------------------------- jobs
 
-    def submit(self, job: Union[protocol.Job, dict]) -> str:
+    def submit(self, job: protocol.Job | dict) -> str:
         """Queue a job on the worker (started if needed); its id. Its events come through poll()."""
         message = job.to_message() if isinstance(job, protocol.Job) else {"type": "job", **job}
         message.setdefault("id", uuid.uuid4().hex[:12])
@@ -259,7 +259,7 @@ class WorkerClient:
             reaper.start()
             self.reapers.append(reaper)
 
-    def join_reapers(self, timeout: Optional[float] = None) -> None:
+    def join_reapers(self, timeout: float | None = None) -> None:
         """Wait until every cancelled worker is dead."""
         for reaper in self.reapers:
             reaper.join(timeout)
@@ -279,8 +279,8 @@ class WorkerClient:
             pass
         proc.stop()
 
-    def wait(self, job_id: str, timeout: Optional[float] = None,
-             on_event: Optional[Callable[[dict], None]] = None) -> dict:
+    def wait(self, job_id: str, timeout: float | None = None,
+             on_event: Callable[[dict], None] | None = None) -> dict:
         """Block until the job's result (scripts and tests; the GUI polls). WorkerError on its error."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -297,7 +297,7 @@ class WorkerClient:
                 raise WorkerError(f"job {job_id} gave no result within {timeout:.0f} s")
             time.sleep(0.02)
 
-    def __enter__(self) -> "WorkerClient":
+    def __enter__(self) -> WorkerClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from ..common.errors import InputError
 from ..common.files import replacing, sweep_stale_temporaries
@@ -48,7 +48,7 @@ def written_files(out, report) -> list[Path]:
     return [out, *sidecar, Path(report)]
 
 
-def check_outputs(out, report: Optional[str] = None, inputs: Iterable[str] = ()) -> Path:
+def check_outputs(out, report: str | None = None, inputs: Iterable[str] = ()) -> Path:
     """The report path (default beside ``out``), once nothing written would clash with anything else.
 
     A label format that cannot be written, an unwritable folder, the report landing on the label file

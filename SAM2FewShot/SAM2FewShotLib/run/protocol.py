@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..common.errors import InputError, one_line
 from ..methods.registry import METHODS as REGISTERED
@@ -65,7 +65,7 @@ _INT = (int,)
 class ProtocolError(InputError):
     """A request that cannot be understood; ``job_id`` is set when the request named one."""
 
-    def __init__(self, message: str, job_id: Optional[str] = None):
+    def __init__(self, message: str, job_id: str | None = None):
         super().__init__(message)
         self.job_id = job_id
 
@@ -90,7 +90,7 @@ def encode(message: dict) -> bytes:
     return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def decode_line(line: Union[bytes, str]) -> dict:
+def decode_line(line: bytes | str) -> dict:
     """A JSON object from one line; ProtocolError for anything else."""
     try:
         text = line.decode("utf-8") if isinstance(line, bytes) else line
@@ -105,7 +105,7 @@ def decode_line(line: Union[bytes, str]) -> dict:
 # ------------------------------------------------------------------------------------ requests
 
 
-def parse_request(line: Union[bytes, str]) -> Union[Job, str]:
+def parse_request(line: bytes | str) -> Job | str:
     """A validated Job, or "shutdown"; ProtocolError (with the job id when known) otherwise."""
     data = decode_line(line)
     kind = data.get("type")
@@ -220,7 +220,7 @@ def _get(data: dict, key: str, types: tuple, where: str, default: Any = _MISSING
 # ------------------------------------------------------------------------------------ events
 
 
-def ready(pid: int, version: str, devices: Optional[dict] = None) -> dict:
+def ready(pid: int, version: str, devices: dict | None = None) -> dict:
     """``devices``: what the worker's torch sees (CUDA GPUs with free memory, MPS), so the panel can
     say it without importing torch into Slicer's own process."""
     return {"event": "ready", "pid": pid, "version": version, "devices": devices or {"cuda": [], "mps": False}}
@@ -247,7 +247,7 @@ def result(job_id: str, labels: str, report: str, seconds: float, frames_encoded
             "frames_encoded": int(frames_encoded), "session_reused": bool(session_reused)}
 
 
-def error(job_id: Optional[str], message: str) -> dict:
+def error(job_id: str | None, message: str) -> dict:
     return {"event": "error", "id": job_id, "message": single_line(message)}
 
 
@@ -260,7 +260,7 @@ _EVENT_KEYS = {
 }
 
 
-def parse_event(line: Union[bytes, str]) -> dict:
+def parse_event(line: bytes | str) -> dict:
     """A validated event from one line of the worker's stdout; ProtocolError otherwise."""
     data = decode_line(line)
     kind = data.get("event")

@@ -9,8 +9,9 @@ the Slicer panel builds requests before torch is installed.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 from ..sam2.build import ModelOptions
 
@@ -24,9 +25,9 @@ class FrameOptions:
     axis: str = "auto"  # auto (the acquisition axis), axial, coronal, sagittal
     normalization: str = "auto"  # auto, a CT preset, window:C,W or percentile:LO,HI
     per_slice_normalization: bool = False
-    slice_range: Optional[tuple[int, int]] = None  # first, last (inclusive) along the axis
-    frame: Optional[int] = None  # a 4D query: the frame to segment (required when it has several)
-    component: Optional[int] = None  # a vector or colour query: the component to segment
+    slice_range: tuple[int, int] | None = None  # first, last (inclusive) along the axis
+    frame: int | None = None  # a 4D query: the frame to segment (required when it has several)
+    component: int | None = None  # a vector or colour query: the component to segment
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,17 @@ class Request:
 
     method: str
     query: str
-    out: Optional[str] = None
-    report: Optional[str] = None
-    prompt_labels: Optional[str] = None  # a label file on the query's grid: masks on some slices
-    values: Optional[tuple[int, ...]] = None  # the label values of prompt_labels to use (default all)
-    prompts: Optional[str] = None  # a JSON file of boxes and points in voxel coordinates
+    out: str | None = None
+    report: str | None = None
+    prompt_labels: str | None = None  # a label file on the query's grid: masks on some slices
+    values: tuple[int, ...] | None = None  # the label values of prompt_labels to use (default all)
+    prompts: str | None = None  # a JSON file of boxes and points in voxel coordinates
     supports: tuple[tuple[str, str], ...] = ()  # (image, labels) files of labelled cases
-    library: Optional[str] = None  # a folder (or list file) of labelled cases
+    library: str | None = None  # a folder (or list file) of labelled cases
     model: ModelOptions = field(default_factory=ModelOptions)
     frames: FrameOptions = field(default_factory=FrameOptions)
     params: Mapping[str, Any] = field(default_factory=dict)
-    preset: Optional[str] = None  # the published construction the parameters come from (methods/presets.py)
+    preset: str | None = None  # the published construction the parameters come from (methods/presets.py)
 
     def __post_init__(self) -> None:
         """Paths as plain strings, whatever the caller gave (Path, str)."""

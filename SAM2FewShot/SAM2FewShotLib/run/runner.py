@@ -14,8 +14,8 @@ import dataclasses
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..common.context import RunContext
 from ..common.errors import InputError
@@ -43,17 +43,17 @@ class Runner:
         self.max_sessions = max(1, int(max_sessions))
         self.save_support_features = save_support_features  # kept in the user cache between runs
         self._supports = None  # the loaded model's SupportFeatureStore, shared by its sessions
-        self._model_key: Optional[tuple] = None
+        self._model_key: tuple | None = None
         self._predictor = None
         self._model_info: dict = {}
-        self._sessions: "OrderedDict[tuple, object]" = OrderedDict()
+        self._sessions: OrderedDict[tuple, object] = OrderedDict()
         self._digests: dict[tuple, str] = {}
-        self._notes: dict[str, Optional[dict]] = {}  # what was repaired in a query, by its content
-        self._threads: Optional[int] = None  # torch CPU threads the runs use
+        self._notes: dict[str, dict | None] = {}  # what was repaired in a query, by its content
+        self._threads: int | None = None  # torch CPU threads the runs use
         self._lock = threading.RLock()  # prepare() may read the next query while a run computes
 
-    def run(self, request: Request, progress: Optional[ProgressFn] = None,
-            should_cancel: Optional[Callable[[], bool]] = None):
+    def run(self, request: Request, progress: ProgressFn | None = None,
+            should_cancel: Callable[[], bool] | None = None):
         """(LabelMap, report) for the request. Everything is checked and every input read before a
         model is loaded: a bad input fails in a second, not after a download."""
         from ..methods.common import MethodInputs
@@ -114,7 +114,7 @@ class Runner:
         except Exception:  # noqa: BLE001 - the run reads it again and says what is wrong
             log.debug("prefetch of %s failed", request.query, exc_info=True)
 
-    def model(self, options: ModelOptions, progress: Optional[ProgressFn] = None):
+    def model(self, options: ModelOptions, progress: ProgressFn | None = None):
         """The loaded predictor for these options (loaded now unless it is the warm one) and its report entry.
 
         Torch's CPU threads: the count the options name, else the cores other work leaves free when
@@ -141,7 +141,7 @@ class Runner:
         return self._predictor, dict(self._model_info)
 
     def session(self, query: str, frames: FrameOptions = FrameOptions(), model: ModelOptions = ModelOptions(),
-                progress: Optional[ProgressFn] = None):
+                progress: ProgressFn | None = None):
         """The warm session of a query (created, nothing encoded yet, when there is none): the one a
         request with this query, frames and model runs on."""
         request = Request(method="propagate", query=query, frames=frames, model=model)
@@ -181,7 +181,7 @@ class Runner:
 
     close = forget
 
-    def _query(self, request: Request, key: Optional[tuple]):
+    def _query(self, request: Request, key: tuple | None):
         """The request's query volume: a warm session's when one holds this file's content (whatever its
         axis or normalisation: the volume is the same), else read and checked now."""
         if key is not None:
@@ -286,7 +286,8 @@ def check_request(request: Request) -> tuple[MethodSpec, object]:
         try:
             exists = Path(path).exists()
         except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-            raise InputError(f"{_short(path)} is not a usable file name: {getattr(exc, 'strerror', None) or exc}") from None
+            raise InputError(f"{_short(path)} is not a usable file name: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         if not exists:
             raise InputError(f"{_short(path)} does not exist")
     if request.out is not None:
@@ -314,7 +315,7 @@ def check_model_options(options: ModelOptions) -> None:
         size_overrides(options.image_size)
 
 
-def checked_frame_range(slice_range: Optional[tuple[int, int]], num_slices: int) -> Optional[tuple[int, int]]:
+def checked_frame_range(slice_range: tuple[int, int] | None, num_slices: int) -> tuple[int, int] | None:
     if slice_range is not None and not slice_range[1] < num_slices:
         raise InputError(f"slice range {slice_range[0]}..{slice_range[1]} is outside 0..{num_slices - 1}")
     return slice_range

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..common.errors import ModelError
 from ..common.progress import ProgressFn
@@ -38,11 +37,11 @@ def size_overrides(image_size: int) -> list[str]:
 
 def build_video_predictor(
     config: str,
-    checkpoint: Optional[Path] = None,
+    checkpoint: Path | None = None,
     device="cpu",
-    image_size: Optional[int] = None,
-    seed: Optional[int] = None,
-    precision: Optional[str] = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+    precision: str | None = None,
 ):
     """The sam2 video predictor (our subclass) from a sam2 config name, with optional weights.
 
@@ -88,15 +87,15 @@ class ModelOptions:
     """Which model to load and where: what a request says about its model."""
 
     name: str = DEFAULT_MODEL
-    checkpoint: Optional[str] = None  # a local weights file instead of the registered download
-    config: Optional[str] = None  # sam2 config name for ``checkpoint``
-    image_size: Optional[int] = None  # default: the model's own
+    checkpoint: str | None = None  # a local weights file instead of the registered download
+    config: str | None = None  # sam2 config name for ``checkpoint``
+    image_size: int | None = None  # default: the model's own
     device: str = "auto"
     offline: bool = False
     random_weights: bool = False  # the real architecture, seeded random weights: tests and speed only
     seed: int = 0
-    threads: Optional[int] = None  # torch CPU threads; default: the cores other work leaves free
-    precision: Optional[str] = None  # fp32, bf16 or auto; default: bf16 where native (sam2/devices.resolve_precision)
+    threads: int | None = None  # torch CPU threads; default: the cores other work leaves free
+    precision: str | None = None  # fp32, bf16 or auto; default: bf16 where native (sam2/devices.resolve_precision)
 
     def key(self) -> tuple:
         """What makes two loaded predictors interchangeable (offline only changes how it is fetched)."""
@@ -112,8 +111,8 @@ class ResolvedModel:
     name: str
 
 
-def resolve(model: Optional[str], checkpoint: Optional[Path], config: Optional[str],
-            image_size: Optional[int], offline: bool) -> ResolvedModel:
+def resolve(model: str | None, checkpoint: Path | None, config: str | None,
+            image_size: int | None, offline: bool) -> ResolvedModel:
     """What to build from the CLI/panel choices: a registered model, or a local --checkpoint file.
 
     With a checkpoint the config is ``config`` or the named model's; without one the registered
@@ -138,13 +137,13 @@ def resolve(model: Optional[str], checkpoint: Optional[Path], config: Optional[s
     return ResolvedModel(spec.config, path, int(image_size or spec.image_size), spec.name)
 
 
-def load_predictor(resolved: ResolvedModel, device, precision: Optional[str] = None):
+def load_predictor(resolved: ResolvedModel, device, precision: str | None = None):
     """The sam2 video predictor with the resolved weights, on ``device``."""
     return build_video_predictor(resolved.config, resolved.checkpoint, device=device,
                                  image_size=resolved.image_size, precision=precision)
 
 
-def load_model(options: ModelOptions = ModelOptions(), progress: Optional[ProgressFn] = None):
+def load_model(options: ModelOptions = ModelOptions(), progress: ProgressFn | None = None):
     """The predictor the options ask for, and a dict describing it for the report.
 
     Registered weights come from the cache or are downloaded (with ``progress`` events when given);

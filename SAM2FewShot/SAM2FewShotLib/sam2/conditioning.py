@@ -5,8 +5,8 @@ conditioning with these before any model is loaded (sam2/propagation.py runs the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -17,11 +17,11 @@ class Prompt:
 
     frame: int
     obj_id: int
-    mask: Optional[np.ndarray] = None
-    box: Optional[Sequence[float]] = None  # x0, y0, x1, y1
-    points: Optional[np.ndarray] = None  # (P, 2) x, y
-    point_labels: Optional[np.ndarray] = None  # 1 positive, 0 negative
-    mask_hint: Optional[np.ndarray] = None  # with box/points (or alone): a dense hint SAM2 refines, never kept
+    mask: np.ndarray | None = None
+    box: Sequence[float] | None = None  # x0, y0, x1, y1
+    points: np.ndarray | None = None  # (P, 2) x, y
+    point_labels: np.ndarray | None = None  # 1 positive, 0 negative
+    mask_hint: np.ndarray | None = None  # with box/points (or alone): a dense hint SAM2 refines, never kept
     erased: bool = False  # an empty mask meant as such: the object is absent on this slice
 
     @property
@@ -44,7 +44,7 @@ class MemoryPolicy:
     # only; "middle-out": backward from the middle, then forward from the slice after it, the
     # memory carried over (FATE-SAM's order). Prompts always propagate both ways.
     passes = "both"
-    max_cond_frames: Optional[int] = None  # sam2's max_cond_frames_in_attn for the run (None: the model's)
+    max_cond_frames: int | None = None  # sam2's max_cond_frames_in_attn for the run (None: the model's)
     obj_ids: tuple[int, ...] = ()  # objects conditioned by the policy's own memories, not by prompts
 
     def prepare(self, predictor, state: dict) -> None:
@@ -53,11 +53,11 @@ class MemoryPolicy:
     def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
         return prompts
 
-    def describe(self, obj_idx: int, frame: int) -> Optional[dict]:
+    def describe(self, obj_idx: int, frame: int) -> dict | None:
         """Per-slice report entries of this policy (what conditioned the slice)."""
         return None
 
-    def video_length(self, obj_idx: int, frame: int) -> Optional[int]:
+    def video_length(self, obj_idx: int, frame: int) -> int | None:
         """The length of the video this slice is computed in, if not the volume's own stack: sam2
         scales object-pointer distances by it (a pair is a 2-frame video, whatever the volume)."""
         return None

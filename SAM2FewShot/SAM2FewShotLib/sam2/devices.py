@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -45,7 +46,7 @@ def choose_threads(cpus: int, busy: float, reserved: int = 0) -> int:
     return max(1, min(cpus, cpus - int(round(max(busy, 0.0)))) - max(reserved, 0))
 
 
-def free_cores(reserved: Optional[int] = None, sample_s: float = 0.1) -> int:
+def free_cores(reserved: int | None = None, sample_s: float = 0.1) -> int:
     """choose_threads for this machine now: the cores this process may run on, and how many of them
     other processes keep busy (system CPU use over ``sample_s`` seconds minus this process's own)."""
     import psutil
@@ -60,7 +61,7 @@ def free_cores(reserved: Optional[int] = None, sample_s: float = 0.1) -> int:
     return choose_threads(cpus, total - ours, reserved)
 
 
-def set_threads(requested: Optional[int] = None) -> int:
+def set_threads(requested: int | None = None) -> int:
     """Set torch's intra-op threads to ``requested``, else to the free cores; the count set."""
     count = int(requested) if requested else free_cores()
     torch.set_num_threads(count)
@@ -145,10 +146,10 @@ PRECISION_ENV = "SAM2FEWSHOT_PRECISION"
 class PrecisionChoice(NamedTuple):
     precision: str  # what runs: "fp32" or "bf16"
     reason: str  # why, in words, for the report
-    warning: Optional[str] = None  # bf16 asked for where it is only emulated
+    warning: str | None = None  # bf16 asked for where it is only emulated
 
 
-def choose_precision(requested: Optional[str], device_type: str, native: bool) -> str:
+def choose_precision(requested: str | None, device_type: str, native: bool) -> str:
     """The precision a run uses: fp32 or bf16. Without a choice (None) or with ``auto``, bf16 where the
     device computes it natively, else fp32; CUDA runs bf16 by default whatever its generation (SAM2's
     own autocast). An explicit choice is kept."""
@@ -160,7 +161,7 @@ def choose_precision(requested: Optional[str], device_type: str, native: bool) -
     return requested
 
 
-def resolve_precision(requested: Optional[str], device: torch.device) -> PrecisionChoice:
+def resolve_precision(requested: str | None, device: torch.device) -> PrecisionChoice:
     """What runs on ``device`` for ``requested`` (None: $SAM2FEWSHOT_PRECISION, else the default), why,
     and a one-line warning when bf16 was asked for on a processor that only emulates it."""
     requested, source = _checked(requested), "asked for"
@@ -189,7 +190,7 @@ def default_precision(device: torch.device) -> str:
     return resolve_precision(None, device).precision
 
 
-def _checked(value: Optional[str], source: str = "precision") -> Optional[str]:
+def _checked(value: str | None, source: str = "precision") -> str | None:
     value = (value or "").strip().lower() or None
     if value not in (None, *PRECISIONS):
         raise InputError(f"unknown {source} '{value}': use fp32, bf16 or auto")
@@ -213,7 +214,7 @@ def gpu_gib_needed(model: str) -> float:
     return GPU_GIB_NEEDED[spec.name.split("-", 1)[1]]  # sam2.1-base-plus -> base-plus
 
 
-def gpu_advice(model: str, free_bytes: int, names: Optional[Sequence[str]] = None) -> Optional[str]:
+def gpu_advice(model: str, free_bytes: int, names: Sequence[str] | None = None) -> str | None:
     """None when ``model`` fits in the free GPU memory, else a suggestion: a smaller model or the CPU."""
     free = free_bytes / 2 ** 30
     if gpu_gib_needed(model) <= free:
@@ -228,7 +229,7 @@ def gpu_advice(model: str, free_bytes: int, names: Optional[Sequence[str]] = Non
     return f"{text} Close other GPU programs, or run on the CPU (slower)."
 
 
-def gpu_advice_for(model: str, device: torch.device) -> Optional[str]:
+def gpu_advice_for(model: str, device: torch.device) -> str | None:
     """gpu_advice for a run on ``device``, measured where the model runs (the worker, never the
     Slicer process, which must not hold a CUDA context); None off CUDA."""
     if device.type != "cuda":

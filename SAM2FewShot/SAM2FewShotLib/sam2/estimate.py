@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class PassClock:
         self.steps, self.image_size, self.device_type = int(steps), int(image_size), device_type
         self.say, self.clock = say, clock
         self.done = 0
-        self._first: Optional[float] = None  # after the first slice: its one-off costs left out
-        self.announced: Optional[str] = None
+        self._first: float | None = None  # after the first slice: its one-off costs left out
+        self.announced: str | None = None
 
     def step(self) -> None:
         self.done += 1

@@ -17,8 +17,8 @@ feature map is kept in one memory layout (contiguous), the layout a file or the 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -44,9 +44,9 @@ class FeatureCache:
         predictor,
         frames: FrameSource,
         device: torch.device,
-        batch_size: Optional[int] = None,  # frames per encoder call (default: frames.frames_per_batch)
+        batch_size: int | None = None,  # frames per encoder call (default: frames.frames_per_batch)
         max_bytes: int = DEFAULT_MEMORY_BYTES,
-        storage_device: Optional[torch.device] = None,
+        storage_device: torch.device | None = None,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
         stage: str = ENCODE_QUERY,
     ):
@@ -57,8 +57,8 @@ class FeatureCache:
         self.storage_device = storage_device or device
         self.batch_size = max(1, int(batch_size or frames_per_batch(device)))
         self.max_bytes = int(max_bytes)
-        self._features: "OrderedDict[int, list[torch.Tensor]]" = OrderedDict()
-        self._pos_enc: Optional[list[torch.Tensor]] = None
+        self._features: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self._pos_enc: list[torch.Tensor] | None = None
         self._frame_bytes = 0
         self.spill = SpillFile(spill_bytes)
         self.embeddings: dict[int, torch.Tensor] = {}
@@ -123,7 +123,7 @@ class FeatureCache:
         fpn = [f.to(self.device, non_blocking=True) for f in self._features[idx]]
         return {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc), "vision_features": fpn[-1]}
 
-    def embed_all(self, indices: Optional[Iterable[int]] = None, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+    def embed_all(self, indices: Iterable[int] | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
         """(N, D) pooled embeddings of the given frames (all by default), encoding only the missing ones."""
         idx = list(range(len(self.frames))) if indices is None else list(indices)
         todo = [i for i in idx if i not in self.embeddings]
@@ -191,7 +191,7 @@ class StackedCache:
         return self.total
 
     def _locate(self, idx: int) -> tuple[FeatureCache, int]:
-        for cache, off in zip(reversed(self.caches), reversed(self.offsets)):
+        for cache, off in zip(reversed(self.caches), reversed(self.offsets), strict=True):
             if idx >= off:
                 return cache, idx - off
         raise IndexError(idx)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -49,7 +49,8 @@ def write_features(path: Path, pos_enc: list[torch.Tensor],
             raise FeatureFileError(f"{written} frames were given, {count} announced")
 
 
-def read_features(path: Path, count: int) -> tuple[list[torch.Tensor], Iterator[tuple[list[torch.Tensor], torch.Tensor]]]:
+def read_features(path: Path,
+                  count: int) -> tuple[list[torch.Tensor], Iterator[tuple[list[torch.Tensor], torch.Tensor]]]:
     """(positional encodings, an iterator over ``count`` frames' (feature maps, embedding)); FeatureFileError
     when the file is not one of ours, holds another number of frames, or not what its header announces."""
     f = open(path, "rb")

@@ -8,7 +8,7 @@ does not grow with the model's image size or the slice count, and no file ever t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ class FrameSource:
         if isinstance(slices01, VolumeSlices):
             t = slices01
         else:
-            t = torch.as_tensor(np.asarray(slices01, dtype=np.float32)) if isinstance(slices01, np.ndarray) else slices01
+            t = (torch.as_tensor(np.asarray(slices01, dtype=np.float32)) if isinstance(slices01, np.ndarray)
+                 else slices01)
             t = t.float().contiguous() if t.ndim == 3 else t
         if t.ndim != 3:
             raise InputError(f"frames must be (N, H, W), got shape {tuple(t.shape)}")
@@ -86,7 +87,7 @@ class FrameSource:
     @classmethod
     def from_volume(
         cls, volume: Volume, axis: int, image_size: int, normalization: Normalization = Normalization()
-    ) -> "FrameSource":
+    ) -> FrameSource:
         return cls(VolumeSlices(volume.array, axis, normalization), image_size)
 
     @property

@@ -6,7 +6,6 @@ Pure data, no heavy imports: the Slicer panel lists the models before torch is i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..common.errors import ModelError
 
@@ -20,7 +19,7 @@ class ModelSpec:
     config: str  # a config name inside the installed sam2 package
     hf_repo: str
     hf_file: str
-    sha256: Optional[str]  # published SHA-256 of hf_file; None: the hub's own LFS hash is used
+    sha256: str | None  # published SHA-256 of hf_file; None: the hub's own LFS hash is used
     image_size: int
     description: str
 

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -39,12 +38,12 @@ class SpillFile:
     when the budget is spent (or the disk fails) further frames are simply not kept.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_SPILL_BYTES, directory: Optional[Path] = None):
+    def __init__(self, max_bytes: int = DEFAULT_SPILL_BYTES, directory: Path | None = None):
         self.max_bytes = max(0, int(max_bytes))
         self.directory = directory
         self._file = None
         self._offsets: dict[int, int] = {}
-        self._layout: Optional[list[tuple[tuple[int, ...], torch.dtype]]] = None
+        self._layout: list[tuple[tuple[int, ...], torch.dtype]] | None = None
         self._frame_bytes = 0
         self._end = 0
 
@@ -134,7 +133,7 @@ class OffloadedDict:
 
     def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES, spill_bytes: int = DEFAULT_SPILL_BYTES):
         self.max_bytes = max(0, int(max_bytes))
-        self._memory: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self._memory: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._memory_bytes = 0
         self._disk = SpillFile(spill_bytes)
         self._pinned: set[int] = set()  # in memory because the disk refused them
@@ -160,7 +159,7 @@ class OffloadedDict:
             else:
                 self._pinned.add(old)
 
-    def pop(self, key: int, default: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def pop(self, key: int, default: torch.Tensor | None = None) -> torch.Tensor | None:
         if key in self._memory:
             self._pinned.discard(key)
             value = self._memory.pop(key)

@@ -8,7 +8,6 @@ state from in-memory frames, and ``_get_image_feature`` reads the batched featur
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ class MaskHintPrompts:
     MASK_HINT_LOGIT = 10.0  # a hint's confidence: well inside sam2's clamp of previous logits (+/-32)
 
     def add_box_with_mask_hint(self, inference_state, frame_idx, obj_id, box=None, points=None, labels=None,
-                               mask_hint: Optional[np.ndarray] = None):
+                               mask_hint: np.ndarray | None = None):
         """A box and/or points prompt with a dense mask hint that SAM2 refines, not copies.
 
         sam2 feeds a frame's previous low-resolution logits to the mask decoder along with new
@@ -93,7 +92,7 @@ class VolumePredictor(Float32Memories, MaskHintPrompts, SAM2VideoPredictor):
     def init_volume_state(
         self,
         frames: FrameSource,
-        cache: Optional[FeatureCache] = None,
+        cache: FeatureCache | None = None,
         offload_state_to_cpu: bool = False,
     ) -> dict:
         """An inference state over ``frames`` (same keys as sam2's init_state, no files read).

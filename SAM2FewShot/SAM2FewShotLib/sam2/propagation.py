@@ -12,9 +12,9 @@ to a scratch file: memory does not grow with the number of slices.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,10 @@ def propagate(
     predictor,
     frames: FrameSource,
     prompts: Sequence[Prompt],
-    cache: Optional[FeatureCache] = None,
-    policy: Optional[MemoryPolicy] = None,
+    cache: FeatureCache | None = None,
+    policy: MemoryPolicy | None = None,
     context: RunContext = RunContext(),
-    on_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
+    on_logits: Callable[[int, torch.Tensor], None] | None = None,
 ) -> PropagationResult:
     """Segment every slice of ``frames`` (or the context's frame range, inclusive) from the prompts.
 
@@ -115,7 +115,7 @@ def propagate(
 
 
 @contextmanager
-def _cond_frame_limit(predictor, limit: Optional[int]) -> Iterator[None]:
+def _cond_frame_limit(predictor, limit: int | None) -> Iterator[None]:
     previous = predictor.max_cond_frames_in_attn
     if limit is not None:
         predictor.max_cond_frames_in_attn = int(limit)
@@ -125,7 +125,7 @@ def _cond_frame_limit(predictor, limit: Optional[int]) -> Iterator[None]:
         predictor.max_cond_frames_in_attn = previous
 
 
-def _also(first: Optional[Callable], second: Callable) -> Callable:
+def _also(first: Callable | None, second: Callable) -> Callable:
     def both(t: int, logits: torch.Tensor) -> None:
         if first is not None:
             first(t, logits)
@@ -173,7 +173,7 @@ def labels_from_logits(logits: torch.Tensor, obj_ids: Sequence[int]) -> np.ndarr
     return torch.where(best.values > 0, ids[best.indices], 0).numpy()
 
 
-def choose_pass(t: int, before: Optional[int], after: Optional[int], forward: bool, backward: bool) -> str:
+def choose_pass(t: int, before: int | None, after: int | None, forward: bool, backward: bool) -> str:
     """Which pass decides slice ``t`` for an object: the one whose source prompt (``before`` or
     ``after`` it) is nearer; 'both' (averaged) at equal distance. The passes that ran are given."""
     if not (forward and backward):
@@ -283,7 +283,7 @@ class _Run:
         logits = F.interpolate(low, size=(self.h, self.w), mode="bilinear", align_corners=False)[:, 0]
         return logits.to("cpu", torch.float32), np.asarray(scores, dtype=np.float32)
 
-    def _source_frames(self, o: int, t: int) -> tuple[Optional[int], Optional[int]]:
+    def _source_frames(self, o: int, t: int) -> tuple[int | None, int | None]:
         before = [f for f in self.prompt_frames[o] if f <= t]
         after = [f for f in self.prompt_frames[o] if f >= t]
         return (before[-1] if before else None), (after[0] if after else None)
@@ -309,8 +309,8 @@ class _Run:
                 return True
         return False
 
-    def _finalize(self, t: int, fwd: Optional[torch.Tensor], bwd: Optional[torch.Tensor],
-                  bwd_scores: Optional[np.ndarray] = None) -> None:
+    def _finalize(self, t: int, fwd: torch.Tensor | None, bwd: torch.Tensor | None,
+                  bwd_scores: np.ndarray | None = None) -> None:
         """Choose, per object, the pass whose prompt is nearer; then resolve objects by logit."""
         merged = torch.empty((len(self.obj_ids), self.h, self.w))
         for o, obj_id in enumerate(self.obj_ids):

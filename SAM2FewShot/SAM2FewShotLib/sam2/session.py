@@ -6,8 +6,6 @@ method on the same volume) does not encode the volume again.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ..io.normalization import Normalization
@@ -30,10 +28,10 @@ class VolumeSession:
         volume: Volume,
         axis: str | int = "auto",
         normalization: Normalization = Normalization(),
-        batch_size: Optional[int] = None,  # frames per encoder batch (default: frames.frames_per_batch)
+        batch_size: int | None = None,  # frames per encoder batch (default: frames.frames_per_batch)
         feature_budget_bytes: int = DEFAULT_MEMORY_BYTES,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
-        supports: Optional[SupportFeatureStore] = None,
+        supports: SupportFeatureStore | None = None,
     ):
         self.predictor = predictor
         self.volume = volume

@@ -13,7 +13,6 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 from ..common.digests import text_digest
 from ..common.progress import ENCODE_SUPPORTS
@@ -29,7 +28,7 @@ DEFAULT_DISK_BUDGET = 4 << 30  # bytes of saved support features kept in the fol
 class SupportFeatureStore:
     """Support feature caches by content key: ``keep`` in memory, complete ones saved to ``folder``."""
 
-    def __init__(self, predictor, folder: Optional[Path] = None, keep: int = 2, batch_size: Optional[int] = None,
+    def __init__(self, predictor, folder: Path | None = None, keep: int = 2, batch_size: int | None = None,
                  max_bytes: int = DEFAULT_MEMORY_BYTES, spill_bytes: int = DEFAULT_SPILL_BYTES,
                  disk_budget: int = DEFAULT_DISK_BUDGET):
         self.predictor = predictor
@@ -37,9 +36,9 @@ class SupportFeatureStore:
         self.keep = max(1, keep)
         self.batch_size = batch_size or frames_per_batch(predictor.device)
         self.max_bytes, self.spill_bytes, self.disk_budget = max_bytes, spill_bytes, disk_budget
-        self._caches: "OrderedDict[str, FeatureCache]" = OrderedDict()
+        self._caches: OrderedDict[str, FeatureCache] = OrderedDict()
         self._saved: set[str] = set()
-        self._model_id: Optional[str] = None
+        self._model_id: str | None = None
         self.restored = 0  # sets read back from the folder
 
     def cache(self, key: str, frames: FrameSource) -> FeatureCache:
@@ -79,7 +78,7 @@ class SupportFeatureStore:
 
     # --- the folder -------------------------------------------------------------------------------
 
-    def _path(self, key: str) -> Optional[Path]:
+    def _path(self, key: str) -> Path | None:
         if self.folder is None:
             return None
         if self._model_id is None:  # features depend on the weights, the input size and the compute type
@@ -91,7 +90,7 @@ class SupportFeatureStore:
         name = text_digest(f"{self._model_id}|{key}", 32)
         return self.folder / f"{name}.features"
 
-    def _restore(self, key: str, cache: FeatureCache) -> Optional[bool]:
+    def _restore(self, key: str, cache: FeatureCache) -> bool | None:
         """True when the saved set was read into ``cache``, False when it could not be (and is gone),
         None when there is none."""
         from .feature_files import FeatureFileError

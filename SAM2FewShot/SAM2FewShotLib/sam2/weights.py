@@ -14,11 +14,10 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Union
 
 from ..common.cache import cache_dir
-from ..common.errors import ModelError
 from ..common.digests import file_digest
+from ..common.errors import ModelError
 from ..common.files import replacing, write_json_atomic
 from ..common.progress import ProgressFn
 from .models import ModelSpec, get_spec
@@ -48,7 +47,7 @@ def read_manifest() -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _record(name: str, path: Path, sha256: str, source: Optional[str] = None) -> None:
+def _record(name: str, path: Path, sha256: str, source: str | None = None) -> None:
     """Note in the manifest that this file, as it is now, has this verified hash."""
     stat = path.stat()
     data = read_manifest()
@@ -72,7 +71,7 @@ def verify_file(path: Path, sha256: str) -> None:
                          "the file is damaged or not the published one")
 
 
-def known_sha256(name: str) -> Optional[str]:
+def known_sha256(name: str) -> str | None:
     """The hash a cached file must have: the published one, else the one recorded when it was fetched."""
     spec = get_spec(name)
     return spec.sha256 or read_manifest().get(name, {}).get("sha256")
@@ -100,7 +99,7 @@ def _trusted(name: str, path: Path) -> bool:
             and entry.get("mtime_ns") == stat.st_mtime_ns)
 
 
-def _checked_cache(name: str) -> Optional[Path]:
+def _checked_cache(name: str) -> Path | None:
     """The cached file when it is there and verified (hashing it once if the manifest cannot vouch)."""
     path = weights_path(name)
     if not path.is_file():
@@ -125,7 +124,7 @@ def is_offline(offline: bool = False) -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def download(name: str, offline: bool = False, progress: Union[bool, ProgressFn] = True) -> Path:
+def download(name: str, offline: bool = False, progress: bool | ProgressFn = True) -> Path:
     """The verified checkpoint of a registered model, from the cache or fetched from Hugging Face.
 
     ``progress``: True for the hub's console bar, False for none, or an engine progress callback.
@@ -171,7 +170,7 @@ def _expected_download_sha256(spec: ModelSpec) -> str:
     return expected
 
 
-def _hub_sha256(spec: ModelSpec) -> Optional[str]:
+def _hub_sha256(spec: ModelSpec) -> str | None:
     """The SHA-256 the hub lists for the file (its LFS object id), or None when it lists none."""
     from huggingface_hub import HfApi
 
@@ -185,7 +184,7 @@ def _hub_sha256(spec: ModelSpec) -> Optional[str]:
     return lfs.sha256.lower() if lfs is not None and lfs.sha256 else None
 
 
-def _fetch(spec: ModelSpec, progress: Union[bool, ProgressFn]) -> Path:
+def _fetch(spec: ModelSpec, progress: bool | ProgressFn) -> Path:
     from huggingface_hub import hf_hub_download
 
     folder = weights_dir() / spec.name
@@ -204,7 +203,7 @@ def _network_error(spec: ModelSpec, exc: Exception) -> ModelError:
                       f"sam2fewshot models import {spec.name} FILE (or pass --checkpoint FILE)")
 
 
-def progress_bar_class(progress: Union[bool, ProgressFn]):
+def progress_bar_class(progress: bool | ProgressFn):
     """The tqdm class hf_hub_download should use: the hub's own (True), silent (False), or a callback."""
     if progress is True:
         return None

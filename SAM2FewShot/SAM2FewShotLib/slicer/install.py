@@ -17,9 +17,9 @@ import re
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from ..common.errors import Cancelled, InputError
 
@@ -90,7 +90,7 @@ def at_least(version: str, minimum: str) -> bool:
     return a + (0,) * (width - len(a)) >= b + (0,) * (width - len(b))
 
 
-def installed_version(requirement: Requirement) -> Optional[str]:
+def installed_version(requirement: Requirement) -> str | None:
     """The installed version, or None when the module cannot be imported from this Python."""
     if importlib.util.find_spec(requirement.module) is None:
         return None
@@ -110,7 +110,7 @@ class InstallPlan:
         return bool(self.install or self.unfixable)
 
 
-def plan_install(versions: Optional[dict[str, Optional[str]]] = None,
+def plan_install(versions: dict[str, str | None] | None = None,
                  requirements: Sequence[Requirement] = REQUIREMENTS) -> InstallPlan:
     """What to install, given installed versions by distribution (None: missing; default: look)."""
     install, unfixable = [], []
@@ -126,7 +126,7 @@ def plan_install(versions: Optional[dict[str, Optional[str]]] = None,
     return InstallPlan(tuple(install), tuple(unfixable))
 
 
-def pip_commands(requirements: Sequence[Requirement], constraints: Optional[str] = None) -> list[list[str]]:
+def pip_commands(requirements: Sequence[Requirement], constraints: str | None = None) -> list[list[str]]:
     """pip install argument lists: --no-deps packages alone first, then the rest in one command,
     each with ``-c constraints`` when given. Slicer's own packages are never in them."""
     requirements = [r for r in requirements if not r.slicer_provides]
@@ -154,7 +154,7 @@ def constraints_text(installed: dict[str, str], installing: Sequence[Requirement
     return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()) if name not in ours)
 
 
-def host_problem(slicer_version: Sequence[int], python_version: Sequence[int]) -> Optional[str]:
+def host_problem(slicer_version: Sequence[int], python_version: Sequence[int]) -> str | None:
     """None on a 3D Slicer SAM2FewShot runs in, else one sentence saying why not (checked first,
     before anything is installed)."""
     if tuple(slicer_version[:2]) < MINIMUM_SLICER or tuple(python_version[:2]) < MINIMUM_PYTHON:
@@ -166,7 +166,7 @@ def host_problem(slicer_version: Sequence[int], python_version: Sequence[int]) -
     return None
 
 
-def torch_problem(version: Optional[str]) -> Optional[str]:
+def torch_problem(version: str | None) -> str | None:
     """None when the installed torch will do, else what is wrong with it."""
     if version is None:
         return "PyTorch is not installed"
@@ -176,12 +176,12 @@ def torch_problem(version: Optional[str]) -> Optional[str]:
     return None
 
 
-def torch_version() -> Optional[str]:
+def torch_version() -> str | None:
     """The installed torch's version without importing it (None when it is missing)."""
     return installed_version(Requirement("torch", "torch", "", "0"))
 
 
-def consent_text(plan: InstallPlan, torch_missing: Optional[str]) -> str:
+def consent_text(plan: InstallPlan, torch_missing: str | None) -> str:
     """The question shown before anything is installed."""
     lines = ["SAM2FewShot needs Python packages that are not installed in this 3D Slicer:", ""]
     if torch_missing:
@@ -255,7 +255,7 @@ class BackgroundDownload:
         self.name = name
         self.done = 0
         self.total = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.path = None
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(offline,), daemon=True)
@@ -277,7 +277,7 @@ class BackgroundDownload:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
     @property

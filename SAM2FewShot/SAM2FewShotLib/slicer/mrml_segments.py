@@ -8,9 +8,9 @@ right voxels of the query.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def register_segmentation_converters() -> None:
 
 
 def labels_from_segmentation(
-    seg_node, reference: Volume, segment_ids: Optional[Sequence[str]] = None
+    seg_node, reference: Volume, segment_ids: Sequence[str] | None = None
 ) -> LabelMap:
     """The chosen segments (all by default) as one label map on the ``reference`` grid.
 
@@ -146,7 +146,7 @@ def write_segments(seg_node, labels: LabelMap, targets: Mapping[int, str], refer
         return _apply_writes(seg_node, labels, writes, reference_node)
 
 
-def _apply_writes(seg_node, labels: LabelMap, writes: list["_Write"], reference_node) -> list[str]:
+def _apply_writes(seg_node, labels: LabelMap, writes: list[_Write], reference_node) -> list[str]:
     layer = _shared_layer(labels, [w.segment.value for w in writes], seg_node) if writes else None
     if reference_node is not None and not _reference_geometry_string(seg_node):
         seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
@@ -303,7 +303,7 @@ def _reference_geometry_string(seg_node) -> str:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _chosen_ids(seg_node, segment_ids: Optional[Sequence[str]]) -> list[str]:
+def _chosen_ids(seg_node, segment_ids: Sequence[str] | None) -> list[str]:
     present = list(seg_node.GetSegmentation().GetSegmentIDs())
     if segment_ids is None:
         return present
@@ -336,7 +336,7 @@ def _color(segment) -> tuple[float, float, float]:
     return tuple(float(np.clip(c, 0.0, 1.0)) for c in segment.GetColor())
 
 
-def _terminology(segment) -> Optional[str]:
+def _terminology(segment) -> str | None:
     return segment_tag(segment, segment.GetTerminologyEntryTagName()) or None
 
 

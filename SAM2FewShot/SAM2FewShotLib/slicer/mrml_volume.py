@@ -8,7 +8,7 @@ of the engine never needs it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def node_ijk_to_ras(node) -> np.ndarray:
     return matrix_to_numpy(matrix)
 
 
-def linear_to_world(node) -> Optional[np.ndarray]:
+def linear_to_world(node) -> np.ndarray | None:
     """The node-to-world matrix of its parent transforms (identity without one), None if non-linear."""
     parent = node.GetParentTransformNode()
     if parent is None:

@@ -12,9 +12,9 @@ import enum
 import importlib.util
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -49,9 +49,9 @@ NORMALIZATIONS = ("auto", *CT_PRESETS, "mr")
 NOT_AVAILABLE = "Not available in this version of the engine."
 
 
-def method_availability(worker_methods: Sequence[str] = WORKER_METHODS) -> dict[str, Optional[str]]:
+def method_availability(worker_methods: Sequence[str] = WORKER_METHODS) -> dict[str, str | None]:
     """Method -> None when usable, else why not: the worker must run it and the engine must have it."""
-    status: dict[str, Optional[str]] = {}
+    status: dict[str, str | None] = {}
     for method in METHODS.values():  # in the order the panel lists them
         present = importlib.util.find_spec(method.module_name) is not None
         status[method.key] = None if method.key in worker_methods and present else NOT_AVAILABLE
@@ -82,22 +82,22 @@ class PanelChoices:
     model: str = DEFAULT_MODEL
     device: str = ModelOptions.device
     precision: str = "default"
-    checkpoint: Optional[str] = None
-    image_size: Optional[int] = None
+    checkpoint: str | None = None
+    image_size: int | None = None
     random_weights: bool = False
     offline: bool = False
     seed: int = ModelOptions.seed
     axis: str = FrameOptions.axis
     normalization: str = FrameOptions.normalization
-    slice_range: Optional[tuple[int, int]] = None
+    slice_range: tuple[int, int] | None = None
     scheme: str = _FEWSHOT.scheme
     augmentations: int = _FEWSHOT.augmentations
     top_k: int = _FEWSHOT.top_k
 
 
 def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
-              prompt_labels: Optional[Path] = None, supports: Sequence[tuple[Path, Path]] = (),
-              library: Optional[str] = None, params: Optional[dict] = None) -> Job:
+              prompt_labels: Path | None = None, supports: Sequence[tuple[Path, Path]] = (),
+              library: str | None = None, params: dict | None = None) -> Job:
     """The worker job for a run whose inputs were written into ``folder`` (``params``: the method's
     parameters the panel does not show, e.g. a refine's prompt slices)."""
     method = get_method(choices.method)
@@ -182,7 +182,8 @@ def format_slices(slices: Sequence[int], limit: int = 12) -> str:
 # --- geometry -----------------------------------------------------------------------------------
 
 
-def slice_center_ras(ijk_to_ras: np.ndarray, shape_kji: Sequence[int], axis: int, index: int) -> tuple[float, float, float]:
+def slice_center_ras(ijk_to_ras: np.ndarray, shape_kji: Sequence[int], axis: int,
+                     index: int) -> tuple[float, float, float]:
     """World (RAS) position of the centre of slice ``index`` along numpy ``axis``: where views jump."""
     centre_kji = [(n - 1) / 2.0 for n in shape_kji]
     centre_kji[axis] = float(index)
@@ -256,8 +257,8 @@ class LibraryScan:
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.result: Optional[str] = None
-        self.thread_id: Optional[int] = None
+        self.result: str | None = None
+        self.thread_id: int | None = None
         self._thread = threading.Thread(target=self._scan, name="sam2fewshot-library-scan", daemon=True)
         self._thread.start()
 
@@ -272,7 +273,7 @@ class LibraryScan:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def wait(self, timeout: Optional[float] = None) -> Optional[str]:
+    def wait(self, timeout: float | None = None) -> str | None:
         self._thread.join(timeout)
         return self.result
 

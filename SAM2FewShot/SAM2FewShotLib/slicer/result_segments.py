@@ -9,8 +9,8 @@ undo it, whether or not the Segment Editor is open. No Qt: tested headless on Sl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from ..io.volume import LabelMap
 from .mrml_segments import (
@@ -75,12 +75,13 @@ def run_segments(node) -> dict[str, str]:
     for n in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(n)
         if segment_tag(segment, RUN_TAG):
-            written.setdefault(segment_tag(segment, STRUCTURE_TAG) or segment.GetName(), segmentation.GetNthSegmentID(n))
+            written.setdefault(segment_tag(segment, STRUCTURE_TAG) or segment.GetName(),
+                               segmentation.GetNthSegmentID(n))
     return written
 
 
 def insert(labels: LabelMap, query_node, output_node=None, run_id: str = "run",
-           targets: Optional[Mapping[int, str]] = None, show_3d: bool = False) -> Change:
+           targets: Mapping[int, str] | None = None, show_3d: bool = False) -> Change:
     """Put a run's labels into ``output_node`` (the query's output segmentation when None; made here
     when there is none yet), in one step.
 
@@ -105,12 +106,13 @@ def insert(labels: LabelMap, query_node, output_node=None, run_id: str = "run",
         remove = [i for name, i in earlier.items() if name not in names]
     else:
         remove = []
-    change = Change(output_node, created, [], replaced=[snapshot_segment(output_node, i) for i in targets.values() if i],
+    change = Change(output_node, created, [],
+                    replaced=[snapshot_segment(output_node, i) for i in targets.values() if i],
                     removed=[snapshot_segment(output_node, i) for i in remove])
     before = set(_ids(segmentation))
     try:
         change.written = write_segments(output_node, labels, targets, query_node, remove)
-        for segment_id, structure in zip(change.written, labels.segments):
+        for segment_id, structure in zip(change.written, labels.segments, strict=True):
             segmentation.GetSegment(segment_id).SetTag(RUN_TAG, run_id)
             segmentation.GetSegment(segment_id).SetTag(STRUCTURE_TAG, structure.name)
     except BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from ..common.errors import InputError
 from ..io.slicing import plane_of_axis, slicing_axis
@@ -19,8 +19,8 @@ from ..run.protocol import describe_devices
 from ..run.reports import SliceFlag, low_confidence_slices, report_axis
 from ..sam2.estimate import ESTIMATE_PREFIX
 from . import panel, result_segments, scene_io
-from .result_segments import Change
 from .panel import PanelChoices
+from .result_segments import Change
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class RunController:
         self.on_progress, self.on_log, self.on_finished = on_progress, on_log, on_finished
         self.before_insert = before_insert  # e.g. let the Segment Editor save an undo state
         self.client = None
-        self.run: Optional[scene_io.PendingRun] = None
-        self.last: Optional[scene_io.Inserted] = None
+        self.run: scene_io.PendingRun | None = None
+        self.last: scene_io.Inserted | None = None
         self.changes: list[Change] = []  # insertions that can be undone, the latest last
         self.cancelled = False
         self.estimate = ""  # shown beside the progress: "Expected time: about 8 min more on this CPU ..."
@@ -59,8 +59,8 @@ class RunController:
         return 0.0 if self.run is None else time.monotonic() - self.run.start_time
 
     def check_run(self, choices: PanelChoices, query_node, segmentation_node=None,
-                  segment_ids: Optional[Sequence[str]] = None, support_volume_node=None,
-                  library_folder: Optional[str] = None) -> scene_io.RunInputs:
+                  segment_ids: Sequence[str] | None = None, support_volume_node=None,
+                  library_folder: str | None = None) -> scene_io.RunInputs:
         """The run's inputs read from the scene: InputError now, before any install or download."""
         if self.is_running:
             raise InputError("a run is in progress: cancel it first")
@@ -74,9 +74,9 @@ class RunController:
                                       support_volume_node, library_folder)
 
     def start_run(self, choices: PanelChoices, query_node, segmentation_node=None,
-                  segment_ids: Optional[Sequence[str]] = None, support_volume_node=None,
-                  library_folder: Optional[str] = None, output_node=None,
-                  inputs: Optional[scene_io.RunInputs] = None) -> str:
+                  segment_ids: Sequence[str] | None = None, support_volume_node=None,
+                  library_folder: str | None = None, output_node=None,
+                  inputs: scene_io.RunInputs | None = None) -> str:
         """Submit the job (inputs read now unless ``check_run`` gave them); InputError before anything starts.
 
         The result goes into ``output_node``, or the query's own output segmentation when None.
@@ -87,7 +87,8 @@ class RunController:
         return self._submit(choices, query_node, inputs, output_node, scene_io.prompt_slices_of(inputs, axis))
 
     def can_refine(self) -> bool:
-        return (self.last is not None and not self.is_running and result_segments.same_node(self.scene, self.last.output_node)
+        return (self.last is not None and not self.is_running
+                and result_segments.same_node(self.scene, self.last.output_node)
                 and result_segments.same_node(self.scene, self.last.query_node))
 
     def start_refine(self, choices: PanelChoices) -> str:

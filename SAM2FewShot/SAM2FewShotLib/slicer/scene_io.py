@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,9 +22,8 @@ from ..methods.registry import MethodSpec
 from ..run.reports import report_axis
 from .mrml_segments import labels_from_segmentation
 from .mrml_volume import volume_from_node
-from .result_segments import Change, insert, same_node
 from .panel import edited_slices, library_cases, slice_center_ras
-
+from .result_segments import Change, insert, same_node
 
 
 @dataclass
@@ -32,9 +31,9 @@ class RunInputs:
     """What a job segments: the query, and its prompts (propagate) or support cases."""
 
     query: Volume
-    prompts: Optional[LabelMap] = None
+    prompts: LabelMap | None = None
     supports: list = field(default_factory=list)  # (Volume, LabelMap) from the scene or (Path, Path) from a library
-    library: Optional[str] = None  # retrieval: the library folder itself, indexed by the worker
+    library: str | None = None  # retrieval: the library folder itself, indexed by the worker
     mask_slices: str = ""  # propagate: each label's prompt slices, when not all slices with voxels (a refine)
     plane: str = "auto"  # propagate: the plane the prompt masks were drawn in (io/slicing.prompt_plane)
 
@@ -54,7 +53,7 @@ class PendingRun:
     query: Volume
     output_node: object  # the segmentation chosen in the panel, None for the query's own output
     prompt_slices: dict  # label value -> the slices that were its prompts (propagate)
-    targets: Optional[dict]  # a refine: label value -> the segment id it replaces
+    targets: dict | None  # a refine: label value -> the segment id it replaces
     start_time: float
 
 
@@ -69,11 +68,11 @@ class Inserted:
     query: Volume
     report: dict
     prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
-    change: Optional[Change] = None  # what the insertion changed, for the panel's message and undo
+    change: Change | None = None  # what the insertion changed, for the panel's message and undo
 
 
-def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Optional[Sequence[str]] = None,
-                  support_volume_node=None, library_folder: Optional[str] = None) -> RunInputs:
+def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Sequence[str] | None = None,
+                  support_volume_node=None, library_folder: str | None = None) -> RunInputs:
     """Read a run's inputs from the scene (nothing is changed); InputError for anything missing."""
     if query_node is None:
         raise InputError("select the query volume to segment")
@@ -97,7 +96,7 @@ def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segmen
     return RunInputs(query, supports=[(image, labels)])
 
 
-def write_inputs(inputs: RunInputs, folder: Path) -> tuple[Path, Optional[Path], list[tuple[Path, Path]]]:
+def write_inputs(inputs: RunInputs, folder: Path) -> tuple[Path, Path | None, list[tuple[Path, Path]]]:
     """The job's files in its private folder: query, prompt labels, supports (library files as they are)."""
     from ..io.volume_io import write_labels, write_volume
 
@@ -123,7 +122,7 @@ def prompt_slices_of(inputs: RunInputs, axis: int) -> dict[int, frozenset]:
             for s in inputs.prompts.segments}
 
 
-def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Optional[Inserted] = None,
+def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted | None = None,
                show_3d: bool = False, run_name: str = "run") -> Inserted:
     """The worker's result into the scene in one step, only if the run's nodes are still the very
     nodes it started with; a failure leaves the scene as it was."""
@@ -139,7 +138,7 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Optional[I
     else:
         ids, prompt_slices = [], {}
     ids += [i for i in change.written if i not in ids]
-    for segment, segment_id in zip(labels.segments, change.written):
+    for segment, segment_id in zip(labels.segments, change.written, strict=True):
         prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
     inserted = labels_from_segmentation(node, run.query, ids)
     return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, report,

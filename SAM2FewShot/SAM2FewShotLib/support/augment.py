@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +65,7 @@ def augment_slices(
     copies: int,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    params: Optional[AugmentParams] = None,
+    params: AugmentParams | None = None,
 ) -> Augmented:
     """``copies`` versions of each (image, mask) pair, the first unchanged; same seed, same copies."""
     if images.ndim != 3 or masks.shape != images.shape:
@@ -90,7 +89,8 @@ def augment_slices(
         theta = _sampling_theta(draws[copy > 0, :5], h, w).to(device)
         grid = F.affine_grid(theta, [int(moved.sum()), 1, h, w], align_corners=False)
         warped = F.grid_sample(img[moved][:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        warped_m = F.grid_sample(msk[moved][:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        warped_m = F.grid_sample(msk[moved][:, None].float(), grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
         jittered = _jitter(warped[:, 0], draws[copy > 0, 5:].to(device), seed)
         out_img[moved] = jittered
         out_msk[moved] = warped_m[:, 0] >= 0.5

@@ -14,8 +14,6 @@ patch-level iBOT loss for dense tasks. ``pooling="mean"`` is there for compariso
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 import torch.nn.functional as F
 
@@ -90,8 +88,8 @@ class DINOv2Features:
 
     name = "dinov2"
 
-    def __init__(self, model: torch.nn.Module, device: Union[str, torch.device] = "cpu", batch_size: int = 16,
-                 pooling: str = "cls", label: str = "dinov2", precision: Optional[str] = None):
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 16,
+                 pooling: str = "cls", label: str = "dinov2", precision: str | None = None):
         from ..sam2.devices import resolve_precision
 
         if pooling not in POOLINGS:
@@ -102,7 +100,7 @@ class DINOv2Features:
         self.batch_size = max(1, int(batch_size))
         self.pooling = pooling
         self.label = label
-        self._key: Optional[str] = None
+        self._key: str | None = None
 
     @property
     def key(self) -> str:
@@ -130,8 +128,8 @@ class DINOv2Features:
         return F.normalize(torch.cat(out), dim=1) if out else torch.zeros((0, dim))
 
 
-def make_dinov2_features(name: str = "dinov2-small", model: Optional[torch.nn.Module] = None, offline: bool = False,
-                         progress=True, device: Union[str, torch.device] = "cpu", batch_size: int = 16,
+def make_dinov2_features(name: str = "dinov2-small", model: torch.nn.Module | None = None, offline: bool = False,
+                         progress=True, device: str | torch.device = "cpu", batch_size: int = 16,
                          pooling: str = "cls", random_weights: bool = False, seed: int = 0) -> DINOv2Features:
     """Features of a named variant: ``model`` as given, seeded random weights, or the pretrained ones."""
     _check_name(name)

@@ -9,7 +9,7 @@ the memory policy (support/memory.py).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,8 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
     wanted = {seg.value for seg in segments}
     images, masks, structure, meta = [], [], [], []
     for case, support in enumerate(supports):
-        image, labels = support_in_query_frame(support.image, support.labels, query, axis)  # the same objects when aligned
+        # the same objects when aligned
+        image, labels = support_in_query_frame(support.image, support.labels, query, axis)
         image01 = VolumeSlices(image.array, axis, session.normalization)  # percentiles: each support its own
         present = sorted(wanted & set(np.unique(labels.volume.array).tolist()))
         if not present:
@@ -120,8 +121,8 @@ def _offset_mm(image: Volume, axis: int, index: int, normal: np.ndarray) -> floa
 
 
 def match_entries(session: VolumeSession, entries: SupportEntries, support_cache: FeatureCache, features: str,
-                  position_weight: float, top_k: int, progress: Optional[ProgressFn] = None,
-                  frame_range: Optional[tuple[int, int]] = None) -> Matches:
+                  position_weight: float, top_k: int, progress: ProgressFn | None = None,
+                  frame_range: tuple[int, int] | None = None) -> Matches:
     """Top-k support entries of each structure for every query slice, by SAM2's encoder features (which
     propagation needs anyway) or by intensity."""
     from .features import IntensityFeatures

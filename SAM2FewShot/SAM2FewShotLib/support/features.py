@@ -7,7 +7,8 @@ anyway), plain intensities (NCC, CPU-quick), or others registered later (DINOv2 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ class SAM2Features:
         return F.normalize(self.embed_fn(images).float(), dim=1)
 
 
-def sam2_embed_fn(predictor, device: torch.device | str = "cpu", batch_size: Optional[int] = None) -> EmbedFn:
+def sam2_embed_fn(predictor, device: torch.device | str = "cpu", batch_size: int | None = None) -> EmbedFn:
     """An embed_fn running the predictor's image encoder in batches (default: as the feature cache
     does, sam2/frames.frames_per_batch), for slices no cache holds.
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..common.digests import files_digest, json_digest
 from ..common.context import RunContext
+from ..common.digests import files_digest, json_digest
 from ..common.errors import InputError, ModelError
 from ..common.files import replacing
 from ..common.progress import FIT_LORA
@@ -203,7 +203,7 @@ def adapter_key(support_digest: str, model_name: str, settings: LoraSettings, se
     return json_digest(context)
 
 
-def cache_path(key: str, folder: Optional[Path] = None) -> Path:
+def cache_path(key: str, folder: Path | None = None) -> Path:
     from ..common.cache import cache_dir
 
     return Path(folder or cache_dir() / "lora") / f"{key}.safetensors"
@@ -243,7 +243,7 @@ def adapters_for(
     supports: Sequence[SupportCase],
     settings: LoraSettings,
     key: str,
-    folder: Optional[Path] = None,
+    folder: Path | None = None,
     context: RunContext = RunContext(),
 ) -> tuple[LoraAdapters, bool]:
     """The cached adapters for this key, or new ones fitted and saved; True when they came from the cache."""

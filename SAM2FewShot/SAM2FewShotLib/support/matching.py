@@ -9,7 +9,6 @@ its middle, even when the intensities correlate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -36,10 +35,10 @@ class Matches:
 def match_slices(
     query_emb: torch.Tensor,
     support_emb: torch.Tensor,
-    query_positions: Optional[np.ndarray] = None,
-    support_positions: Optional[np.ndarray] = None,
+    query_positions: np.ndarray | None = None,
+    support_positions: np.ndarray | None = None,
     position_weight: float = 0.0,
-    structure_ids: Optional[np.ndarray] = None,
+    structure_ids: np.ndarray | None = None,
     top_k: int = 1,
 ) -> Matches:
     """Rank support entries for every query slice, per structure when ``structure_ids`` is given.
@@ -80,7 +79,7 @@ def match_slices(
     return out
 
 
-def relative_positions(count: int, start: Optional[int] = None, end: Optional[int] = None) -> np.ndarray:
+def relative_positions(count: int, start: int | None = None, end: int | None = None) -> np.ndarray:
     """Query slice indices mapped to 0 at ``start`` and 1 at ``end`` (the whole volume by default).
 
     Slices outside the range fall below 0 or above 1, so the prior keeps pushing them outwards.

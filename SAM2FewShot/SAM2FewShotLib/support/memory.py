@@ -14,7 +14,6 @@ that published constructions are reproduced exactly (methods/presets.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ class SupportMemoryPolicy(MemoryPolicy):
     def __init__(self, support: SupportEntries, matches: Matches, num_query: int,
                  scheme: str = "video+memory", neighbours: int = 1, max_memories: int = 3,
                  placement: str = "behind", passes: str = "both",
-                 frame_range: Optional[tuple[int, int]] = None):
+                 frame_range: tuple[int, int] | None = None):
         if scheme not in SCHEMES:
             raise InputError(f"unknown scheme '{scheme}': use one of {', '.join(SCHEMES)}")
         if placement not in PLACEMENTS:
@@ -59,14 +58,14 @@ class SupportMemoryPolicy(MemoryPolicy):
         self.placement, self.passes = placement, passes
         self.lo, self.hi = frame_range if frame_range is not None else (0, num_query - 1)
         self.obj_ids = tuple(sorted(matches.entries))
-        self.state: Optional[dict] = None  # the inference state the entries were added to
+        self.state: dict | None = None  # the inference state the entries were added to
 
     def prepare(self, predictor, state: dict) -> None:
         """Every entry some query slice uses becomes a mask-prompted conditioning frame of its
         structure's object, added as stock sam2 adds a mask (``add_new_mask``; the memory is encoded
         when propagation starts): support frames follow the query's in the stacked cache."""
         self.state = state
-        for obj_idx, value in enumerate(self.obj_ids):
+        for value in self.obj_ids:
             for m in np.unique(self.matches.entries[value]):
                 predictor.add_new_mask(state, self.n + int(m), value, self.support.masks[int(m)])
 
@@ -106,7 +105,7 @@ class SupportMemoryPolicy(MemoryPolicy):
     def cond_outputs(self, obj_idx: int, frame: int, reverse: bool, prompts: dict) -> dict:
         return {t: self.output(obj_idx, m) for t, m in self.placed(obj_idx, frame, reverse).items()}
 
-    def video_length(self, obj_idx: int, frame: int) -> Optional[int]:
+    def video_length(self, obj_idx: int, frame: int) -> int | None:
         k = len(self.chosen(obj_idx, frame))
         if not self.temporal:  # pair and video: each slice is its own short video, its supports then it
             return k + 1
@@ -118,7 +117,7 @@ class SupportMemoryPolicy(MemoryPolicy):
         length = self.hi - self.lo + 1 + k
         return length if length > self.hi else None
 
-    def describe(self, obj_idx: int, frame: int) -> Optional[dict]:
+    def describe(self, obj_idx: int, frame: int) -> dict | None:
         value = self.obj_ids[obj_idx]
         best = int(self.matches.entries[value][frame, 0])
         entry = dict(self.support.meta[best]) if self.support.meta else {}

@@ -6,8 +6,8 @@ can prefer supports from the same part of the organ (its first slices look nothi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +39,9 @@ def select_support_slices(
     image01: np.ndarray | VolumeSlices,
     labels: LabelMap,
     axis: int,
-    per_structure: Optional[int] = 5,
+    per_structure: int | None = 5,
     case: int = 0,
-    structures: Optional[Sequence[int]] = None,
+    structures: Sequence[int] | None = None,
     rule: str = "spread",
 ) -> list[SupportSlice]:
     """Per structure, ``per_structure`` slices spread evenly over its extent, the largest always in;
@@ -100,7 +100,7 @@ def select_support_slices(
     return out
 
 
-def spread_indices(present: np.ndarray, areas: np.ndarray, count: Optional[int]) -> list[int]:
+def spread_indices(present: np.ndarray, areas: np.ndarray, count: int | None) -> list[int]:
     """``count`` of the ``present`` slice indices spread evenly, the one with the largest area included.
 
     Evenly means over the list of slices that contain the structure, so gaps do not waste picks.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS
@@ -26,7 +27,8 @@ def test_a_method_is_offered_exactly_when_the_worker_runs_it_and_the_engine_has_
     assert [m.key for m in METHODS.values()] == ["propagate", "matched-support", "retrieval", "registration",
                                                         "guided"]
     for method in METHODS.values():
-        has_it = method.key in protocol.METHODS and (ENGINE / "methods" / f"{method.key.replace('-', '_')}.py").is_file()
+        has_it = (method.key in protocol.METHODS
+                  and (ENGINE / "methods" / f"{method.key.replace('-', '_')}.py").is_file())
         assert (status[method.key] is None) == has_it, method.key
         if not has_it:
             assert "not available" in status[method.key].lower()
@@ -66,7 +68,8 @@ def test_remembered_settings_come_back_typed_and_messages_read_as_sentences():
 
 @pytest.mark.parametrize("make_error", [
     lambda: weights_module().ModelError("weights for sam2.1-tiny are not in the cache and cannot be downloaded "
-                                        "(offline): use --checkpoint FILE or sam2fewshot models import sam2.1-tiny FILE"),
+                                        "(offline): use --checkpoint FILE or sam2fewshot models import "
+                                        "sam2.1-tiny FILE"),
     lambda: weights_module()._network_error(get_spec("sam2.1-tiny"), TimeoutError("timed out")),
     lambda: prompt_plane_error(),
     lambda: InputError("invalid job: a retrieval job needs 'library'"),

@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from phantoms import REPO
 
 ROOT = REPO
@@ -59,7 +60,8 @@ API = {
 }
 SIGNALS = {
     "clicked(bool)": {"QPushButton"}, "toggled(bool)": {"QCheckBox", "QRadioButton", "QPushButton"},
-    "currentIndexChanged(int)": {"QComboBox"}, "editTextChanged(QString)": {"QComboBox"}, "activated(int)": {"QComboBox"},
+    "currentIndexChanged(int)": {"QComboBox"}, "editTextChanged(QString)": {"QComboBox"},
+    "activated(int)": {"QComboBox"},
     "valueChanged(int)": {"QSpinBox"}, "currentNodeChanged(vtkMRMLNode*)": {"qMRMLNodeComboBox"},
     "currentPathChanged(QString)": {"ctkPathLineEdit"}, "itemChanged(QListWidgetItem*)": {"QListWidget"},
     "cellClicked(int,int)": {"QTableWidget"},
@@ -106,7 +108,8 @@ def ui_attribute_uses(tree: ast.Module) -> list[tuple[str, str]]:
                    for t in a.targets if isinstance(t, ast.Name) and widget_of(a.value)}
         for node in ast.walk(function):
             if isinstance(node, ast.Attribute):
-                widget = widget_of(node.value) or (aliases.get(node.value.id) if isinstance(node.value, ast.Name) else None)
+                widget = widget_of(node.value) or (aliases.get(node.value.id) if isinstance(node.value, ast.Name)
+                                                   else None)
                 if widget:
                     uses.append((widget, node.attr))
     return uses
@@ -183,7 +186,8 @@ def test_the_code_uses_only_attributes_its_widgets_have():
 def parameter_annotations() -> dict[str, str]:
     """Parameter name -> its annotation's source, from the @parameterNodeWrapper class in logic.py."""
     for node in module_tree(LOGIC_FILE).body:
-        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", "") == "parameterNodeWrapper" for d in node.decorator_list):
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", "") == "parameterNodeWrapper"
+                                                  for d in node.decorator_list):
             return {a.target.id: ast.unparse(a.annotation) for a in node.body if isinstance(a, ast.AnnAssign)}
     raise AssertionError("logic.py has no @parameterNodeWrapper class")
 
@@ -208,8 +212,8 @@ def test_bound_widgets_are_parameters_of_a_type_slicer_510_can_connect():
     widgets = ui_widgets()
     for call in (n for n in ast.walk(module_tree()) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
         target = call.func.value
-        if call.func.attr == "connect" and isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) \
-                and target.value.attr == "ui":
+        if call.func.attr == "connect" and isinstance(target, ast.Attribute) \
+                and isinstance(target.value, ast.Attribute) and target.value.attr == "ui":
             signal = call.args[0].value
             assert widgets[target.attr] in SIGNALS[signal], f"{target.attr} ({widgets[target.attr]}) has no {signal}"
 
@@ -235,7 +239,8 @@ def test_ui_is_well_formed_and_uses_known_slicer_and_ctk_widgets():
 def test_every_node_selector_gets_the_scene():
     root = ET.parse(UI_FILE).getroot()
     fed = {c.findtext("receiver") for c in root.iter("connection")
-           if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+           if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+           and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     selectors = {n for n, c in ui_widgets().items() if c == "qMRMLNodeComboBox"}
     assert selectors and selectors == fed, f"node selectors without a scene: {selectors - fed}"
     for widget in root.iter("widget"):
@@ -273,7 +278,8 @@ def test_top_level_cmakelists_carries_the_extension_metadata():
 
 
 def test_icons_are_128_pixel_pngs_and_the_same_picture():
-    module_icon, extension_icon = MODULE_DIR / "Resources/Icons/SAM2FewShot.png", ROOT / "Resources/Icons/SAM2FewShot.png"
+    module_icon, extension_icon = (MODULE_DIR / "Resources/Icons/SAM2FewShot.png",
+                                   ROOT / "Resources/Icons/SAM2FewShot.png")
     assert png_size(module_icon) == (128, 128) == png_size(extension_icon)
     assert module_icon.read_bytes() == extension_icon.read_bytes()
 
@@ -335,7 +341,8 @@ def _check_engine_names(tree: ast.Module) -> int:
     import importlib
     import types
 
-    used = {(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    used = {(n.value.id, n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
     checked = 0
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("SAM2FewShotLib"):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from phantoms import REPO
 from SAM2FewShotLib.common.cache import CACHE_ENV
 from SAM2FewShotLib.common.errors import InputError, ModelError

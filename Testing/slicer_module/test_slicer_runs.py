@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+
 from phantoms import REPO, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap
@@ -22,16 +23,16 @@ slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
 
-from SAM2FewShotLib.run.client import WorkerClient
-from SAM2FewShotLib.slicer import panel, result_segments, scene_io
-from SAM2FewShotLib.slicer.mrml_segments import (
+from SAM2FewShotLib.run.client import WorkerClient  # noqa: E402 - once slicer-core is known to be there
+from SAM2FewShotLib.slicer import panel, result_segments, scene_io  # noqa: E402 - once slicer-core is known to be there
+from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402 - once slicer-core is known to be there
     add_labels_to_segmentation,
     labels_from_segmentation,
     register_segmentation_converters,
     write_segments,
 )
-from SAM2FewShotLib.slicer.mrml_volume import volume_to_node
-from SAM2FewShotLib.slicer.runs import RunController
+from SAM2FewShotLib.slicer.mrml_volume import volume_to_node  # noqa: E402 - once slicer-core is known to be there
+from SAM2FewShotLib.slicer.runs import RunController  # noqa: E402 - once slicer-core is known to be there
 
 SHAPE = (8, 32, 32)  # 8 slices along k, the thick-slice (auto) axis
 PROMPTED = 4
@@ -80,7 +81,8 @@ def world():
     prompt = np.zeros_like(truth.volume.array)
     prompt[PROMPTED] = truth.volume.array[PROMPTED]
     prompts_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "prompts")
-    ids = add_labels_to_segmentation(prompts_node, LabelMap(truth.volume.with_array(prompt), truth.segments), query_node)
+    ids = add_labels_to_segmentation(prompts_node, LabelMap(truth.volume.with_array(prompt), truth.segments),
+                                     query_node)
     recorder = Recorder()
     controller = make_controller(scene, recorder)
     yield dict(scene=scene, image=image, truth=truth, prompt=prompt, query=query_node, prompts=prompts_node, ids=ids,

@@ -1,4 +1,4 @@
-"""The MRML bridge against Slicer's real MRML (the slicer-core wheel) on a real vtkMRMLScene.
+"""The MRML bridge for segmentations, against Slicer's real MRML (the slicer-core wheel) on a real vtkMRMLScene.
 
 Voxels are checked with Slicer's own exporter (vtkSlicerSegmentationsModuleLogic::
 ExportSegmentsToLabelmapNode) as the independent oracle wherever the bridge writes.
@@ -8,31 +8,40 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from phantoms import OBLIQUE, RAS_FLIP, phantom, rotation
+
+from mrml_oracle import (
+    HAVE_MRML,
+    LIVER_TERM,
+    constant_warp,
+    exported,
+    import_user_segments,
+    linear_transform,
+    mask_of,
+    moved_labels,
+    named_labels,
+    quarter_turn_about_voxel,
+    segment_names,
+    shear_by_voxels,
+    translation_by_voxels,
+)
+from phantoms import OBLIQUE, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
-
-try:
-    import slicer
-
-    HAVE_MRML = hasattr(slicer, "vtkMRMLScene")
-except ImportError:
-    HAVE_MRML = False
 
 pytestmark = pytest.mark.skipif(not HAVE_MRML, reason="Slicer's MRML is not importable (pip install slicer-core)")
 
 if HAVE_MRML:
+    import slicer
     import vtk
+
     from SAM2FewShotLib.slicer.mrml_segments import (
         add_labels_to_segmentation,
         labels_from_segmentation,
         register_segmentation_converters,
         segmentation_geometry_matches,
     )
-    from SAM2FewShotLib.slicer.mrml_volume import volume_from_node, volume_to_node
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from SAM2FewShotLib.slicer.mrml_volume import volume_to_node
 
-LIVER_TERM = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
 
 
 @pytest.fixture
@@ -41,221 +50,8 @@ def scene():
     return slicer.vtkMRMLScene()
 
 
-# --- helpers: MRML done the plain Slicer way, independent of the bridge ----------------------------
-
-def ijk_to_ras_of(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def exported(scene, seg_node, segment_ids, reference_node) -> np.ndarray:
-    """Slicer's own export of the segments (values 1..N in that order) on the reference grid."""
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "oracle")
-    ids = vtk.vtkStringArray()
-    for segment_id in segment_ids:
-        ids.InsertNextValue(segment_id)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-        seg_node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-    )
-    image = labelmap.GetImageData()
-    i, j, k = image.GetDimensions()
-    out = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).copy()
-    scene.RemoveNode(labelmap)
-    return out
-
-
-def mask_of(scene, seg_node, segment_id, reference_node) -> np.ndarray:
-    return exported(scene, seg_node, [segment_id], reference_node) > 0
-
-
-def import_user_segments(seg_node, array: np.ndarray, volume: Volume, names: list[str]) -> list[str]:
-    """Segments made by Slicer's labelmap import (one shared layer), renamed like a user's."""
-    image = slicer.vtkOrientedImageData()
-    k, j, i = array.shape
-    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
-    image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(array, dtype=np.uint8).ravel(), deep=True))
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, volume.ijk_to_ras()[r, c])
-    image.SetGeometryFromImageToWorldMatrix(m)
-    segmentation = seg_node.GetSegmentation()
-    before = set(segmentation.GetSegmentIDs())
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, seg_node, "user", "")
-    new_ids = [s for s in segmentation.GetSegmentIDs() if s not in before]
-    for segment_id, name in zip(new_ids, names):
-        segmentation.GetSegment(segment_id).SetName(name)
-    return new_ids
-
-
-def segment_names(seg_node) -> list[str]:
-    segmentation = seg_node.GetSegmentation()
-    return [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
-
-
-def linear_transform(scene, matrix: np.ndarray):
-    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "t")
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, matrix[r, c])
-    node.SetMatrixTransformToParent(m)
-    return node
-
-
-def constant_warp(scene, shift_ras):
-    """A non-linear (grid) transform node that moves everything by ``shift_ras`` millimetres."""
-    grid = vtk.vtkImageData()
-    grid.SetOrigin(-120.0, -120.0, -120.0)
-    grid.SetSpacing(20.0, 20.0, 20.0)
-    grid.SetDimensions(13, 13, 13)
-    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    vtk_to_numpy(grid.GetPointData().GetScalars())[:] = shift_ras
-    warp = slicer.vtkOrientedGridTransform()
-    warp.SetDisplacementGridData(grid)
-    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
-    node.SetAndObserveTransformToParent(warp)
-    assert not node.IsTransformToWorldLinear()
-    return node
-
-
-def moved_labels(labels: np.ndarray, ijk_to_ras: np.ndarray, local_to_world: np.ndarray) -> np.ndarray:
-    """Where labels stored on the grid in a node's local frame appear on the same grid in world.
-
-    For transforms that map voxel centres onto voxel centres (whole-voxel shifts, 90-degree turns).
-    """
-    k, j, i = labels.shape
-    kk, jj, ii = np.meshgrid(np.arange(k), np.arange(j), np.arange(i), indexing="ij")
-    ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
-    source = np.linalg.inv(ijk_to_ras) @ np.linalg.inv(local_to_world) @ ijk_to_ras @ ijk
-    assert np.allclose(source, np.round(source), atol=1e-6)
-    si, sj, sk = np.round(source[:3]).astype(int)
-    inside = (si >= 0) & (si < i) & (sj >= 0) & (sj < j) & (sk >= 0) & (sk < k)
-    out = np.zeros(labels.size, dtype=labels.dtype)
-    out[inside] = labels[sk[inside], sj[inside], si[inside]]
-    return out.reshape(labels.shape)
-
-
-# --- volumes ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("direction", [np.eye(3), RAS_FLIP, OBLIQUE], ids=["lps", "ras", "oblique"])
-def test_volume_round_trip_is_exact(scene, direction):
-    image, _ = phantom(direction=direction)
-    node = volume_to_node(image, scene, "query")
-    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetScene() is scene
-    assert node.GetImageData().GetDimensions() == image.shape_ijk
-    assert np.allclose(ijk_to_ras_of(node), image.ijk_to_ras(), atol=1e-6)
-    back = volume_from_node(node)
-    assert back.array.dtype == image.array.dtype
-    assert np.array_equal(back.array, image.array)
-    assert np.allclose(back.spacing, image.spacing, atol=1e-6)
-    assert np.allclose(back.origin, image.origin, atol=1e-6)
-    assert np.allclose(back.direction, image.direction, atol=1e-6)
-    assert back.array is not image.array
-
-
-def test_volume_to_node_updates_an_existing_node(scene):
-    first, _ = phantom(shape_kji=(6, 20, 24))
-    second, _ = phantom(shape_kji=(8, 16, 18), spacing=(1.5, 1.5, 3.0), direction=OBLIQUE, seed=3)
-    node = volume_to_node(first, scene, "query")
-    again = volume_to_node(second, scene, "ignored", node=node)
-    assert again is node and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
-    back = volume_from_node(node)
-    assert np.array_equal(back.array, second.array) and back.same_grid(second, tol=1e-6)
-
-
-def test_display_windowing_does_not_change_voxels(scene):
-    image, _ = phantom()
-    node = volume_to_node(image, scene, "query")
-    display = node.GetDisplayNode()
-    display.AutoWindowLevelOff()
-    display.SetWindowLevel(10.0, 500.0)
-    assert np.array_equal(volume_from_node(node).array, image.array)
-
-
-def test_volume_under_a_transform_must_be_hardened_or_is_hardened_on_request(scene):
-    image, _ = phantom(direction=OBLIQUE)
-    node = volume_to_node(image, scene, "query")
-    to_parent = np.eye(4)
-    to_parent[:3, :3] = rotation("x", 30)
-    to_parent[:3, 3] = (5.0, -2.0, 7.5)
-    node.SetAndObserveTransformNodeID(linear_transform(scene, to_parent).GetID())
-    with pytest.raises(InputError, match="harden"):
-        volume_from_node(node)
-    hardened = volume_from_node(node, harden=True)
-    assert np.array_equal(hardened.array, image.array)
-    assert np.allclose(hardened.ijk_to_ras(), to_parent @ image.ijk_to_ras(), atol=1e-6)
-    assert np.allclose(ijk_to_ras_of(node), image.ijk_to_ras(), atol=1e-9)  # the node is untouched
-    other, _ = phantom(direction=RAS_FLIP, seed=5)
-    volume_to_node(other, scene, "ignored", node=node)  # written so that it lands right in world
-    assert volume_from_node(node, harden=True).same_grid(other, tol=1e-6)
-
-
-def test_non_linear_transform_is_resampled_on_request(scene):
-    image, _ = phantom(shape_kji=(8, 20, 24), spacing=(1.0, 1.0, 2.0))
-    node = volume_to_node(image, scene, "query")
-    shift = np.array([2.0, -3.0, 4.0])  # RAS mm: whole voxels along i, j and k
-    transform_node = constant_warp(scene, shift)
-    node.SetAndObserveTransformNodeID(transform_node.GetID())
-    with pytest.raises(InputError, match="harden"):
-        volume_from_node(node)
-    hardened = volume_from_node(node, harden=True)
-    # Every voxel of the hardened volume shows the original voxel that the warp moved there.
-    k, j, i = np.nonzero(hardened.array > 250)
-    ijk = np.stack([i, j, k, np.ones(i.size)])
-    world = hardened.ijk_to_ras() @ ijk
-    world[:3] -= shift[:, None]
-    src = np.round(np.linalg.inv(image.ijk_to_ras()) @ world).astype(int)
-    assert i.size > 100
-    assert np.allclose(hardened.array[k, j, i], image.array[src[2], src[1], src[0]], atol=1e-3)
-
-
-def test_image_extent_not_starting_at_zero_keeps_voxel_positions(scene):
-    image, _ = phantom(direction=OBLIQUE)
-    node = volume_to_node(image, scene, "query")
-    shifted = vtk.vtkImageData()
-    shifted.DeepCopy(node.GetImageData())
-    i, j, k = shifted.GetDimensions()
-    shifted.SetExtent(2, i + 1, 3, j + 2, 1, k)  # same voxels, indexed from IJK (2, 3, 1)
-    node.SetAndObserveImageData(shifted)
-    back = volume_from_node(node)
-    assert np.array_equal(back.array, image.array)
-    assert np.allclose(back.ijk_to_ras(), image.ijk_to_ras() @ translation_matrix(2, 3, 1), atol=1e-6)
-
-
-def test_integer_and_boolean_arrays_are_stored_in_vtk_types(scene):
-    image, labels = phantom()
-    wide = labels.volume.with_array(labels.volume.array.astype(np.int64) * 1000)
-    node = volume_to_node(wide, scene, "wide")
-    assert node.GetImageData().GetScalarType() == vtk.VTK_INT
-    assert np.array_equal(volume_from_node(node).array, wide.array)
-    flags = volume_to_node(labels.volume.with_array(labels.volume.array > 0), scene, "flags")
-    assert np.array_equal(volume_from_node(flags).array, (labels.volume.array > 0).astype(np.uint8))
-
-
-def translation_matrix(di: float, dj: float, dk: float) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, 3] = (di, dj, dk)
-    return matrix
-
-
-def test_non_scalar_nodes_are_refused(scene):
-    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    with pytest.raises(InputError, match="scalar volume"):
-        volume_from_node(seg_node)
-    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-    with pytest.raises(InputError, match="no voxels"):
-        volume_from_node(empty)
-
-
 # --- label maps -> segments ------------------------------------------------------------------------
 
-def named_labels(direction=OBLIQUE, n_objects=3) -> tuple[Volume, LabelMap]:
-    image, labels = phantom(direction=direction, n_objects=n_objects)
-    segments = [Segment(1, "liver", (0.86, 0.38, 0.26), LIVER_TERM), Segment(2, "spleen", (0.2, 0.5, 0.9))]
-    segments += [Segment(v, f"organ {v}", (0.1 * v, 0.2, 0.3)) for v in range(3, n_objects + 1)]
-    return image, LabelMap(labels.volume, tuple(segments))
 
 
 def test_segments_from_labels_carry_names_colours_terminology_and_exact_voxels(scene):
@@ -266,7 +62,7 @@ def test_segments_from_labels_carry_names_colours_terminology_and_exact_voxels(s
     segmentation = seg_node.GetSegmentation()
     assert len(ids) == 3 and list(segmentation.GetSegmentIDs()) == ids
     assert segment_names(seg_node) == ["liver", "spleen", "organ 3"]
-    for segment_id, expected in zip(ids, labels.segments):
+    for segment_id, expected in zip(ids, labels.segments, strict=True):
         segment = segmentation.GetSegment(segment_id)
         assert np.allclose(segment.GetColor(), expected.color)
         assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
@@ -418,28 +214,10 @@ def test_segmentation_on_another_grid_lands_on_the_query_voxels(scene):
     assert np.array_equal(labels_from_segmentation(fine_seg, image).volume.array, array)
 
 
-def translation_by_voxels(image: Volume, di: int, dj: int, dk: int) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, 3] = image.ijk_to_ras()[:3, :3] @ [di, dj, dk]
-    return matrix
 
 
-def quarter_turn_about_voxel(image: Volume, centre_ijk) -> np.ndarray:
-    """A 90-degree rotation about the K axis through a voxel centre (needs equal I and J spacing)."""
-    ijk_to_ras = image.ijk_to_ras()
-    turn = np.eye(4)
-    turn[:3, :3] = rotation("z", 90)  # in IJK: i -> j, j -> -i
-    centre = np.eye(4)
-    centre[:3, 3] = centre_ijk
-    return ijk_to_ras @ centre @ turn @ np.linalg.inv(centre) @ np.linalg.inv(ijk_to_ras)
 
 
-def shear_by_voxels(image: Volume) -> np.ndarray:
-    """A shear that moves each voxel by one voxel along I per voxel along K."""
-    ijk_to_ras = image.ijk_to_ras()
-    shear = np.eye(4)
-    shear[0, 2] = 1.0
-    return ijk_to_ras @ shear @ np.linalg.inv(ijk_to_ras)
 
 
 @pytest.mark.parametrize("motion", ["translation", "quarter_turn", "shear", "grid_warp"])
