@@ -191,8 +191,7 @@ def _entries(session: VolumeSession, support):
     supports = SupportCase.listed([support])
     segments = merged_segments(supports)
     p = INTENSITY
-    entries = support_entries(supports, session, segments, p.augmentations, p.slices_per_structure, False, p.seed,
-                              torch.device("cpu"))
+    entries = support_entries(supports, session, segments, p.augmentations, p.slices_per_structure, False, p.seed)
     return entries, match_entries(session, entries, None, p.features, p.position_weight, p.top_k)
 
 

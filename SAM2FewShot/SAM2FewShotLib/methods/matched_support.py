@@ -77,14 +77,14 @@ def segment_fewshot(session: VolumeSession, supports: Sequence[SupportCase], par
     segments = merged_segments(supports)
     predictor = session.predictor
     entries = support_entries(supports, session, segments, params.augmentations, params.slices_per_structure,
-                              params.selection == "middle", params.seed, predictor.device)
+                              params.selection == "middle", params.seed)
     key = bytes_digest(entries.images01.numpy().tobytes(), entries.masks.numpy().tobytes())
     cache = tally.watch(session.support_cache(key, FrameSource(entries.images01, predictor.image_size)))
     if params.selection == "middle":
         matches = fixed_matches(entries, session.num_slices, params.top_k)
     else:
         matches = match_entries(session, entries, cache, params.features, params.position_weight, params.top_k,
-                                context.progress, context.frame_range)
+                                context)
     conditioning = Conditioning(entries, matches, cache, segments, params.scheme)
     labels, report = segment_with_memories("matched-support", session, conditioning, params, context, tally)
     report["fewshot"] = {"scheme": params.scheme, "augmentations": params.augmentations,

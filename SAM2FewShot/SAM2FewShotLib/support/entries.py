@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..common.context import RunContext
 from ..common.errors import InputError
-from ..common.progress import ProgressFn
 from ..io.reorient import query_frame_shape, support_in_query_frame
 from ..io.volume import Segment, SupportCase, Volume
 from ..sam2.feature_cache import FeatureCache
@@ -63,7 +63,7 @@ def merged_segments(supports: Sequence[SupportCase]) -> tuple[Segment, ...]:
 
 
 def support_entries(supports: Sequence[SupportCase], session: VolumeSession, segments, augmentations: int,
-                    slices_per_structure: int, middle: bool, seed: int, device: torch.device) -> SupportEntries:
+                    slices_per_structure: int, middle: bool, seed: int) -> SupportEntries:
     """Representative support slices per structure (each structure's middle one when ``middle``, else
     spread over its extent), ``augmentations`` copies each, cut like the query's slices.
 
@@ -91,7 +91,7 @@ def support_entries(supports: Sequence[SupportCase], session: VolumeSession, seg
         picked = select_support_slices(image01, labels, axis, slices_per_structure, case, present,
                                        rule="middle" if middle else "spread")
         imgs, msks = stack_support(picked, size)
-        aug = augment_slices(imgs, msks, augmentations, seed=seed + case, device=device)
+        aug = augment_slices(imgs, msks, augmentations, seed=seed + case, device=session.predictor.device)
         for m in range(aug.images.shape[0]):
             src = picked[int(aug.source[m])]
             structure.append(src.value)
@@ -121,19 +121,18 @@ def _offset_mm(image: Volume, axis: int, index: int, normal: np.ndarray) -> floa
 
 
 def match_entries(session: VolumeSession, entries: SupportEntries, support_cache: FeatureCache, features: str,
-                  position_weight: float, top_k: int, progress: ProgressFn | None = None,
-                  frame_range: tuple[int, int] | None = None) -> Matches:
+                  position_weight: float, top_k: int, context: RunContext = RunContext()) -> Matches:
     """Top-k support entries of each structure for every query slice, by SAM2's encoder features (which
     propagation needs anyway) or by intensity."""
     from .features import IntensityFeatures
     from .matching import match_slices, relative_positions
 
     if features == "sam2":
-        q, s = session.cache.embed_all(progress=progress), support_cache.embed_all(progress=progress)
+        q, s = session.cache.embed_all(progress=context.progress), support_cache.embed_all(progress=context.progress)
     else:
         extractor = IntensityFeatures()
         q, s = extractor.embed(session.frames.slices01), extractor.embed(entries.images01)
-    positions = relative_positions(session.num_slices, *(frame_range or (None, None)))
+    positions = relative_positions(session.num_slices, *(context.frame_range or (None, None)))
     return match_slices(q, s, positions, np.array([m["relative_position"] for m in entries.meta]),
                         position_weight, entries.structure, top_k)
 
