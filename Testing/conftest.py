@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import SHARED_DATA  # noqa: E402
+from phantoms import SHARED_DATA, TEST_CONFIG, TEST_IMAGE_SIZE  # noqa: E402
 
 # Everything the engine keeps in the user cache (weights, saved support features, indexes, scratch)
 # goes to a folder of this test session, for this process and the subprocesses it starts.
@@ -42,8 +42,6 @@ def isolated_state(monkeypatch, tmp_path_factory):
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(itk_warnings)
 
-TEST_IMAGE_SIZE = 256  # the real sam2.1 tiny architecture, at a reduced input size for CPU speed
-TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root, wherever a test file sits below Testing/
 SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_IMAGE_SIZE = 256  # the real sam2.1 tiny architecture, at a reduced input size for CPU speed
+TEST_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:

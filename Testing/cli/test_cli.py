@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
 
-from phantoms import OBLIQUE, phantom
+from phantoms import OBLIQUE, TEST_CONFIG, TEST_IMAGE_SIZE, phantom
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 from SAM2FewShotLib.sam2.build import build_video_predictor

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CONFIG
 
-from phantoms import phantom
+from phantoms import TEST_CONFIG, phantom
 from SAM2FewShotLib.cli.main import build_parser, main
 from SAM2FewShotLib.cli.segment import request_from_args
 from SAM2FewShotLib.common.context import RunContext

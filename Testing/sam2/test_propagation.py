@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CONFIG, TEST_IMAGE_SIZE
 
-from phantoms import OBLIQUE, RAS_FLIP, phantom
+from phantoms import OBLIQUE, RAS_FLIP, TEST_CONFIG, TEST_IMAGE_SIZE, phantom
 from SAM2FewShotLib.common.context import RunContext
 from SAM2FewShotLib.common.errors import Cancelled, InputError
 from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CONFIG
 
-from phantoms import phantom
+from phantoms import TEST_CONFIG, phantom
 from SAM2FewShotLib.common.errors import ModelError
 from SAM2FewShotLib.methods.propagate import prompts_from_labels, segment_propagate
 from SAM2FewShotLib.sam2.build import build_video_predictor
