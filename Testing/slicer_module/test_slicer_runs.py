@@ -101,7 +101,19 @@ def applied(world):
     return world
 
 
-def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(world):
+@pytest.fixture
+def first_run(world):
+    """A query of its own and a fresh controller (its worker not started yet): a first Apply, whatever the
+    other tests of this module did before."""
+    recorder = Recorder()
+    controller = make_controller(world["scene"], recorder)
+    query = volume_to_node(world["image"], world["scene"], "first query")
+    yield {**world, "query": query, "controller": controller, "recorder": recorder}
+    controller.shutdown()
+
+
+def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(first_run):
+    world = first_run
     scene, controller, recorder = world["scene"], world["controller"], world["recorder"]
     nodes, folders = scene.GetNumberOfNodes(), job_folders()
     job_id = controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
@@ -117,7 +129,7 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(worl
     assert not folder.exists() and job_folders() == folders
     assert scene.GetNumberOfNodes() > nodes
     output = controller.output_node()
-    assert output.GetName() == "query SAM2FewShot"
+    assert output.GetName() == "first query SAM2FewShot"
     segments = [output.GetSegmentation().GetSegment(i) for i in controller.last.segment_ids]
     assert [s.GetName() for s in segments] == [s.name for s in world["truth"].segments]
     assert np.allclose(segments[0].GetColor(), world["truth"].segments[0].color)
