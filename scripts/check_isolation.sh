@@ -20,7 +20,7 @@ for file in "${files[@]}"; do
     status=FAILED
     failed+=("$file")
   fi
-  summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+ (passed|failed)|^(=+ )?[0-9]+ (passed|failed)|no tests ran|error' | tail -1)
+  summary=$(printf '%s\n' "$out" | grep -E '[0-9]+ (passed|failed|skipped|error)|no tests ran' | tail -1)
   seed=$(printf '%s\n' "$out" | grep -o 'randomly-seed=[0-9]*' | head -1)
   printf '%-7s %-55s %4ss  %s  %s\n' "$status" "$file" "$(( $(date +%s) - t0 ))" "$seed" "$summary"
 done
