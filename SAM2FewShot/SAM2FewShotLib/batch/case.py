@@ -35,13 +35,14 @@ def case_request(template: Request, case: Case, folder: Path, suffix: str) -> Re
 
 
 def run_case(runner, case: Case, template: Request, folder: Path, suffix: str, options: str,
-             progress: ProgressFn | None = None, tolerance_mm: float = 1.0) -> dict:
-    """Segment one case and write its outputs; the manifest record: done, or failed with its one line."""
+             progress: ProgressFn | None = None, tolerance_mm: float = 1.0, adopt: bool = False) -> dict:
+    """Segment one case and write its outputs; the manifest record: done, or failed with its one line.
+    ``adopt``: complete outputs already there may be taken as they are (Manifest.may_adopt)."""
     from ..run.outputs import write_outputs
     from ..run.worker import causes, error_message, is_out_of_memory
 
     request = case_request(template, case, folder, suffix)
-    adopted = completed_record(case, request, options)
+    adopted = completed_record(case, request, options) if adopt else None
     if adopted is not None:
         return adopted
     start = time.perf_counter()

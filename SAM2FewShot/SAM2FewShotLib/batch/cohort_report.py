@@ -13,8 +13,7 @@ from pathlib import Path
 from ..bench.results import write_plots
 from ..common.files import replacing
 from .cohort import Case
-
-CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "cohort.csv", "cohort.md", "cohort.png"
+from .manifest import CSV_NAME, MARKDOWN_NAME, PLOT_NAME
 
 
 def cohort_rows(cases: Sequence[Case], records: dict) -> tuple[list[str], list[dict]]:

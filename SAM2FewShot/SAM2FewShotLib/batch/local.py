@@ -4,7 +4,7 @@ case, and the next query is read and normalised while the model works on the cur
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +18,9 @@ PREFETCH_WAIT_S = 600.0  # the next query is read once the current case has star
 
 def run_local(cases: Sequence[Case], template: Request, folder: Path, suffix: str, options: str,
               on_record: Callable[[Case, dict], None], on_stage: Callable[[str], None] = lambda stage: None,
-              tolerance_mm: float = 1.0) -> None:
-    """Run the cases in order; ``on_record`` gets each case's manifest record as soon as it is known."""
+              tolerance_mm: float = 1.0, adoptable: Collection[str] = ()) -> None:
+    """Run the cases in order; ``on_record`` gets each case's manifest record as soon as it is known.
+    ``adoptable``: the ids whose complete outputs on disk may be taken as they are (Manifest.may_adopt)."""
     from ..run.runner import Runner
 
     runner = Runner(max_sessions=2)  # the case being computed and the one read ahead
@@ -36,7 +37,8 @@ def run_local(cases: Sequence[Case], template: Request, folder: Path, suffix: st
                 if n + 1 < len(cases):
                     upcoming = case_request(template, cases[n + 1], folder, suffix)
                     pool.submit(_prefetch, runner, upcoming, started)
-                record = run_case(runner, case, template, folder, suffix, options, progress, tolerance_mm)
+                record = run_case(runner, case, template, folder, suffix, options, progress, tolerance_mm,
+                                  adopt=case.id in adoptable)
                 started.set()  # a case that computed nothing (failed, or found done) releases the read-ahead
                 on_record(case, {**record, "attempts": 1, "worker": "local"})
         finally:

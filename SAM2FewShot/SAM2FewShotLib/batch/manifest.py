@@ -16,11 +16,18 @@ from pathlib import Path
 from ..common.digests import file_digest, json_digest
 from ..common.errors import InputError
 from ..common.files import write_json_atomic
+from ..common.names import check_distinct, file_name
+from ..run.outputs import written_files
 from ..run.request import Request
 from .cohort import Case
 
 MANIFEST = "manifest.json"
 FORMAT = "sam2fewshot-cohort-1"
+LOCK = "sam2fewshot.lock"
+LOGS = "logs"  # Ray's own log lines (batch/on_ray.py)
+CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "cohort.csv", "cohort.md", "cohort.png"  # the cohort report
+# The folder's own files, which no case may write: names kept for the review records to come included.
+FOLDER_FILES = (MANIFEST, LOCK, LOGS, CSV_NAME, MARKDOWN_NAME, PLOT_NAME, "review.json", "review.csv", "corrected")
 
 
 def options_digest(template: Request) -> str:
@@ -62,12 +69,17 @@ class Manifest:
             return cls(Path(folder), {})
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
-            return cls(Path(folder), dict(data["cases"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}")
+            cases = data["cases"]
+            if not isinstance(cases, dict):
+                raise ValueError("'cases' is not a table of case records")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path} is not a cohort manifest this version can read ({exc}): give another --out "
                              "folder") from None
+        for case_id, entry in cases.items():
+            _check_entry(path, case_id, entry)
+        return cls(Path(folder), dict(cases))
 
     def save(self) -> None:
         write_json_atomic({"format": FORMAT, "cases": self.cases}, self.folder / MANIFEST)
@@ -77,7 +89,8 @@ class Manifest:
         self.save()
 
     def status(self, case: Case, options: str) -> str:
-        """'done', 'failed', 'other options' (done by another run's options), or 'todo'."""
+        """'done', 'failed', 'other options' (done by another run's options), or 'todo'. Done only when
+        every file the record lists is there with the size and hash recorded."""
         entry = self.cases.get(case.id)
         if entry is None or entry.get("input") != input_stamp(case):
             return "todo"
@@ -94,10 +107,49 @@ class Manifest:
                 return False
         return bool(entry.get("files"))
 
+    def may_adopt(self, case: Case) -> bool:
+        """Whether complete outputs found on disk may be taken as this case's without running it: only
+        when the manifest records no outputs for it (their writer died before recording them). Outputs
+        that differ from what it records are another's (damaged, or replaced by hand): done again."""
+        return not self.cases.get(case.id, {}).get("files")
+
+
+def _check_entry(path: Path, case_id, entry) -> None:
+    """One line, not a traceback, for a record edited by hand into something this version cannot read."""
+    problem = None
+    if not isinstance(entry, dict):
+        problem = "it is not a record"
+    elif not isinstance(entry.get("files", {}), dict):
+        problem = "its 'files' is not a table"
+    else:
+        for name, stamp in entry.get("files", {}).items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                problem = f"its file {name!r} is not a name in the folder"
+            elif not (isinstance(stamp, list) and len(stamp) == 2 and isinstance(stamp[0], int)
+                      and isinstance(stamp[1], str)):
+                problem = f"its file {name!r} has no [size, sha256]"
+    if problem:
+        raise InputError(f"{path}: the record of case {case_id!r} is damaged ({problem}): restore the manifest, "
+                         "or give another --out folder")
+
 
 def output_names(case: Case, suffix: str) -> tuple[str, str]:
-    """The label file and the report of a case, relative to the output folder."""
-    return f"{case.id}{suffix}", f"{case.id}_report.json"
+    """The label file and the report of a case, relative to the output folder: the id as a file name
+    (common/names), so no id writes outside the folder."""
+    name = file_name(case.id)
+    return f"{name}{suffix}", f"{name}_report.json"
+
+
+def case_files(case: Case, suffix: str) -> list[str]:
+    """Every file a case writes in the folder: labels, their sidecar (plain label formats), report."""
+    labels, report = output_names(case, suffix)
+    return [p.name for p in written_files(Path(labels), Path(report))]
+
+
+def check_case_names(cases, suffix: str) -> None:
+    """Before any work: no two cases write one file (also on case-insensitive file systems), and no case
+    writes one of the folder's own files (the manifest, the cohort report, the lock)."""
+    check_distinct({c.id: case_files(c, suffix) for c in cases}, FOLDER_FILES)
 
 
 def files_record(folder: Path, names) -> dict:

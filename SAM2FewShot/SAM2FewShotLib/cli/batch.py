@@ -47,11 +47,9 @@ def add_batch_parser(sub) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from ..batch.case import add_missing_scores
     from ..batch.cohort import find_cases
-    from ..batch.cohort_report import write_report
-    from ..batch.compute import actor_compute, local_compute, pinned
-    from ..batch.manifest import Manifest, options_digest
+    from ..batch.lock import FolderLock
+    from ..batch.manifest import LOCK, check_case_names
     from ..common.files import writable_folder
     from ..run.runner import check_request
     from .segment import template_from_args
@@ -68,13 +66,23 @@ def run_batch(args: argparse.Namespace) -> int:
         raise InputError("--workers is for Ray: add --ray or --ray-address")
     if not writable_folder(args.out):
         raise InputError(f"cannot write into {args.out}: it cannot be made, or it is not writable")
+    check_case_names(cases, args.suffix)
+    with FolderLock(args.out, LOCK):  # one writer per folder: a second run is refused, naming this one
+        return _run_locked(args, cases, template)
+
+
+def _run_locked(args: argparse.Namespace, cases, template) -> int:
+    from ..batch.case import add_missing_scores
+    from ..batch.cohort_report import write_report
+    from ..batch.compute import actor_compute, local_compute, pinned
+    from ..batch.manifest import Manifest, options_digest
+
     manifest = Manifest.open(args.out)
     options = options_digest(template)
     with _backend(args) as gpus:
         compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model)
         template = pinned(template, compute)  # every case of this run at one precision and thread count
         todo = plan(cases, manifest, options, args, compute)
-        args.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         run_cases(todo, template, args, manifest, options, compute)
     add_missing_scores(cases, manifest.cases, args.out)
@@ -101,9 +109,10 @@ def _backend(args: argparse.Namespace) -> Iterator[int]:
     if not _on_ray(args):
         yield 0
         return
+    from ..batch.manifest import LOGS
     from ..batch.on_ray import ray_session
 
-    with ray_session(args.ray_address, args.workers) as gpus:
+    with ray_session(args.ray_address, args.workers, logs=args.out / LOGS, quiet=args.quiet) as gpus:
         yield gpus
 
 
@@ -134,6 +143,7 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, 
 
     bar = tqdm(total=len(todo), desc="cohort", unit="case", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     failures, said = 0, set()
+    adoptable = {c.id for c in todo if manifest.may_adopt(c)}  # outputs the manifest does not record yet
 
     def on_record(case, record: dict) -> None:
         nonlocal failures
@@ -154,11 +164,11 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, 
             from ..batch.on_ray import run_on_ray
 
             run_on_ray(todo, template, args.out, args.suffix, options, on_record, workers=args.workers,
-                       max_retries=args.max_retries)
+                       max_retries=args.max_retries, adoptable=adoptable)
         else:
             from ..batch.local import run_local
 
-            run_local(todo, template, args.out, args.suffix, options, on_record,
+            run_local(todo, template, args.out, args.suffix, options, on_record, adoptable=adoptable,
                       on_stage=lambda stage: bar.set_description(f"cohort ({stage})", refresh=False))
     finally:
         bar.close()
