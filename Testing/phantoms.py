@@ -54,3 +54,16 @@ def phantom(
     geo = dict(spacing=spacing, origin=origin, direction=tuple(np.asarray(direction).ravel()))
     image = Volume(img.astype(np.float32), **geo)
     return image, LabelMap(Volume(labels, **geo), tuple(segments))
+
+
+def write_query_and_support(root: Path, query: str, image: str, labels: str) -> tuple[Path, Path, Path]:
+    """A small phantom query and a labelled phantom support case (8x32x32, 3 mm slices) written in ``root``
+    under the names given: the inputs of the tests that run the real CLI or worker on files."""
+    from SAM2FewShotLib.io.volume_io import write_labels, write_volume
+
+    query_image, _ = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0))
+    support, support_labels = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0), seed=1)
+    write_volume(query_image, root / query)
+    write_volume(support, root / image)
+    write_labels(support_labels, root / labels)
+    return root / query, root / image, root / labels

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from phantoms import phantom
+from phantoms import phantom, write_query_and_support
 from SAM2FewShotLib.bench.equivalence import (
     TOLERANCE,
     add_stock_prompts,
@@ -114,11 +114,7 @@ def test_the_comparison_catches_a_conditioning_that_differs(recorded):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("equivalence")
-    image, _ = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0))
-    support, support_labels = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0), seed=1)
-    write_volume(image, root / "query.nrrd")
-    write_volume(support, root / "support.nrrd")
-    write_labels(support_labels, root / "support.seg.nrrd")
+    write_query_and_support(root, "query.nrrd", "support.nrrd", "support.seg.nrrd")
     case = (str(root / "support.nrrd"), str(root / "support.seg.nrrd"))
     (root / "library").mkdir()
     return {"query": str(root / "query.nrrd"), "supports": (case,),

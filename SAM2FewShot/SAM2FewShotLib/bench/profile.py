@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..common.errors import InputError
+from ..common.names import file_name
 from ..io.slicing import slicing_axis
 from ..io.volume import LabelMap, Volume
 from ..io.volume_io import read_labels, read_volume, write_labels, write_volume
@@ -218,7 +219,7 @@ def case_inputs(folder: Path, name: str, image: Path, labels: Path, support: tup
     cropped = LabelMap(crop_slices(truth.volume, axis, first, count), truth.segments)
     if not cropped.volume.array.any():
         raise InputError(f"{name} has no labelled voxel in its slices {first}..{first + count - 1}")
-    paths = [folder / f"{name}_{part}.nrrd" for part in ("query", "prompt")]
+    paths = [folder / f"{file_name(name)}_{part}.nrrd" for part in ("query", "prompt")]  # a case name, not a path
     write_volume(query, paths[0])
     write_labels(truth_prompt_labels(cropped, axis), paths[1])
     return ProfileInputs(name, str(paths[0]), str(paths[1]), (str(support[0]), str(support[1])), count)

@@ -45,6 +45,7 @@ def add_demo_parser(sub) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from ..bench.metrics import dice_per_label
+    from ..common.names import file_name
     from ..io.volume_io import read_labels
     from ..run.outputs import write_outputs
     from ..run.runner import Runner
@@ -56,7 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
             shown = ", ".join(sorted(cases)[:6]) + (", ..." if len(cases) > 6 else "")
             raise InputError(f"no case named {n} in the example data ({shown}): choose the cases with "
                              "--query-case and --support-case")
-    out = args.out / f"{args.query_case}_from_{args.support_case}.seg.nrrd"
+    out = args.out / f"{file_name(f'{args.query_case}_from_{args.support_case}')}.seg.nrrd"  # names, not paths
     report_path = out.with_name(out.name.replace(".seg.nrrd", "_report.json"))
     if not writable_folder(args.out):
         raise InputError(f"cannot write into {args.out}: it cannot be made, or it is not writable")
@@ -91,6 +92,10 @@ def _cases(args: argparse.Namespace):
     """The example cases and their structure names; a failed download says what to run instead."""
     from ..io.example_data import example_cases, structure_names
 
+    if args.data is None:
+        from ..common.cache import require_cache
+
+        require_cache()  # the example data are downloaded there
     try:
         cases = example_cases(args.data)
     except InputError as exc:

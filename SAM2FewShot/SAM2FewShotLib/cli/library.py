@@ -51,11 +51,13 @@ def run_library(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace, library) -> int:
+    from ..common.cache import require_cache
     from ..io.normalization import Normalization
     from ..library.sync import PLANES, acquisition_planes, sync_library
     from .console import ConsoleProgress
 
     normalization = Normalization.parse(args.normalization, per_slice=args.per_slice_normalization)
+    require_cache()  # the model's weights, and the index when the library's folder is read-only
     planes = {"all": PLANES, "auto": None}.get(args.plane, (args.plane,)) or acquisition_planes(library)
     features = features_from_args(args)
     for plane in planes:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..common.cache import CACHE_ENV, cache_dir
+from ..common.cache import CACHE_ENV, cache_dir, require_cache
 from ..common.errors import ModelError
 from ..sam2 import models, weights
 from .options import add_command
@@ -39,6 +39,8 @@ def run_models(args: argparse.Namespace) -> int:
         print(format_table(model_rows()))
         print("* the default (--model)")
         return EXIT_OK
+    if action in ("download", "import"):
+        require_cache()  # where the weights go: a bad $SAM2FEWSHOT_CACHE is one line, before any transfer
     if action == "download":
         path = weights.download(args.name, offline=args.offline, progress=not getattr(args, "quiet", False))
         print(f"{args.name}: {path} (SHA-256 {weights.known_sha256(args.name)} verified)")

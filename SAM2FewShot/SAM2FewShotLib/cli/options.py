@@ -72,6 +72,9 @@ def add_frame_args(p: argparse.ArgumentParser, slice_range: bool = True, query_f
                        help="for a 4D query (cine, DWI, multi-echo): the frame to segment, from 0")
         g.add_argument("--component", type=int, metavar="N",
                        help="for a vector or colour query: the component to segment, from 0")
+        g.add_argument("--series", metavar="UID",
+                       help="for a DICOM folder query holding several series: the series to read (its UID, or "
+                            "the end of it that only that series has; default: the series with the most files)")
     g.add_argument("--axis", default="auto", choices=AXES,
                    help="slicing axis; auto: the plane the prompt masks were drawn in (propagate), else the "
                         "acquisition axis (the largest voxel spacing), axial when isotropic")
@@ -101,4 +104,5 @@ def frame_options(args: argparse.Namespace) -> FrameOptions:
     return FrameOptions(axis=args.axis, normalization=args.normalization,
                         per_slice_normalization=args.per_slice_normalization,
                         slice_range=tuple(slice_range) if slice_range else None,
-                        frame=getattr(args, "frame", None), component=getattr(args, "component", None))
+                        frame=getattr(args, "frame", None), component=getattr(args, "component", None),
+                        series=getattr(args, "series", None))

@@ -9,28 +9,63 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .paths import name_bytes, name_limit
+
+# Bytes a temporary adds to its target's name: ".", ".PID.", mkstemp's 8 characters, ".tmp", a suffix
+# up to ".seg.nrrd". A name too long for that is represented by a digest (``temporary_stem``).
+TEMPORARY_ROOM = 40
 
 
 @contextlib.contextmanager
 def replacing(path, suffix: str = "") -> Iterator[Path]:
     """A fresh temporary path in ``path``'s folder: renamed onto ``path`` when the block succeeds,
     removed when it fails (``path`` is then untouched). ``suffix`` ends the temporary name, for
-    writers that choose the format by extension (ITK)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.resolve().parent)
+    writers that choose the format by extension (ITK).
+
+    A symlink is written through: the temporary is made beside its target and renamed onto the
+    target (never across file systems, and the link stays a link)."""
+    target = Path(path).resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{temporary_stem(target)}.{os.getpid()}.", suffix=f".tmp{suffix}",
+                               dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def final_path(path) -> Path:
+    """Where a write to ``path`` lands: a symlink's target, else ``path`` itself (as given)."""
+    path = Path(path)
+    try:
+        return path.resolve() if path.is_symlink() else path
+    except OSError:  # a name too long to look at: the writer says so
+        return path
+
+
+def temporary_stem(path) -> str:
+    """What a temporary of ``path`` is named after: its name, or a short digest of a name so long that
+    the temporary would pass the folder's name limit (any name that fits has a temporary that fits)."""
+    path = Path(path)
+    if name_bytes(path) + TEMPORARY_ROOM <= name_limit(path.parent):
+        return path.name
+    return "~" + hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+
+
+def temporary_name_bytes(path) -> int:
+    """Bytes in the longest name of a temporary ``replacing`` makes for ``path``."""
+    return len(os.fsencode(temporary_stem(path))) + TEMPORARY_ROOM
 
 
 def writable_folder(folder) -> bool:
@@ -50,14 +85,15 @@ def _umask() -> int:
 def sweep_stale_temporaries(path) -> list[Path]:
     """Remove the temporaries a killed run left beside ``path`` (``replacing``'s, whose process is gone);
     a live writer's are left alone. Returns what was removed."""
-    path = Path(path)
+    path = Path(path).resolve()
     removed = []
-    folder = path.resolve().parent
-    if not folder.is_dir():
+    if not path.parent.is_dir():
         return removed
-    for tmp in folder.glob(f".{glob.escape(path.name)}.*.tmp*"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    stem = temporary_stem(path)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(\d+)\.\w+\.tmp.*", re.ASCII)  # not another name's
+    for tmp in path.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _alive(int(match.group(1))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

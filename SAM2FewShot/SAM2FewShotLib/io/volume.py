@@ -71,13 +71,18 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
-    def require_same_grid(self, other: Volume, what: str = "labels") -> None:
-        if not self.same_grid(other):
-            raise InputError(
-                f"{what} and volume are on different grids: shape {other.shape_ijk} vs "
-                f"{self.shape_ijk}, spacing {_fmt(other.spacing)} vs {_fmt(self.spacing)}, "
-                f"origin {_fmt(other.origin)} vs {_fmt(self.origin)}"
-            )
+    def require_same_grid(self, other: Volume, what: str = "labels", tol: float = 1e-4) -> None:
+        """InputError naming each geometry field that differs, with both values (the ones that agree
+        would only hide the one that does not)."""
+        if self.same_grid(other, tol):
+            return
+        fields = [("shape", other.shape_ijk, self.shape_ijk, other.shape_ijk != self.shape_ijk)]
+        fields += [(name, _fmt(theirs), _fmt(ours), not np.allclose(theirs, ours, atol=tol))
+                   for name, theirs, ours in (("spacing", other.spacing, self.spacing),
+                                              ("origin", other.origin, self.origin),
+                                              ("direction", other.direction, self.direction))]
+        differ = ", ".join(f"{name} {theirs} vs {ours}" for name, theirs, ours, different in fields if different)
+        raise InputError(f"{what} and volume are on different grids: {differ}")
 
     def to_sitk(self):
         """The SimpleITK image with this geometry (imported lazily: the MRML bridge needs no ITK)."""

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import InputError, one_line
-from ..common.files import replacing
+from ..common.files import final_path, replacing
+from ..common.warnings_summary import RepeatedWarnings
+from .dicom_series import read_dicom_series
+from .headers import check_data_files
 from .seg_nrrd import is_slicer_segmentation, read_seg_nrrd, write_seg_nrrd
 from .volume import MAX_LABEL, LabelMap, Segment, Volume, default_segments
 
@@ -38,6 +41,7 @@ READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", SEG_NRRD)
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 _COMPOUND_SUFFIXES = (SEG_NRRD, ".nii.gz")
 _ITK_PREFIX = re.compile(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\): |sitk::ERROR: )")
+_POINTER = re.compile(r"\s*\(?\b0x[0-9a-fA-F]{6,}\b\)?")  # an object's address: differs every run, means nothing
 
 
 def image_suffix(path: PathLike) -> str:
@@ -82,14 +86,17 @@ def native_output_captured() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def read_volume(path: PathLike, frame: int | None = None, component: int | None = None) -> Volume:
+def read_volume(path: PathLike, frame: int | None = None, component: int | None = None,
+                series: str | None = None, notes: list[dict] | None = None) -> Volume:
     """A 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder, voxel type kept.
 
     A 4D series (cine, DWI, multi-echo) needs ``frame`` and a vector or colour image ``component``:
-    without it, one line naming the option and how many there are; never a silent pick.
+    without it, one line naming the option and how many there are; never a silent pick. ``series``
+    chooses a DICOM series of a folder (io/dicom_series.py); what was done to an input to read it
+    (a DICOM series put on a regular grid) is appended to ``notes``, for the report.
     """
     path = Path(path)
-    return _volume_from_sitk(_read_sitk(path), path, frame, component)
+    return _volume_from_sitk(_read_sitk(path, series, notes), path, frame, component)
 
 
 def read_labels(path: PathLike, reference: Volume | None = None) -> LabelMap:
@@ -98,6 +105,7 @@ def read_labels(path: PathLike, reference: Volume | None = None) -> LabelMap:
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if is_slicer_segmentation(path):
+        check_data_files(path)
         volume, listed = read_seg_nrrd(path)
         volume = volume.with_array(_label_array(volume.array, path))
         if reference is not None:
@@ -105,7 +113,7 @@ def read_labels(path: PathLike, reference: Volume | None = None) -> LabelMap:
     else:
         volume = read_volume(path)
         volume = volume.with_array(_label_array(volume.array, path))
-        listed = _read_sidecar(sidecar_path(path))
+        listed = _read_sidecar(_sidecar_of(path))
         if reference is not None:
             reference.require_same_grid(volume, what=f"labels {path}")
             volume = reference.with_array(volume.array)  # the query's exact geometry, not a float32 copy
@@ -118,6 +126,7 @@ def read_geometry(path: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]
 
     path = Path(path)
     if path.is_file() and image_suffix(path) in READ_SUFFIXES:
+        check_data_files(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
@@ -131,19 +140,25 @@ def read_geometry(path: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]
     return volume.spacing, volume.direction
 
 
-def _read_sitk(path: Path):
+def _read_sitk(path: Path, series: str | None = None, notes: list[dict] | None = None):
     import SimpleITK as sitk
 
     if path.is_dir():
-        return _read_dicom_series(path)
+        image, note = read_dicom_series(path, series)
+        if note is not None and notes is not None:
+            notes.append(note)
+        return image
     if not path.exists():
         raise InputError(f"{path} does not exist")
+    if series is not None:
+        raise InputError(f"a DICOM series ({series}) was chosen, but {path} is a file, not a DICOM folder")
     suffix = image_suffix(path)
     if suffix not in READ_SUFFIXES:
         raise InputError(
             f"cannot read {path}: unknown image format {suffix or '(no extension)'!r} "
             f"(expected {', '.join(READ_SUFFIXES)} or a DICOM series folder)"
         )
+    check_data_files(path)  # a detached header's data beside it, a regular file: before ITK opens it
     try:
         with native_output_captured():
             image = sitk.ReadImage(str(path))
@@ -152,26 +167,6 @@ def _read_sitk(path: Path):
     if _is_nifti(path) and not _nifti_is_complete(path):
         raise InputError(f"cannot read {path}: the file is truncated (less data than its header announces)")
     return image
-
-
-def _read_dicom_series(folder: Path):
-    """The series with the most files: a folder often holds a localizer or a derived series too."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    with native_output_captured():
-        series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))}
-    if not series:
-        raise InputError(f"cannot read {folder}: the folder holds no DICOM series")
-    chosen = max(series, key=lambda sid: len(series[sid]))
-    if len(series) > 1:
-        log.info("%s holds %d DICOM series; reading %s (%d files)", folder, len(series), chosen, len(series[chosen]))
-    reader.SetFileNames(series[chosen])
-    try:
-        with native_output_captured():
-            return reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(exc)}") from exc
 
 
 def _volume_from_sitk(img, path: Path, frame: int | None = None, component: int | None = None) -> Volume:
@@ -210,6 +205,8 @@ def _label_array(array: np.ndarray, path: PathLike) -> np.ndarray:
     """Labels as the smallest unsigned type; float files are fine when every value is an integer."""
     if array.dtype.kind not in "biuf":
         raise InputError(f"{path}: label voxels must be integers, got {array.dtype}")
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise InputError(f"{path}: label voxels must be integers, found NaN values")
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
         raise InputError(f"{path}: label voxels must be integers, found fractional values")
     low, high = (array.min(), array.max()) if array.size else (0, 0)
@@ -242,15 +239,17 @@ def _unique_names(segments: list[Segment]) -> tuple[Segment, ...]:
     """Slicer allows two segments with one name; a LabelMap does not, so later ones get the value."""
     seen: set[str] = set()
     out = []
-    for segment in segments:
-        name = segment.name
-        while name in seen:
-            name = f"{name}_{segment.value}"
-        if name != segment.name:
-            log.warning("segment name %r is repeated; value %d is named %r", segment.name, segment.value, name)
-            segment = Segment(segment.value, name, segment.color, segment.terminology)
-        seen.add(name)
-        out.append(segment)
+    with RepeatedWarnings(log) as warnings:
+        for segment in segments:
+            name = segment.name
+            while name in seen:
+                name = f"{name}_{segment.value}"
+            if name != segment.name:
+                warnings.add("repeated segment names, later values renamed '<name>_<value>'", repr(name),
+                             f"segment name {segment.name!r} is repeated; value {segment.value} is named {name!r}")
+                segment = Segment(segment.value, name, segment.color, segment.terminology)
+            seen.add(name)
+            out.append(segment)
     return tuple(out)
 
 
@@ -285,6 +284,14 @@ def _overlap(source: Sequence[int], target: Sequence[int], offset: Sequence[int]
         src.append(slice(start, stop))
         dst.append(slice(start + off, stop + off))
     return tuple(src), tuple(dst)
+
+
+def _sidecar_of(path: Path) -> Path:
+    """The sidecar beside the name given, else (for a symlink) beside its target, where writes put it."""
+    beside = sidecar_path(path)
+    if beside.is_file() or not path.is_symlink():
+        return beside
+    return sidecar_path(path.resolve())
 
 
 def _read_sidecar(path: Path) -> list[Segment]:
@@ -351,7 +358,7 @@ def write_labels(labels: LabelMap, path: PathLike, compress: bool = True) -> Pat
     _write_atomically(
         {
             path: lambda tmp: _write_image(image, tmp, compress),
-            sidecar_path(path): lambda tmp: tmp.write_text(text, encoding="utf-8"),
+            sidecar_path(final_path(path)): lambda tmp: tmp.write_text(text, encoding="utf-8"),  # by a link's target
         }
     )
     return path
@@ -454,7 +461,7 @@ def _itk_reason(exc: RuntimeError) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and lines[0].startswith("Exception thrown"):
         lines = lines[1:]  # names the C++ source file, not the problem
-    lines = [_ITK_PREFIX.sub("", line) for line in lines]
+    lines = [_POINTER.sub("", _ITK_PREFIX.sub("", line)) for line in lines]
     if not lines:
         return "not a readable image"
     detail = f" ({lines[-1]})" if len(lines) > 1 else ""

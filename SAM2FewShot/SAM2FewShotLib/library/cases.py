@@ -8,6 +8,7 @@ its slices is retrieved, so a library of hundreds of cases never sits in memory 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.errors import InputError
+from ..common.errors import InputError, one_line
 from ..common.files import writable_folder
+from ..common.warnings_summary import RepeatedWarnings
 from ..io.normalization import Normalization
 from ..io.volume import LabelMap, Volume
 from ..io.volume_io import READ_SUFFIXES, SEG_NRRD, image_suffix, read_labels, read_volume, sidecar_path
@@ -139,15 +141,17 @@ def write_list_file(pairs: Iterable[tuple[PathLike, PathLike]], folder: PathLike
 def find_cases(folder: Path) -> list[LibraryCase]:
     """Labelled cases under ``folder`` (recursively; hidden folders and the index skipped), sorted by id."""
     cases = []
-    for labels in sorted(_image_files(folder)):
-        base = label_base(labels)
-        if base is None:
-            continue
-        image = _image_for(labels, base)
-        if image is None:
-            log.warning("library: no image found for label file %s; skipped", labels)
-            continue
-        cases.append(_case(image, labels, folder))
+    with RepeatedWarnings(log) as warnings:
+        for labels in sorted(_image_files(folder)):
+            base = label_base(labels)
+            if base is None:
+                continue
+            image = _image_for(labels, base)
+            if image is None:
+                warnings.add("library: label files without an image, skipped", labels.name,
+                             f"library: no image found for label file {labels}; skipped")
+                continue
+            cases.append(_case(image, labels, folder))
     return cases
 
 
@@ -188,24 +192,71 @@ def _image_for(labels: Path, base: str) -> Path | None:
     return None
 
 
+LIST_EXAMPLE = '{"cases": [{"image": "a.nii.gz", "labels": "a_label.nii.gz"}]}'
+
+
 def _from_list_file(path: Path) -> Library:
     """{"cases": [{"image": "a.nii.gz", "labels": "a_seg.nii.gz"}, ...]} or a list of [image, labels]."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        items = data["cases"] if isinstance(data, dict) else data
-        pairs = [(it["image"], it["labels"]) if isinstance(it, dict) else (it[0], it[1]) for it in items]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise InputError(f"cannot read library list {path}: expected "
-                         '{"cases": [{"image": "a.nii.gz", "labels": "a_label.nii.gz"}]}') from exc
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or one_line(exc)
+        raise InputError(f"cannot read library list {path}: {reason} (expected {LIST_EXAMPLE})") from None
+    items = data.get("cases") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise InputError(f"library list {path}: expected a list of cases, as in {LIST_EXAMPLE}")
+    pairs = [_list_entry(item, n, path) for n, item in enumerate(items)]
     root = path.parent
     resolved = [(root / Path(i).expanduser(), root / Path(lab).expanduser()) for i, lab in pairs]
     library = library_from_pairs(resolved, root)
     return Library(root, library.cases, path)
 
 
+def _list_entry(item, n: int, path: Path) -> tuple[str, str]:
+    """(image, labels) of entry ``n`` of a list file: {"image": ..., "labels": ...} or [image, labels]."""
+    where = f"library list {path}, case {n + 1}"
+    if isinstance(item, dict):
+        missing = [key for key in ("image", "labels") if key not in item]
+        if missing:
+            raise InputError(f"{where}: the entry has no '{missing[0]}' (expected {LIST_EXAMPLE})")
+        pair = (item["image"], item["labels"])
+    elif isinstance(item, list) and len(item) == 2:
+        pair = (item[0], item[1])
+    else:
+        raise InputError(f"{where}: expected {{\"image\": ..., \"labels\": ...}} or [image, labels], got "
+                         f"{_brief(item)}")
+    for key, value in zip(("image", "labels"), pair, strict=True):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{where}: '{key}' must be a file path (a non-empty string), got {_brief(value)}")
+        reason = _unusable_name(path.parent / Path(value).expanduser())
+        if reason:
+            raise InputError(f"{where}: '{key}' is not a usable file name ({reason}): {_brief(value)}")
+    return pair
+
+
+def _unusable_name(path: Path) -> str | None:
+    """Why no file can have this name (a NUL, a lone surrogate, too long), or None; a missing file is fine here."""
+    try:
+        os.stat(path)
+    except ValueError:
+        return "not valid text"
+    except OSError as exc:
+        return exc.strerror if exc.errno == errno.ENAMETOOLONG else None
+    return None
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _case(image: Path, labels: Path, root: Path) -> LibraryCase:
     for p in (image, labels):
-        if not p.exists():
+        try:
+            exists = p.exists()
+        except (OSError, ValueError) as exc:  # a name too long for the file system
+            raise InputError(f"library case file {p} is not usable: {getattr(exc, 'strerror', None) or exc}") from None
+        if not exists:
             raise InputError(f"library case file {p} does not exist")
     try:
         case_id = labels.resolve().relative_to(root.resolve()).as_posix()

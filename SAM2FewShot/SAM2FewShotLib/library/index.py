@@ -31,8 +31,10 @@ from ..common.digests import combined_digest, file_digest, json_digest
 from ..common.errors import Cancelled, InputError, SAM2FewShotError
 from ..common.files import replacing, write_json_atomic
 from ..common.progress import EMBED_LIBRARY, ProgressFn
+from ..common.warnings_summary import RepeatedWarnings
 from ..io.volume import Segment, default_segments
 from .cases import ROW_DTYPE, LibraryCase
+from .index_entries import valid_entry
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class EmbeddingIndex:
         self.config = config
         self.folder = self.root / config.id
         self.manifest_path = self.folder / MANIFEST
+        self._warnings = RepeatedWarnings(log)  # per-case warnings of a sync or load, one line per kind
 
     # ------------------------------------------------------------------------------ manifest
 
@@ -133,7 +136,7 @@ class EmbeddingIndex:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             ok = (isinstance(data, dict) and data.get("config") == self.config.as_dict()
                   and isinstance(data.get("files"), dict) and isinstance(data.get("cases"), dict)
-                  and all(_valid_entry(e) for e in data["cases"].values()))
+                  and all(valid_entry(e) for e in data["cases"].values()))
         except (OSError, ValueError) as exc:
             ok, data = False, str(exc)
         if not ok:
@@ -162,15 +165,16 @@ class EmbeddingIndex:
         loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         last_save = time.monotonic()
         try:
-            for n, case in enumerate(cases):
-                found = self._sync_case(case, hashes, old, by_content, embed_case, stats)
-                if found is not None:
-                    new[case.id], loaded[case.id] = found
-                if stats.embedded and time.monotonic() - last_save > MANIFEST_EVERY_S:
-                    self._save(dict(manifest, cases={**old, **new}, files={**hashes.known, **hashes.used}))
-                    last_save = time.monotonic()
-                if progress:
-                    progress(EMBED_LIBRARY, n + 1, len(cases))
+            with self._warnings:  # skipped and damaged cases: one line per kind, not one per case
+                for n, case in enumerate(cases):
+                    found = self._sync_case(case, hashes, old, by_content, embed_case, stats)
+                    if found is not None:
+                        new[case.id], loaded[case.id] = found
+                    if stats.embedded and time.monotonic() - last_save > MANIFEST_EVERY_S:
+                        self._save(dict(manifest, cases={**old, **new}, files={**hashes.known, **hashes.used}))
+                        last_save = time.monotonic()
+                    if progress:
+                        progress(EMBED_LIBRARY, n + 1, len(cases))
         except BaseException:  # cancelled or failed: keep what was embedded for the next run
             if stats.embedded:
                 self._save(dict(manifest, cases={**old, **new}, files={**hashes.known, **hashes.used}))
@@ -203,7 +207,8 @@ class EmbeddingIndex:
                 if isinstance(exc, Cancelled):
                     raise
                 stats.skipped.append([case.id, str(exc)])
-                log.warning("library index: case %s skipped: %s", case.id, exc)
+                self._warnings.add("library index: cases skipped", f"{case.id} ({exc})",
+                                   f"library index: case {case.id} skipped: {exc}")
                 return None
             stats.embedded += 1
         else:
@@ -214,10 +219,11 @@ class EmbeddingIndex:
         """The index as stored, without looking at the library's files (damaged shards are left out)."""
         manifest = self.read_manifest()
         parts = []
-        for cid, entry in manifest["cases"].items():
-            shards = self._load_entry(entry)
-            if shards is not None:
-                parts.append((cid, entry, shards))
+        with self._warnings:
+            for cid, entry in manifest["cases"].items():
+                shards = self._load_entry(entry)
+                if shards is not None:
+                    parts.append((cid, entry, shards))
         return IndexData.from_shards(parts)
 
     def _embed(self, case: LibraryCase, content: str, embed_case: EmbedCase) -> tuple[dict, tuple]:
@@ -251,8 +257,9 @@ class EmbeddingIndex:
                 raise ValueError("rows point outside the embeddings")
             return vectors, rows
         except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-            log.warning("library index: a shard of %s is damaged (%s); embedding the case again",
-                        entry.get("labels", entry.get("content")), str(exc).splitlines()[0][:120])
+            name, why = entry.get("labels", entry.get("content")), (str(exc).splitlines() or [""])[0][:120]
+            self._warnings.add("library index: damaged shards, their cases embedded again", str(name),
+                               f"library index: a shard of {name} is damaged ({why}); embedding the case again")
             return None
 
     def _load_shard(self, meta: dict) -> np.ndarray:
@@ -313,13 +320,6 @@ def _same_stat(known, path: Path) -> bool:
     except OSError:
         return False
     return isinstance(known, dict) and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns
-
-
-def _valid_entry(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("content"), str)
-            and isinstance(entry.get("shards"), dict) and {"emb", "rows"} <= set(entry["shards"])
-            and all(isinstance(entry.get(k), int) for k in ("embeddings", "dim", "rows", "num_slices"))
-            and isinstance(entry.get("segments"), list))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
@@ -439,22 +439,32 @@ class IndexData:
 def merge_segments(per_case: Sequence[Sequence[dict]]) -> dict[int, Segment]:
     """One segment per label value over all cases: the first name given wins, a named one over label_N."""
     chosen: dict[int, Segment] = {}
-    for segments in per_case:
-        for item in segments:
-            seg = Segment(int(item["value"]), str(item["name"]), tuple(item["color"]), item.get("terminology"))
-            known = chosen.get(seg.value)
-            if known is None or (_is_default(known) and not _is_default(seg)):
-                chosen[seg.value] = seg
-            elif known.name != seg.name and not _is_default(seg):
-                log.warning("library: label %d is '%s' in one case and '%s' in another; using '%s'",
-                            seg.value, known.name, seg.name, known.name)
+    with RepeatedWarnings(log) as warnings:
+        for segments in per_case:
+            for item in segments:
+                seg = Segment(int(item["value"]), str(item["name"]), tuple(item["color"]), item.get("terminology"))
+                known = chosen.get(seg.value)
+                if known is None or (_is_default(known) and not _is_default(seg)):
+                    chosen[seg.value] = seg
+                elif known.name != seg.name and not _is_default(seg):
+                    warnings.add("library: label values named differently in different cases (the first name is "
+                                 "used)", f"{seg.value} '{known.name}'/'{seg.name}'",
+                                 f"library: label {seg.value} is '{known.name}' in one case and '{seg.name}' in "
+                                 f"another; using '{known.name}'")
+        return _unique_segment_names(chosen, warnings)
+
+
+def _unique_segment_names(chosen: dict[int, Segment], warnings: RepeatedWarnings) -> dict[int, Segment]:
+    """A name two label values share: the later value's segment is renamed '<name>_<value>'."""
     names: set[str] = set()
     out = {}
     for value in sorted(chosen):
         seg = chosen[value]
         if seg.name in names:
-            log.warning("library: the name '%s' is used by two label values; label %d is '%s_%d'",
-                        seg.name, value, seg.name, value)
+            warnings.add("library: names used by several label values (each later value is renamed "
+                         "'<name>_<value>')", f"'{seg.name}' (label {value})",
+                         f"library: the name '{seg.name}' is used by two label values; label {value} is "
+                         f"'{seg.name}_{value}'")
             seg = Segment(value, f"{seg.name}_{value}", seg.color, seg.terminology)
         names.add(seg.name)
         out[value] = seg

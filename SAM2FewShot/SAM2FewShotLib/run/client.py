@@ -92,6 +92,19 @@ def read_result(event: dict):
     return read_labels(event["labels"]), report
 
 
+def absolute_paths(message: dict) -> dict:
+    """The job message with its paths made absolute against this process's working folder: the worker,
+    which refuses relative paths, runs in a folder of its own."""
+    out = dict(message)
+    for name in protocol.PATH_FIELDS:
+        if isinstance(out.get(name), str) and out[name]:
+            out[name] = os.path.abspath(out[name])
+    if isinstance(out.get("supports"), (list, tuple)):
+        out["supports"] = [[os.path.abspath(p) if isinstance(p, str) and p else p for p in pair]
+                           if isinstance(pair, (list, tuple)) else pair for pair in out["supports"]]
+    return out
+
+
 class _Process:
     """One running worker: its pipes, a reader thread per output, the parsed events."""
 
@@ -230,7 +243,7 @@ class WorkerClient:
 
     def submit(self, job: protocol.Job | dict) -> str:
         """Queue a job on the worker (started if needed); its id. Its events come through poll()."""
-        message = job.to_message() if isinstance(job, protocol.Job) else {"type": "job", **job}
+        message = absolute_paths(job.to_message() if isinstance(job, protocol.Job) else {"type": "job", **job})
         message.setdefault("id", uuid.uuid4().hex[:12])
         self.start()
         self._pending[message["id"]] = None

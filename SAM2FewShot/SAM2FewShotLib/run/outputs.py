@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..common.errors import InputError
-from ..common.files import replacing, sweep_stale_temporaries
+from ..common.files import final_path, replacing, sweep_stale_temporaries, temporary_name_bytes
+from ..common.paths import check_path_text, name_bytes, name_limit, shown
 from ..io.volume import LabelMap
 from ..io.volume_io import SEG_NRRD, WRITE_SUFFIXES, image_suffix, sidecar_path, write_labels
+from .input_files import InputFile
 
 LABEL_SUFFIXES = WRITE_SUFFIXES + (SEG_NRRD,)
 
@@ -42,33 +44,86 @@ def check_writable(path) -> None:
 
 
 def written_files(out, report) -> list[Path]:
-    """Every file a run writes: the labels, their JSON sidecar (plain label formats) and the report."""
+    """Every file a run writes: the labels, their JSON sidecar (plain label formats) and the report.
+    Labels written through a symlink have their sidecar beside the link's target, where they land."""
     out = Path(out)
-    sidecar = [sidecar_path(out)] if image_suffix(out) != SEG_NRRD else []
+    sidecar = [sidecar_path(final_path(out))] if image_suffix(out) != SEG_NRRD else []
     return [out, *sidecar, Path(report)]
 
 
-def check_outputs(out, report: str | None = None, inputs: Iterable[str] = ()) -> Path:
+def check_outputs(out, report: str | None = None, inputs: Iterable = ()) -> Path:
     """The report path (default beside ``out``), once nothing written would clash with anything else.
 
-    A label format that cannot be written, an unwritable folder, the report landing on the label file
-    or its sidecar, or an output that is one of the run's own inputs: each refused before any work.
+    A path that is not UTF-8, a label format that cannot be written, a name (or its temporary's) too
+    long for the file system, an unwritable folder, the report landing on the label file or its
+    sidecar, or an output that would replace any file of an input (``inputs``: InputFile entries from
+    run/input_files.py, or plain paths): each refused before any work, in one line naming both.
     """
     out = Path(out)
+    report_path = Path(report) if report is not None else default_report_path(out)
+    check_path_text(out, "the output")
+    check_path_text(report_path, "the report")
     if image_suffix(out) not in LABEL_SUFFIXES:
         raise InputError(f"cannot write {out}: use one of {', '.join(LABEL_SUFFIXES)}")
-    report_path = Path(report) if report is not None else default_report_path(out)
-    check_writable(out)
-    check_writable(report_path)
-    files = [f.resolve() for f in written_files(out, report_path)]
+    named = _named_outputs(out, report_path)
+    for path, desc in named:
+        check_name_length(path, desc)
+    for path, _ in named:
+        check_writable(path)
+    files = [f.resolve() for f, _ in named]
     for f in files:  # what an earlier run that was killed while writing left here
         sweep_stale_temporaries(f)
     if files[-1] in files[:-1]:
         raise InputError(f"the report {report_path} would overwrite the label file or its JSON sidecar")
-    for source in inputs:
-        if Path(source).resolve() in files:
-            raise InputError(f"the output {source} is also an input of this run: choose another output name")
+    _refuse_inputs(named, [i if isinstance(i, InputFile) else InputFile(Path(i), "an input", given=True)
+                           for i in inputs])
     return report_path
+
+
+def _named_outputs(out: Path, report: Path) -> list[tuple[Path, str]]:
+    """Each file the run writes with the words that name it in a message."""
+    labels, *sidecar, report = written_files(out, report)
+    return [(labels, f"the output {labels}"), *[(s, f"the output's names-and-colours sidecar {s}") for s in sidecar],
+            (report, f"the report {report}")]
+
+
+def check_name_length(path: Path, desc: str) -> None:
+    """InputError unless the name, and the temporary it is written through, fit its file system's limit
+    (bytes in one name): checked before any work, not found when the result is written."""
+    limit = name_limit(path.resolve().parent)
+    given = name_bytes(path)
+    final = final_path(path) if given <= limit else path  # a name too long cannot even be looked at
+    longest = max(given, name_bytes(final), temporary_name_bytes(final.resolve()))
+    if longest > limit:
+        part = "its name" if max(given, name_bytes(final)) > limit else "the temporary it is written through"
+        raise InputError(f"{shown(desc)}: {part} would be {longest} bytes long, more than the {limit} bytes its "
+                         "file system allows in a name: choose a shorter name")
+
+
+def _refuse_inputs(outputs: list[tuple[Path, str]], inputs: list[InputFile]) -> None:
+    """InputError naming the output and the input file it would replace: the same file by path after
+    symlinks, by hard link, or a file inside an input's index folder."""
+    sources = [(source, source.path.resolve()) for source in inputs]
+    identities = {_identity(target): source for source, target in sources if not source.folder}
+    identities.pop(None, None)
+    for path, desc in outputs:
+        resolved = path.resolve()
+        hit = identities.get(_identity(resolved)) or next(
+            (s for s, target in sources if target == resolved or (s.folder and resolved.is_relative_to(target))), None)
+        if hit is None:
+            continue
+        if hit.given:
+            raise InputError(f"{desc} is also an input of this run ({hit.what}): choose another output name")
+        raise InputError(f"{desc} would replace {hit.what}: choose another output name")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file: two names of one file (a hard link) have the same."""
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def write_outputs(labels: LabelMap, report: dict, out, report_path) -> None:

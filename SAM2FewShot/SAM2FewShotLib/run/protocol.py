@@ -19,7 +19,8 @@ Requests (stdin)::
                "device": "auto", "offline": false, "random_weights": false, "seed": 0,
                "threads": null, "precision": null | "fp32" | "bf16" | "auto"},
      "frames": {"axis": "auto", "normalization": "auto", "per_slice_normalization": false,
-                "slice_range": [first, last] | null, "frame": N | null, "component": N | null},
+                "slice_range": [first, last] | null, "frame": N | null, "component": N | null,
+                "series": "DICOM series UID" | null},
      "params": {...}}                                                 # method parameters
     {"type": "shutdown"}
 
@@ -46,6 +47,7 @@ request was too broken to name its job.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -86,8 +88,12 @@ class Job(Request):
 
 
 def encode(message: dict) -> bytes:
-    """One protocol line: compact JSON, no embedded newline, UTF-8."""
-    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    """One protocol line: compact JSON, no embedded newline, UTF-8. A string UTF-8 cannot hold (a lone
+    surrogate, from a request that named one) travels as a JSON escape instead of failing the send."""
+    try:
+        return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(message, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
 
 
 def decode_line(line: bytes | str) -> dict:
@@ -115,9 +121,38 @@ def parse_request(line: bytes | str) -> Job | str:
     if kind != "job":
         raise ProtocolError(f"unknown request type {kind!r}: use 'job' or 'shutdown'", job_id)
     try:
+        _require_valid_text(data, "job")
         return job_from_message(data)
     except ProtocolError as exc:
         raise ProtocolError(str(exc), job_id) from None
+
+
+def _require_valid_text(value: Any, where: str) -> None:
+    """ProtocolError naming the first string (key or value) that is not valid Unicode: JSON escapes
+    can carry a lone surrogate ("\\udcff"), which no file name, log line or event can hold."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+        for text, what in ((key, f"a key of {where}"), (item, inner)):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ProtocolError(f"{what} is not valid text: it holds a lone surrogate "
+                                        f"(U+{ord(text[exc.start]):04X}); paths and names must be valid "
+                                        "Unicode") from None
+        _require_valid_text(item, inner)
+
+
+PATH_FIELDS = ("query", "out", "report", "prompt_labels", "prompts", "library")
+
+
+def relative_paths(job: Job) -> list[tuple[str, str]]:
+    """(field, path) of the job's paths that are not absolute ("out", "supports[0][1]", ...): the worker
+    runs in a working folder of its own, so a relative path would name another file than the client meant."""
+    named = [(name, getattr(job, name)) for name in PATH_FIELDS]
+    named += [(f"supports[{n}][{m}]", p) for n, pair in enumerate(job.supports) for m, p in enumerate(pair)]
+    return [(name, path) for name, path in named if path is not None and not os.path.isabs(path)]
 
 
 def job_from_message(data: dict) -> Job:
@@ -167,7 +202,8 @@ _OPTION_TYPES: dict[type, dict[str, tuple]] = {
                    "image_size": (int, _NONE), "device": _PATH, "offline": (bool,), "random_weights": (bool,),
                    "seed": _INT, "threads": (int, _NONE), "precision": (str, _NONE)},
     FrameOptions: {"axis": _PATH, "normalization": _PATH, "per_slice_normalization": (bool,),
-                   "slice_range": (list, _NONE), "frame": (int, _NONE), "component": (int, _NONE)},
+                   "slice_range": (list, _NONE), "frame": (int, _NONE), "component": (int, _NONE),
+                   "series": (str, _NONE)},
 }
 
 

@@ -28,6 +28,7 @@ class FrameOptions:
     slice_range: tuple[int, int] | None = None  # first, last (inclusive) along the axis
     frame: int | None = None  # a 4D query: the frame to segment (required when it has several)
     component: int | None = None  # a vector or colour query: the component to segment
+    series: str | None = None  # a DICOM folder query: the series UID to read (default: the one with most files)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,3 @@ class Request:
         object.__setattr__(self, "supports", tuple((os.fspath(i), os.fspath(lab)) for i, lab in self.supports))
         if self.values is not None:
             object.__setattr__(self, "values", tuple(self.values))
-
-    def input_files(self) -> list[str]:
-        """Every file or folder the request reads."""
-        single = [self.query, self.prompt_labels, self.prompts, self.library]
-        return [p for p in single if p is not None] + [p for pair in self.supports for p in pair]

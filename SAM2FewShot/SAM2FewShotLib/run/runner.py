@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from ..common.cache import require_cache
 from ..common.context import RunContext
 from ..common.errors import InputError
 from ..common.progress import LOAD_MODEL, ProgressFn
@@ -25,6 +26,7 @@ from ..io.slicing import prompt_plane, slicing_axis
 from ..methods.presets import get_preset
 from ..methods.registry import LIBRARY, PROMPTS, SUPPORTS, MethodSpec, get_method
 from ..sam2.build import ModelOptions
+from .input_files import check_input_files
 from .outputs import check_outputs
 from .request import FrameOptions, Request
 
@@ -48,7 +50,7 @@ class Runner:
         self._model_info: dict = {}
         self._sessions: OrderedDict[tuple, object] = OrderedDict()
         self._digests: dict[tuple, str] = {}
-        self._notes: dict[str, dict | None] = {}  # what was repaired in a query, by its content
+        self._notes: dict[tuple, list[dict]] = {}  # what was repaired in a query, by its content and series
         self._threads: int | None = None  # torch CPU threads the runs use
         self._lock = threading.RLock()  # prepare() may read the next query while a run computes
 
@@ -87,7 +89,7 @@ class Runner:
         report["inputs"] = {"query": request.query, "prompt_labels": request.prompt_labels or "",
                             "prompts": request.prompts or "", "supports": [list(p) for p in request.supports],
                             "library": request.library or ""}
-        notes = [n for n in [self._notes.get(self._digest(Path(request.query)))] + notes if n]
+        notes = self._notes.get((self._digest(Path(request.query)), request.frames.series), []) + notes
         if notes:
             report["input_notes"] = notes
         report["run"] = {"session_reused": reused}
@@ -186,13 +188,13 @@ class Runner:
         axis or normalisation: the volume is the same), else read and checked now."""
         if key is not None:
             for other, session in self._sessions.items():
-                if other[:3] == key[:3]:  # file content, frame, component
+                if other[:4] == key[:4]:  # file content, frame, component, DICOM series
                     return session.volume
         return self._read_query(request.query, request.frames)
 
     def _session_key(self, request: Request, normalization: Normalization) -> tuple:
         return (self._digest(Path(request.query)), request.frames.frame, request.frames.component,
-                request.frames.axis.lower(), normalization, request.model.key())
+                request.frames.series, request.frames.axis.lower(), normalization, request.model.key())
 
     def _session_for(self, key: tuple, query, request: Request, normalization: Normalization, progress: ProgressFn):
         """The warm session under ``key``, or a new one on ``query`` (evicting the oldest); loads the model."""
@@ -218,8 +220,10 @@ class Runner:
         from ..io.checks import checked_image
         from ..io.volume_io import read_volume
 
-        volume, note = checked_image(read_volume(path, frames.frame, frames.component), f"the query {path}")
-        self._notes[self._digest(Path(path))] = note
+        notes: list[dict] = []  # a DICOM series put on a regular grid (io/dicom_series.py)
+        volume, note = checked_image(read_volume(path, frames.frame, frames.component, frames.series, notes),
+                                     f"the query {path}")
+        self._notes[(self._digest(Path(path)), frames.series)] = notes + ([note] if note else [])
         return volume
 
     def _digest(self, path: Path) -> str:
@@ -282,21 +286,12 @@ def check_request(request: Request) -> tuple[MethodSpec, object]:
     if request.preset and get_preset(request.preset).method != spec.key:
         raise InputError(f"the preset {request.preset} runs the {get_preset(request.preset).method} method, "
                          f"not {spec.key}")
-    for path in request.input_files():
-        try:
-            exists = Path(path).exists()
-        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-            raise InputError(f"{_short(path)} is not a usable file name: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        if not exists:
-            raise InputError(f"{_short(path)} does not exist")
+    files = check_input_files(request)
+    if spec.needs_model:
+        require_cache()  # weights, saved support features and scratch files live there
     if request.out is not None:
-        check_outputs(request.out, request.report, request.input_files())
+        check_outputs(request.out, request.report, files)
     return spec, params
-
-
-def _short(path: str, limit: int = 200) -> str:
-    return path if len(path) <= limit else path[: limit - 3] + "..."
 
 
 def check_model_options(options: ModelOptions) -> None:
@@ -330,7 +325,7 @@ def read_supports(request: Request) -> tuple[list, list[dict]]:
 
     supports, notes = [], []
     for index, (image_path, labels_path) in enumerate(request.supports):
-        image, note = checked_image(read_volume(image_path), f"support image {image_path}")
+        image, note = checked_image(read_volume(image_path, notes=notes), f"support image {image_path}")
         labels = read_labels(labels_path, reference=image)
         supports.append(SupportCase(image, labels, (image_path, labels_path), index))
         notes += [note] if note else []

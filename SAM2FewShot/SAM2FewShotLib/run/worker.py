@@ -19,9 +19,10 @@ import traceback
 from typing import BinaryIO
 
 from .. import __version__
-from ..common.errors import SAM2FewShotError
+from ..common.errors import InputError, SAM2FewShotError
 from . import protocol
 
+CLIENT_GONE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 OOM_ADVICE = "out of memory: try a smaller model or image size, a slice range, or (from a GPU) the CPU device"
 
 
@@ -34,24 +35,48 @@ def claim_stdout() -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
+class ClientGone(Exception):
+    """The client closed its end of the protocol stream: nobody reads the events any more."""
+
+
 class Emitter:
     """Writes whole protocol lines, one at a time, flushed at once."""
 
     def __init__(self, stream: BinaryIO):
         self.stream = stream
+        self.closed = False
         self._lock = threading.Lock()
 
     def send(self, event: dict) -> None:
+        """ClientGone once the client has closed the pipe (then and for every later event)."""
         line = protocol.encode(event)
         with self._lock:
-            self.stream.write(line)
-            self.stream.flush()
+            if self.closed:
+                raise ClientGone()
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.closed = True
+                _discard_output(self.stream)
+                raise ClientGone() from None
 
     def progress_for(self, job_id: str):
         def progress(stage: str, done: int, total: int) -> None:
             self.send(protocol.progress(job_id, stage, done, total))
 
         return progress
+
+
+def _discard_output(stream: BinaryIO) -> None:
+    """Point the stream's descriptor at the null device: the bytes still buffered are flushed there at
+    exit, not against the closed pipe (Python's "Exception ignored ... BrokenPipeError")."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # no descriptor (a test's in-memory stream): nothing is flushed at exit
+        pass
 
 
 class EventLogHandler(logging.Handler):
@@ -62,8 +87,12 @@ class EventLogHandler(logging.Handler):
         self.emitter = emitter
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.emitter.closed:
+            return  # nobody reads the log any more; the job's own send says the client is gone
         try:
             self.emitter.send(protocol.log(record.levelname.lower(), record.getMessage()))
+        except ClientGone:
+            pass
         except Exception:  # noqa: BLE001 - logging must never break a job
             self.handleError(record)
 
@@ -119,6 +148,9 @@ class Worker:
         except protocol.ProtocolError as exc:
             self.emitter.send(protocol.error(exc.job_id, f"invalid job: {exc}"))
             return True
+        except Exception as exc:  # noqa: BLE001 - a request no check foresaw still gets its one line
+            self.emitter.send(protocol.error(None, f"invalid job: {error_message(exc)}"))
+            return True
         if request == "shutdown":
             return False
         self.run(request)
@@ -128,7 +160,11 @@ class Worker:
         out_of_memory = False
         try:
             event = self.run_job(job)
+        except ClientGone:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure (MemoryError included) becomes one error line
+            if self.emitter.closed:  # a progress event found the pipe closed, and something wrapped that
+                raise ClientGone() from None
             out_of_memory = any(is_out_of_memory(e) for e in causes(exc))
             if not isinstance(exc, SAM2FewShotError):
                 traceback.print_exc(file=sys.stderr)
@@ -141,6 +177,11 @@ class Worker:
         """The job through the Runner, its files written; the result event to send back."""
         from .outputs import write_outputs
 
+        relative = protocol.relative_paths(job)
+        if relative:
+            field, path = relative[0]
+            raise InputError(f"job.{field} must be an absolute path, got '{path}': the worker's working folder is "
+                             "not the client's")
         start = time.perf_counter()
         labels, report = self.runner.run(job, self.emitter.progress_for(job.id))
         reused = report["run"]["session_reused"]
@@ -182,15 +223,17 @@ def main() -> int:
     engine_log.setLevel(logging.INFO)
     engine_log.propagate = False
     signal.signal(signal.SIGTERM, _stop)  # a polite stop ends like Ctrl-C: no traceback, exit code 130
-    devices = preload(emitter)
-    worker = Worker(emitter)
-    emitter.send(protocol.ready(os.getpid(), __version__, devices))
     try:
+        devices = preload(emitter)
+        worker = Worker(emitter)
+        emitter.send(protocol.ready(os.getpid(), __version__, devices))
         for line in sys.stdin.buffer:
             if not worker.handle(line):
                 break
     except KeyboardInterrupt:
         return 130
+    except ClientGone:  # the client closed the pipe: nobody to answer, nothing to explain
+        return CLIENT_GONE_EXIT
     return 0
 
 
