@@ -179,3 +179,21 @@ def test_on_ray_ids_stay_names_and_quiet_means_quiet_with_nothing_left_behind(in
     assert (out / "logs" / "ray_session").is_dir()
     assert not (home / ".ray").exists(), "Ray wrote its token into the home folder"
     assert set(Path("/tmp/ray").glob("session_2*")) <= sessions, "the local Ray session folder was left"
+
+
+@pytest.mark.parametrize("case_id, suffix, words", [
+    ("q1", ".nrrd", "is also an input of this run (the query"),  # q1.nrrd: a case's output on its own query
+    ("q2", ".nrrd", "is also an input of this run (the query of case"),  # on another case's query
+    ("lab", ".nii.gz", "names-and-colours sidecar of the support labels"),  # lab.json: the labels' sidecar
+])
+def test_no_case_output_replaces_a_file_the_cohort_reads_refused_before_any_work(inputs, capsys, case_id, suffix,
+                                                                               words):
+    write_labels(read_labels(inputs / "support_label.nii.gz"), inputs / "lab.nrrd")  # names and colours: lab.json
+    listing = _csv(inputs, [case_id, "other"])
+    argv = ["batch", "--queries", str(listing), "--out", str(inputs), "--suffix", suffix, "--support",
+            str(inputs / "support.nrrd"), str(inputs / "lab.nrrd"), *FAST]
+    before = {p: p.read_bytes() for p in inputs.iterdir() if p.is_file()}
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert words in line, line
+    assert {p: p.read_bytes() for p in inputs.iterdir() if p.is_file()} == before, "a refused run changed files"

@@ -34,6 +34,35 @@ def case_request(template: Request, case: Case, folder: Path, suffix: str) -> Re
                    report=str(folder / report))
 
 
+def check_case_outputs(cases, template: Request, folder: Path, suffix: str) -> None:
+    """Before any work: no case's outputs would replace a file the cohort reads (any case's query or
+    prompt labels, the supports, the library, their sidecars and indexes), and every name fits the file
+    system. Only inputs that could be an output (in the folder, or a hard link) are compared per case."""
+    from ..run.input_files import input_files, label_files, volume_files
+    from ..run.outputs import check_outputs
+
+    inputs = input_files(replace(template, query=str(cases[0].query), prompt_labels=None))
+    for case in cases[1:]:
+        inputs += volume_files(case.query, f"the query of case {case.id}")
+    for case in cases:
+        if case.prompt_labels:
+            inputs += label_files(case.prompt_labels, f"the prompt labels of case {case.id}")
+    requests = [case_request(template, case, folder, suffix) for case in cases]
+    here = Path(folder).resolve()
+    outputs = {_identity(Path(r.out)) for r in requests} | {_identity(Path(r.report)) for r in requests}
+    near = [f for f in inputs if f.folder or f.path.resolve().parent == here or _identity(f.path) in outputs - {None}]
+    for request in requests:
+        check_outputs(request.out, request.report, near)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def run_case(runner, case: Case, template: Request, folder: Path, suffix: str, options: str,
              progress: ProgressFn | None = None, tolerance_mm: float = 1.0, adopt: bool = False) -> dict:
     """Segment one case and write its outputs; the manifest record: done, or failed with its one line.

@@ -38,6 +38,8 @@ def options_digest(template: Request) -> str:
     for key in ("query", "out", "report", "prompt_labels"):
         data.pop(key, None)
     data["model"].update(threads=None, precision=None)
+    if data["frames"].get("series") is None:  # as before --series existed: earlier cohorts resume
+        data["frames"].pop("series", None)
     data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
     return json_digest(data, 20)
 

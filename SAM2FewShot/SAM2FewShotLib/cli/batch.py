@@ -72,12 +72,13 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, cases, template) -> int:
-    from ..batch.case import add_missing_scores
+    from ..batch.case import add_missing_scores, check_case_outputs
     from ..batch.cohort_report import write_report
     from ..batch.compute import actor_compute, local_compute, pinned
     from ..batch.manifest import Manifest, options_digest
 
     manifest = Manifest.open(args.out)
+    check_case_outputs(cases, template, args.out, args.suffix)
     options = options_digest(template)
     with _backend(args) as gpus:
         compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model)
