@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.digests import file_digest, json_digest
@@ -20,6 +20,7 @@ from ..common.names import check_distinct, file_name
 from ..run.outputs import written_files
 from ..run.request import Request
 from .cohort import Case
+from .conditioning import Conditioning
 
 MANIFEST = "manifest.json"
 FORMAT = "sam2fewshot-cohort-1"
@@ -31,17 +32,31 @@ FOLDER_FILES = (MANIFEST, LOCK, LOGS, CSV_NAME, MARKDOWN_NAME, PLOT_NAME, "revie
 
 
 def options_digest(template: Request) -> str:
-    """What the outputs depend on besides the query: method, parameters, supports (with their files'
-    sizes and times), library, model, frames. A change means the existing outputs are another run's.
-    The precision and threads that ran are kept per case and compared apart (batch/compute.py)."""
+    """What the outputs depend on besides the query and what conditions it: method, parameters, the
+    library's identity (not its content), model, frames. A change means the existing outputs are another
+    run's. The supports and the library's cases are compared apart (batch/conditioning.py: a grown set
+    is not other options), as are the precision and threads that ran (batch/compute.py)."""
+    data = _options_data(template)
+    data.pop("supports", None)
+    return json_digest(data, 20)
+
+
+def legacy_options_digest(template: Request) -> str:
+    """The options digest of cohorts written before the conditioning was compared apart (supports and
+    their files' stamps inside it): their cases resume as they are."""
+    data = _options_data(template)
+    data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
+    return json_digest(data, 20)
+
+
+def _options_data(template: Request) -> dict:
     data = asdict(template)
     for key in ("query", "out", "report", "prompt_labels"):
         data.pop(key, None)
     data["model"].update(threads=None, precision=None)
     if data["frames"].get("series") is None:  # as before --series existed: earlier cohorts resume
         data["frames"].pop("series", None)
-    data["support_files"] = [file_stamp(p) for pair in template.supports for p in pair]
-    return json_digest(data, 20)
+    return data
 
 
 def input_stamp(case: Case) -> list:
@@ -63,6 +78,7 @@ def file_stamp(path) -> list:
 class Manifest:
     folder: Path
     cases: dict
+    conditioning: dict = field(default_factory=dict)  # digest -> the cases it stands for (batch/conditioning)
 
     @classmethod
     def open(cls, folder: Path) -> Manifest:
@@ -73,33 +89,45 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}")
-            cases = data["cases"]
+            cases, conditioning = data["cases"], data.get("conditioning", {})
             if not isinstance(cases, dict):
                 raise ValueError("'cases' is not a table of case records")
+            if not isinstance(conditioning, dict) or not all(isinstance(m, list) for m in conditioning.values()):
+                raise ValueError("'conditioning' is not a table of case lists")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path} is not a cohort manifest this version can read ({exc}): give another --out "
                              "folder") from None
         for case_id, entry in cases.items():
             _check_entry(path, case_id, entry)
-        return cls(Path(folder), dict(cases))
+        return cls(Path(folder), dict(cases), dict(conditioning))
 
     def save(self) -> None:
-        write_json_atomic({"format": FORMAT, "cases": self.cases}, self.folder / MANIFEST)
+        used = {e.get("conditioning") for e in self.cases.values() if isinstance(e, dict)}
+        conditioning = {k: v for k, v in self.conditioning.items() if k in used}
+        write_json_atomic({"format": FORMAT, "cases": self.cases, "conditioning": conditioning},
+                          self.folder / MANIFEST)
 
     def record(self, case_id: str, record: dict) -> None:
         self.cases[case_id] = record
         self.save()
 
-    def status(self, case: Case, options: str) -> str:
-        """'done', 'failed', 'other options' (done by another run's options), or 'todo'. Done only when
-        every file the record lists is there with the size and hash recorded."""
+    def status(self, case: Case, options: str, conditioning: Conditioning | None = None,
+               legacy_options: str | None = None) -> str:
+        """'reviewed' (never touched again), 'done', 'failed', 'grown' (conditioned on a set that has
+        grown since), 'other options' (done by another run's options), or 'todo'. Done only when every
+        file the record lists is there with the size and hash recorded."""
         entry = self.cases.get(case.id)
+        if entry is not None and entry.get("review"):
+            return "reviewed"
         if entry is None or entry.get("input") != input_stamp(case):
             return "todo"
-        if entry.get("options") != options:
+        if entry.get("options") not in (options, legacy_options):
             return "other options"
         if entry.get("status") == "failed":
             return "failed"
+        ran_on = entry.get("conditioning")
+        if conditioning is not None and ran_on is not None and ran_on != conditioning.digest:
+            return "grown" if conditioning.grew_from(self.conditioning.get(ran_on, [])) else "other options"
         return "done" if entry.get("status") == "done" and self.outputs_intact(entry) else "todo"
 
     def outputs_intact(self, entry: dict) -> bool:
@@ -130,6 +158,13 @@ def _check_entry(path: Path, case_id, entry) -> None:
             elif not (isinstance(stamp, list) and len(stamp) == 2 and isinstance(stamp[0], int)
                       and isinstance(stamp[1], str)):
                 problem = f"its file {name!r} has no [size, sha256]"
+    review = entry.get("review") if isinstance(entry, dict) else None
+    if problem is None and review is not None:
+        files = review.get("files", {}) if isinstance(review, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(n, str) and n.startswith("corrected/") and Path(n).name == n[len("corrected/"):]
+                for n in files):
+            problem = "its review is not a review record"
     if problem:
         raise InputError(f"{path}: the record of case {case_id!r} is damaged ({problem}): restore the manifest, "
                          "or give another --out folder")

@@ -75,24 +75,28 @@ def _run_locked(args: argparse.Namespace, cases, template) -> int:
     from ..batch.case import add_missing_scores, check_case_outputs
     from ..batch.cohort_report import write_report
     from ..batch.compute import actor_compute, local_compute, pinned
-    from ..batch.manifest import Manifest, options_digest
+    from ..batch.conditioning import conditioning_of
+    from ..batch.manifest import Manifest, legacy_options_digest, options_digest
 
     manifest = Manifest.open(args.out)
     check_case_outputs(cases, template, args.out, args.suffix)
-    options = options_digest(template)
+    options, conditioning = options_digest(template), conditioning_of(template)
     with _backend(args) as gpus:
         compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model)
         template = pinned(template, compute)  # every case of this run at one precision and thread count
-        todo = plan(cases, manifest, options, args, compute)
+        todo = plan(cases, manifest, (options, legacy_options_digest(template), conditioning), args, compute)
+        manifest.conditioning[conditioning.digest] = [list(m) for m in conditioning.members]
         start = time.perf_counter()
-        run_cases(todo, template, args, manifest, options, compute)
+        run_cases(todo, template, args, manifest, options, compute,
+                  lambda record: record.update(conditioning=conditioning.digest))
     add_missing_scores(cases, manifest.cases, args.out)
     manifest.save()
     paths = write_report(cases, manifest.cases, args.out, time.perf_counter() - start)
     failed = [c.id for c in cases if manifest.cases.get(c.id, {}).get("status") == "failed"]
     done = sum(manifest.cases.get(c.id, {}).get("status") == "done" for c in cases)
-    print(f"{done} of {len(cases)} cases done, {len(failed)} failed; {len(todo)} run now, {len(cases) - len(todo)} "
-          f"left as they were; wrote {', '.join(str(p) for p in paths)}")
+    reviewed = sum(bool(manifest.cases.get(c.id, {}).get("review")) for c in cases)
+    print(f"{done} of {len(cases)} cases done ({reviewed} reviewed), {len(failed)} failed; {len(todo)} run now, "
+          f"{len(cases) - len(todo)} left as they were; wrote {', '.join(str(p) for p in paths)}")
     if failed:
         print(f"sam2fewshot: {len(failed)} case(s) failed (see {args.out / 'cohort.md'}): {', '.join(failed[:5])}"
               + (", ..." if len(failed) > 5 else ""), file=sys.stderr)
@@ -117,16 +121,22 @@ def _backend(args: argparse.Namespace) -> Iterator[int]:
         yield gpus
 
 
-def plan(cases, manifest, options: str, args: argparse.Namespace, compute) -> list:
-    """The cases to run now; cases done with other options, or in another precision than ``compute``,
-    refused unless --force (or --mixed-precision, which keeps the latter)."""
+def plan(cases, manifest, digests: tuple, args: argparse.Namespace, compute) -> list:
+    """The cases to run now. Reviewed cases are never touched; cases conditioned on a library (or support
+    set) that has grown since are redone; cases done with other options, or in another precision than
+    ``compute``, are refused unless --force (or --mixed-precision, which keeps the latter).
+    ``digests``: this run's options digest, the legacy one, and its Conditioning."""
     from ..batch.compute import other_precision, refuse_mixed_precision, say_other_threads
 
-    status = {c.id: manifest.status(c, options) for c in cases}
+    options, legacy, conditioning = digests
+    status = {c.id: manifest.status(c, options, conditioning, legacy) for c in cases}
     other = [c.id for c in cases if status[c.id] == "other options"]
     if other and not args.force:
         raise InputError(f"{len(other)} case(s) in {args.out} were segmented with other options (e.g. {other[0]}): "
                          "add --force to redo them with these, or give another --out")
+    grown = [c.id for c in cases if status[c.id] == "grown"]
+    if grown:
+        print(f"{conditioning.kind} grew: {len(grown)} unreviewed case(s) to redo")
     done = {c.id: manifest.cases[c.id] for c in cases if status[c.id] == "done"}
     mixed = {} if args.mixed_precision else other_precision(done, compute)
     if mixed and not args.force:
@@ -136,10 +146,13 @@ def plan(cases, manifest, options: str, args: argparse.Namespace, compute) -> li
                       "this run on Ray" if _on_ray(args) else "this run")
     if args.retry_failed:
         return [c for c in cases if status[c.id] == "failed"]
-    return [c for c in cases if status[c.id] in ("todo", "other options")]
+    return [c for c in cases if status[c.id] in ("todo", "other options", "grown")]
 
 
-def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, compute) -> None:
+def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, compute,
+              stamp=lambda record: None) -> None:
+    """Run ``todo``; each record goes into the manifest as soon as it is known, ``stamp`` adding what this
+    run's driver knows (what the cases were conditioned on)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="cohort", unit="case", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
@@ -148,6 +161,7 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, 
 
     def on_record(case, record: dict) -> None:
         nonlocal failures
+        stamp(record)
         manifest.record(case.id, record)
         failures += record["status"] == "failed"
         ran = record.get("compute")

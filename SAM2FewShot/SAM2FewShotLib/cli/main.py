@@ -1,4 +1,4 @@
-"""sam2fewshot: the command line of the engine (segment, library, models, bench, demo).
+"""sam2fewshot: the command line of the engine (segment, batch, review, library, models, bench, demo).
 
 Every failure the user can act on ends as one line on stderr and a non-zero exit code; no
 partial output file is ever left behind.
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .library import add_library_parser
     from .models import add_models_parser
     from .options import HelpFormatter, add_console_args
+    from .review import add_review_parser
     from .segment import add_segment_parser
 
     parser = Parser(prog="sam2fewshot", formatter_class=HelpFormatter,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_library_parser(sub)
     add_batch_parser(sub)
+    add_review_parser(sub)
     return parser
 
 
@@ -145,6 +147,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .library import run_library
 
         return run_library(args)
+    if args.command == "review":
+        from .review import run_review
+
+        return run_review(args)
     raise InputError(f"unknown command {args.command}")
 
 
