@@ -4,8 +4,9 @@ Subpackages are layers; a module may import its own package and the layers below
 above or beside it (Testing/test_layers.py checks every import, and that there are no cycles):
 
     cli                  the sam2fewshot command: argparse -> Request -> Runner
-    batch                cohorts: many queries, one warm model, resumable, on one machine or Ray
-    slicer | bench       the Slicer panel's Qt-free logic and MRML bridge | benchmarks, metrics
+    slicer               the Slicer panel's Qt-free logic and MRML bridge (a cohort's review included)
+    batch                cohorts: many queries, one warm model, resumable, on one machine or Ray; review
+    bench                benchmarks, metrics
     run                  Request, Runner, outputs, the worker process, its protocol and client
     methods              propagate, matched support, retrieval, guided, registration (+ registry)
     library              support libraries: cases, on-disk embedding index, sync
@@ -19,4 +20,4 @@ __version__ = "0.1.0"
 
 # Lowest first; packages on one line are siblings that do not import each other.
 LAYERS = (("common",), ("io",), ("sam2", "registration"), ("support",), ("library",), ("methods",), ("run",),
-          ("slicer", "bench"), ("batch",), ("cli",))
+          ("bench",), ("batch",), ("slicer",), ("cli",))

@@ -34,8 +34,6 @@ class Conditioning:
 
 def conditioning_of(template: Request) -> Conditioning:
     """The cases a run is conditioned on as they are now (name, size and time of each file)."""
-    from .manifest import file_stamp
-
     if template.library:
         from ..library.cases import open_library
 
@@ -53,3 +51,13 @@ def _member(image: list, labels: list) -> tuple:
 
 def _key(member) -> str:
     return json_digest(member, 20)
+
+
+def file_stamp(path) -> list:
+    """[name, size, mtime] of a file, or of every file in a folder (a DICOM series)."""
+    path = Path(path)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [str(path), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
+    except OSError:
+        return [str(path), None, None]

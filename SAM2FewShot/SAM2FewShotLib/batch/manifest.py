@@ -20,7 +20,7 @@ from ..common.names import check_distinct, file_name
 from ..run.outputs import written_files
 from ..run.request import Request
 from .cohort import Case
-from .conditioning import Conditioning
+from .conditioning import Conditioning, file_stamp
 
 MANIFEST = "manifest.json"
 FORMAT = "sam2fewshot-cohort-1"
@@ -62,16 +62,6 @@ def _options_data(template: Request) -> dict:
 def input_stamp(case: Case) -> list:
     """The case's own inputs as they are now: a query edited since is segmented again."""
     return [file_stamp(case.query), file_stamp(case.prompt_labels) if case.prompt_labels else None]
-
-
-def file_stamp(path) -> list:
-    """[name, size, mtime] of a file, or of every file in a folder (a DICOM series)."""
-    path = Path(path)
-    try:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        return [str(path), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
-    except OSError:
-        return [str(path), None, None]
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import InputError
+from .itk_output import itk_reason, native_output_captured
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def read_dicom_series(folder: Path, series: str | None = None):
     """(SimpleITK image, note or None): the chosen series of ``folder`` on a regular grid."""
     import SimpleITK as sitk
 
-    from .volume_io import _itk_reason, native_output_captured
 
     found = series_files(folder)
     chosen = choose_series(folder, found, series)
@@ -48,7 +48,7 @@ def read_dicom_series(folder: Path, series: str | None = None):
         with native_output_captured():
             image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(exc)}") from exc
+        raise InputError(f"cannot read DICOM series {chosen} in {folder}: {itk_reason(exc)}") from exc
     positions = _slice_positions(reader, len(found[chosen]))
     if (positions is None or image.GetDimension() != 3 or image.GetDepth() != len(positions)
             or image.GetNumberOfComponentsPerPixel() != 1):
@@ -60,7 +60,6 @@ def series_files(folder: Path) -> dict[str, list[str]]:
     """Every DICOM series in ``folder``: UID -> its files, sorted along the slice normal."""
     import SimpleITK as sitk
 
-    from .volume_io import native_output_captured
 
     reader = sitk.ImageSeriesReader()
     with native_output_captured():

@@ -12,12 +12,9 @@ import gzip
 import json
 import logging
 import os
-import re
 import struct
-import sys
-import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,8 @@ from ..common.files import final_path, replacing
 from ..common.warnings_summary import RepeatedWarnings
 from .dicom_series import read_dicom_series
 from .headers import check_data_files
+from .itk_output import itk_reason as _itk_reason
+from .itk_output import native_output_captured
 from .seg_nrrd import is_slicer_segmentation, read_seg_nrrd, write_seg_nrrd
 from .volume import MAX_LABEL, LabelMap, Segment, Volume, default_segments
 
@@ -40,8 +39,6 @@ READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", SEG_NRRD)
 # Single-file formats only: a header + data pair (.nhdr, .mhd) cannot be moved into place atomically.
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 _COMPOUND_SUFFIXES = (SEG_NRRD, ".nii.gz")
-_ITK_PREFIX = re.compile(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\): |sitk::ERROR: )")
-_POINTER = re.compile(r"\s*\(?\b0x[0-9a-fA-F]{6,}\b\)?")  # an object's address: differs every run, means nothing
 
 
 def image_suffix(path: PathLike) -> str:
@@ -57,30 +54,6 @@ def sidecar_path(path: PathLike) -> Path:
     """Where the names and colours of a plain label file live: case_label.nii.gz -> case_label.json."""
     path = Path(path)
     return path.with_name(path.name[: len(path.name) - len(image_suffix(path))] + ".json")
-
-
-@contextlib.contextmanager
-def native_output_captured() -> Iterator[None]:
-    """What the C libraries inside ITK (niftilib, GDCM, ITK's own warnings) print on the process's
-    stderr, kept off the terminal: our one-line error says what went wrong. The text is logged at
-    INFO level (the CLI shows it with --verbose)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable stderr: nothing to keep clean
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode("utf-8", errors="replace").strip()
-            if text:
-                log.info("ITK: %s", " ".join(text.split()))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -454,15 +427,3 @@ def _require_folder(target: Path) -> None:
     if not folder.is_dir():
         reason = "is not a folder" if folder.exists() else "does not exist"
         raise InputError(f"cannot write {target}: {folder} {reason}")
-
-
-def _itk_reason(exc: RuntimeError) -> str:
-    """The useful part of a multi-line ITK exception: its message and its innermost detail."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Exception thrown"):
-        lines = lines[1:]  # names the C++ source file, not the problem
-    lines = [_POINTER.sub("", _ITK_PREFIX.sub("", line)) for line in lines]
-    if not lines:
-        return "not a readable image"
-    detail = f" ({lines[-1]})" if len(lines) > 1 else ""
-    return lines[0].rstrip(":") + detail
