@@ -277,18 +277,24 @@ def _require_unique(cases: Sequence[LibraryCase], root: Path) -> None:
 
 @dataclass
 class CaseSlices:
-    """The labelled slices of one case along one axis, model-ready, and one row per structure on them."""
+    """The labelled slices of one case along one axis, model-ready, and one row per structure on them.
 
-    images01: np.ndarray  # (n, H, W) float32 in [0, 1], one per slice with any structure
+    The images are in the index's in-plane convention (library/orientation.py), not as the case stores
+    them: a case stored flipped or transposed is embedded as the same picture; rows count the case's own
+    slices along ``axis``."""
+
+    images01: np.ndarray  # (n, H, W) float32 in [0, 1], one per slice with any structure, LPS order and sense
     rows: np.ndarray  # (m,) ROW_DTYPE
     num_slices: int
     axis: int
 
 
 def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: Normalization) -> CaseSlices:
-    """Every slice along ``plane`` that holds a structure, normalised as the query is."""
+    """Every slice along ``plane`` that holds a structure, normalised as the query is, in the index's
+    in-plane convention (so that how the case is stored does not change what it is retrieved for)."""
     image.require_same_grid(labels.volume, "library labels")
     from ..io.slicing import slicing_axis
+    from .orientation import canonical_slices
 
     axis = slicing_axis(image, plane)
     lab = np.moveaxis(labels.volume.array, axis, 0)
@@ -307,4 +313,5 @@ def labelled_slices(image: Volume, labels: LabelMap, plane: str, normalization: 
     norm = normalization.resolved(image.array)  # only the labelled slices are normalised, not a copy of the case
     images01 = np.empty((len(keep),) + lab.shape[1:], dtype=np.float32)
     norm.scale_into(np.moveaxis(image.array, axis, 0)[keep], norm.volume_bounds(image.array), images01)
+    images01 = np.ascontiguousarray(canonical_slices(images01, image, axis, plane))
     return CaseSlices(images01, np.array(rows, dtype=ROW_DTYPE), n, axis)

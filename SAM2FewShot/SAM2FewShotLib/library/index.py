@@ -4,7 +4,7 @@ Layout: ``<index root>/<config id>/`` holds ``manifest.json`` and, per case, two
 by the case's content hash (``<sha>.emb.npy``: (n, D) float32 unit vectors; ``<sha>.rows.npy``:
 one ROW_DTYPE record per labelled slice and structure). No pickle anywhere. The config id hashes
 what the vectors depend on: the feature model (its weights' fingerprint, input size, pooling),
-the slicing plane and the intensity normalisation.
+the plane, the normalisation, and the in-plane convention of the slices (orientation.SLICES; FORMAT 2).
 
 A case's content hash is the SHA-256 of its image, label and sidecar files; the manifest caches
 each file's hash by path, size and mtime, so an unchanged library is checked with stat() alone.
@@ -35,10 +35,11 @@ from ..common.warnings_summary import RepeatedWarnings
 from ..io.volume import Segment, default_segments
 from .cases import ROW_DTYPE, LibraryCase
 from .index_entries import valid_entry
+from .orientation import SLICES
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 1 embedded slices as stored: its indexes get other ids, never reused (library/orientation.py)
 MANIFEST = "manifest.json"
 MANIFEST_EVERY_S = 2.0  # while building, save progress at most this often
 QUERY_CHUNK = 64  # query slices per matmul: bounds the (chunk, N) similarity matrix
@@ -55,7 +56,7 @@ class IndexConfig:
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, "features": self.features, "plane": self.plane,
-                "normalization": self.normalization}
+                "normalization": self.normalization, "slices": SLICES}
 
     @property
     def id(self) -> str:
