@@ -28,7 +28,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--data", type=Path, help="folder of labelled cases (MSD layout, *_img/*_label or *_seg pairs)")
     p.add_argument("--out", type=Path, help="report folder (created if missing); required unless --profile or "
                                              "--precision-check")
-    p.add_argument("--methods", metavar="M,M,...", help=f"comma-separated (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--methods", "--method", metavar="M,M,...",
+                   help=f"comma-separated (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--preset", metavar="NAME,...",
                    help="a published construction with the paper's parameters (" + ", ".join(PRESETS) + "); "
                         "alone, only the presets run; with --methods, after them")
@@ -70,6 +71,13 @@ def add_bench_parser(sub) -> None:
                     help="query slices of the profile and the precision check, around the most labelled one "
                          "(0: all)")
     pr.add_argument("--json", type=Path, metavar="FILE", help="also write the profile or precision check as JSON")
+    lc = p.add_argument_group("learning curve (instead of the runs above)")
+    lc.add_argument("--learning-curve", action="store_true",
+                    help="Dice of --method as the labelled set grows from 1 to N-1 of the other cases (supports, or "
+                         "the library of retrieval), over random orders; writes learning_curve.csv, "
+                         "learning_curve_runs.csv, learning_curve.json and learning_curve.png to --out")
+    lc.add_argument("--orders", type=int, default=3, metavar="K",
+                    help="random orders of the other cases per query, averaged (seeded by --seed)")
     add_model_args(p)
     add_frame_args(p, slice_range=False)
 
@@ -105,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if getattr(args, "profile", False) or getattr(args, "precision_check", False):
         return _profile(args)
+    if getattr(args, "learning_curve", False):
+        return _learning_curve(args)
     if args.out is None:
         raise InputError("give --out, the report folder")
     counts = _counts(args.memory_scaling)
@@ -208,6 +218,30 @@ def _profile(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def _learning_curve(args: argparse.Namespace) -> int:
+    """bench --learning-curve: the table on stdout, CSV, JSON and a plot in --out."""
+    from ..bench.learning_curve import check_curve, learning_curve, markdown_table
+    from ..bench.leave_one_out import BenchSettings, bench_cases, choose_methods
+
+    if args.data is None or args.out is None:
+        raise InputError("--learning-curve needs --data (labelled cases) and --out (the report folder)")
+    methods = choose_methods(args.methods.split(","), []) if args.methods else []
+    settings = BenchSettings(frame_options(args), model_options(args), _fewshot(args), args.tolerance, args.support,
+                             args.max_cases, args.max_supports, args.cold_sessions)
+    check_curve(methods, args.orders, settings)
+    cases = bench_cases(args.data)
+    _prepare_out(args.out)
+    start = time.perf_counter()
+    records, summary, paths = learning_curve(cases, methods, settings, args.out, args.orders, args.seed, args.quiet)
+    print(markdown_table(summary))
+    print(f"{len(records)} points over {args.orders} orders in {time.perf_counter() - start:.0f} s; wrote "
+          + ", ".join(str(p) for p in paths))
+    failed = sum(r["status"] != "ok" for r in records)
+    if failed:
+        print(f"sam2fewshot: {failed} of {len(records)} points failed (see {args.out / 'learning_curve_runs.csv'})")
+    return 1 if failed else 0
 
 
 def _memory_scaling(args, model_info: dict, counts: list[int]) -> dict:
