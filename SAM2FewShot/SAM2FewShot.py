@@ -21,6 +21,7 @@ from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.sam2 import models
 from SAM2FewShotLib.slicer import install, panel, scene_io
 from SAM2FewShotPanel.logic import SAM2FewShotLogic, SAM2FewShotParameterNode  # noqa: F401 - Slicer finds them here
+from SAM2FewShotPanel.review_section import ReviewSection
 from SAM2FewShotPanel.selftest import SAM2FewShotTest  # noqa: F401 - the module's self-test, run by Slicer
 
 TITLE = "SAM2FewShot"
@@ -31,6 +32,7 @@ MATCHING_WIDGETS = ("augmentationsSpinBox", "schemeComboBox", "topKSpinBox")
 MODEL_WIDGETS = ("modelComboBox", "deviceComboBox", "precisionComboBox", "downloadModelButton",
                  "importCheckpointButton")
 INPUT_SECTIONS = ("queryCollapsibleButton", "supportCollapsibleButton", "methodCollapsibleButton")
+REVIEW_SECTION = "reviewCollapsibleButton"
 
 
 class SAM2FewShot(ScriptedLoadableModule):
@@ -65,6 +67,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation = None
         self._download = None
         self._libraryScan = None
+        self.reviewSection = None
         self._elapsedTimer, self._scanTimer = qt.QTimer(), qt.QTimer()
 
     def setup(self):
@@ -76,12 +79,16 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problem = install.host_problem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
         if problem:  # said before anything is offered, let alone installed
             self.ui.hostProblemLabel.text, self.ui.hostProblemLabel.visible = problem, True
-            self.setWidgets(INPUT_SECTIONS + ("runCollapsibleButton", "refineCollapsibleButton"), enabled=False)
+            self.setWidgets(INPUT_SECTIONS + ("runCollapsibleButton", "refineCollapsibleButton", REVIEW_SECTION),
+                            enabled=False)
             return
         self.logic = SAM2FewShotLogic()
         self.logic.progressCallback, self.logic.logCallback = self.onProgress, self.addLog
         self.logic.finishedCallback = self.onFinished
         self.fillChoices()
+        self.reviewSection = ReviewSection(self.ui, self.logic._workerClient,
+                                           lambda: panel.model_options(self.logic.choices(self._parameterNode)))
+        self.reviewSection.setup()
         self.ui.supportSceneRadioButton.connect("toggled(bool)", self.onSupportSourceChanged)
         self.ui.supportSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.observeSupportSegmentation)
         self.ui.supportSegmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.onSegmentChecked)
@@ -130,6 +137,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         self._elapsedTimer.stop()
         self._scanTimer.stop()
+        if self.reviewSection:
+            self.reviewSection.cleanup()
         if self.logic:
             self.logic.shutdown()
 
@@ -145,6 +154,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        if self.reviewSection:
+            self.reviewSection.onSceneClose()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:

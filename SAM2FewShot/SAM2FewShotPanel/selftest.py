@@ -4,11 +4,14 @@ with Slicer (Reload and Test): it drives the panel itself, as a user clicks.
 A synthetic scene (a query, a shifted support with a two-segment segmentation): Registration
 (no torch needed) through Apply, Apply again (replaces its own segments only), Undo, the scene
 closed during a run; then, when torch and sam2 are importable, Propagate and Refine with the
-random-weight SAM2 architecture.
+random-weight SAM2 architecture. Then the review of a small cohort (a registration batch): open its
+folder, select a case, next flagged slice, correct it and Accept corrected.
 """
 
 import importlib.util
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import slicer
@@ -46,6 +49,8 @@ class SAM2FewShotTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_panel_click_path()
+        self.setUp()
+        self.test_review_walk()
 
     def wait(self, widget):
         deadline = time.monotonic() + TIMEOUT_S
@@ -130,3 +135,52 @@ class SAM2FewShotTest(ScriptedLoadableModuleTest):
         for k in (4, 9, 15):  # the correction and the original prompts are all kept
             np.testing.assert_array_equal(refined[k] > 0, corrected[k] > 0)
         self.delayDisplay("SAM2FewShot self-test passed")
+
+    def test_review_walk(self):
+        """A registration batch of two cases, reviewed in the panel as a user clicks."""
+        from SAM2FewShotLib.batch.review import case_files
+        from SAM2FewShotLib.cli.main import main
+        from SAM2FewShotLib.io.volume_io import read_labels
+
+        slicer.util.selectModule("SAM2FewShot")
+        widget = slicer.modules.sam2fewshot.widgetRepresentation().self()
+        section, ui = widget.reviewSection, widget.ui
+        if section is None:
+            self.skipTest("the panel is disabled on this Slicer (its host problem is shown at the top)")
+        root = Path(tempfile.mkdtemp(prefix="sam2fewshot-selftest-"))
+        for name, centre in (("a", (12, 24, 16)), ("b", (12, 26, 18)), ("s", (12, 22, 14))):
+            node, left, right = _sphere_volume(name, centre)
+            slicer.util.saveNode(node, str(root / f"{name}.nrrd"))
+        labels = _segmentation("s labels", node, (left, right))
+        slicer.util.saveNode(labels, str(root / "s.seg.nrrd"))
+        (root / "list.csv").write_text("query,id\n" + "".join(f"{root / n}.nrrd,{n}\n" for n in "ab"))
+        self.assertEqual(main(["batch", "--queries", str(root / "list.csv"), "--out", str(root / "out"), "--method",
+                               "registration", "--support", str(root / "s.nrrd"), str(root / "s.seg.nrrd"), "-q"]), 0)
+        slicer.mrmlScene.Clear()
+        mine, _, _ = _sphere_volume("My own volume", (12, 24, 16))
+
+        ui.reviewFolderLineEdit.currentPath = str(root / "out")  # as chosen with Browse
+        section.openFolder(str(root / "out"))
+        self.assertEqual(ui.reviewTableWidget.rowCount, 2)
+        section.onCaseClicked(0, 0)  # select the case that needs a look first
+        case = section.cohort.loaded
+        self.assertIsNotNone(case, ui.reviewStatusLabel.text)
+        self.assertTrue(ui.acceptCorrectedButton.enabled)
+        if not case.flagged:  # registration is sure of every slice: check two, as a SAM2 run would flag them
+            case.flagged = [5, 9]
+        ui.nextFlaggedButton.click()
+        self.assertIn("flagged slice 5", ui.reviewStatusLabel.text)
+        centre = panel.slice_center_ras(case.labels.volume.ijk_to_ras(), case.labels.volume.array.shape, case.axis, 5)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()  # axial: its offset is S
+        self.assertAlmostEqual(red.GetSliceOffset(), centre[2], places=3)
+        segment_id = case.segmentation_node.GetSegmentation().GetNthSegmentID(0)
+        edited = slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentation_node, segment_id, case.volume_node)
+        edited[5] = 0
+        edited[5, 2:6, 2:6] = 1  # the reviewer's correction on the flagged slice
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited, case.segmentation_node, segment_id, case.volume_node)
+        ui.acceptCorrectedButton.click()
+        self.assertIn("correction saved", ui.reviewStatusLabel.text)
+        saved = read_labels(case_files(root / "out", case.case).corrected).volume.array
+        np.testing.assert_array_equal(saved[5] == case.labels.segments[0].value, edited[5] > 0)
+        self.assertIs(slicer.mrmlScene.GetNodeByID(mine.GetID()), mine)  # the user's own node untouched
+        self.delayDisplay("SAM2FewShot review self-test passed")

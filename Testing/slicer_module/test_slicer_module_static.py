@@ -27,6 +27,8 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "SAM2FewShot.ui"
 ENGINE = MODULE_DIR / "SAM2FewShotLib"
 PANEL = MODULE_DIR / "SAM2FewShotPanel"  # the module's Logic, parameter node and self-test (Qt allowed)
 LOGIC_FILE = PANEL / "logic.py"
+REVIEW_FILE = PANEL / "review_section.py"  # the "Review a cohort" section's wiring (self.ui as the Widget's)
+WIRING_FILES = (MODULE_FILE, REVIEW_FILE)  # every file that touches the panel's widgets
 BRIDGE_FILES = {"slicer/mrml_volume.py", "slicer/mrml_segments.py"}  # may import Slicer's MRML classes
 
 # Widget-name suffix -> the class the panel must use for it (longest suffix first).
@@ -54,7 +56,7 @@ API = {
                      "setSortingEnabled", "resizeColumnsToContents", "clearContents", "rowCount"},
     "QListWidget": {"clear", "addItem", "item", "count"},
     "qMRMLNodeComboBox": {"currentNode", "setCurrentNode", "currentNodeID", "baseName", "setMRMLScene", "addNode"},
-    "ctkPathLineEdit": {"currentPath", "filters"},
+    "ctkPathLineEdit": {"currentPath", "filters", "findChild"},
     "ctkCollapsibleButton": {"collapsed", "text"},
     "QWidget": set(),
 }
@@ -165,10 +167,11 @@ def test_module_file_stays_small():
 
 
 def test_every_widget_the_code_uses_exists_with_the_expected_class():
-    widgets, tree = ui_widgets(), module_tree()
-    used = {w for w, _ in ui_attribute_uses(tree)}
-    used |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-             and WIDGET_NAME.match(n.value)}
+    widgets, used = ui_widgets(), set()
+    for tree in map(module_tree, WIRING_FILES):
+        used |= {w for w, _ in ui_attribute_uses(tree)}
+        used |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and WIDGET_NAME.match(n.value)}
     assert len(used) >= 35  # the whole panel is checked, not a handful
     missing = sorted(used - set(widgets))
     assert not missing, f"the code uses widgets the .ui lacks: {missing}"
@@ -178,7 +181,7 @@ def test_every_widget_the_code_uses_exists_with_the_expected_class():
 
 def test_the_code_uses_only_attributes_its_widgets_have():
     widgets = ui_widgets()
-    bad = sorted({(w, a) for w, a in ui_attribute_uses(module_tree())
+    bad = sorted({(w, a) for tree in map(module_tree, WIRING_FILES) for w, a in ui_attribute_uses(tree)
                   if a not in COMMON | API[widgets[w]]})
     assert not bad, f"attributes used on widgets whose class lacks them: {bad}"
 
@@ -210,7 +213,9 @@ def test_bound_widgets_are_parameters_of_a_type_slicer_510_can_connect():
     unbound = {"supportFromLibrary", "libraryFolder", "normalization", "excludedSegments"}  # set by hand
     assert set(parameters) == {p for _, p in bound.values()} | unbound
     widgets = ui_widgets()
-    for call in (n for n in ast.walk(module_tree()) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
+    calls = [n for tree in map(module_tree, WIRING_FILES) for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    for call in calls:
         target = call.func.value
         if call.func.attr == "connect" and isinstance(target, ast.Attribute) \
                 and isinstance(target.value, ast.Attribute) and target.value.attr == "ui":
@@ -233,7 +238,7 @@ def test_ui_is_well_formed_and_uses_known_slicer_and_ctk_widgets():
     assert not undeclared, f"widget classes neither Qt's nor declared as custom widgets: {undeclared}"
     sections = [w.findtext("property[@name='text']/string") for w in top.iter("widget")
                 if w.get("class") == "ctkCollapsibleButton" and w.get("name") != "advancedCollapsibleButton"]
-    assert sections == ["Query", "Support", "Method", "Run", "Results", "Refine"]
+    assert sections == ["Query", "Support", "Method", "Run", "Results", "Refine", "Review a cohort"]
 
 
 def test_every_node_selector_gets_the_scene():

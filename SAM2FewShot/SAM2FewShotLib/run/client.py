@@ -96,7 +96,7 @@ def absolute_paths(message: dict) -> dict:
     """The job message with its paths made absolute against this process's working folder: the worker,
     which refuses relative paths, runs in a folder of its own."""
     out = dict(message)
-    for name in protocol.PATH_FIELDS:
+    for name in protocol.PATH_FIELDS + protocol.LIBRARY_ADD_PATHS:
         if isinstance(out.get(name), str) and out[name]:
             out[name] = os.path.abspath(out[name])
     if isinstance(out.get("supports"), (list, tuple)):
@@ -241,9 +241,10 @@ class WorkerClient:
 
     # ---------------------------------------------------------------------------- jobs
 
-    def submit(self, job: protocol.Job | dict) -> str:
+    def submit(self, job: protocol.Job | protocol.LibraryAdd | dict) -> str:
         """Queue a job on the worker (started if needed); its id. Its events come through poll()."""
-        message = absolute_paths(job.to_message() if isinstance(job, protocol.Job) else {"type": "job", **job})
+        message = absolute_paths(job.to_message() if isinstance(job, (protocol.Job, protocol.LibraryAdd))
+                                 else {"type": "job", **job})
         message.setdefault("id", uuid.uuid4().hex[:12])
         self.start()
         self._pending[message["id"]] = None
@@ -300,7 +301,7 @@ class WorkerClient:
             for event in self.poll():
                 if on_event is not None:
                     on_event(event)
-                if event.get("id") == job_id and event["event"] == "result":
+                if event.get("id") == job_id and event["event"] in ("result", "added"):
                     return event
                 if event["event"] == "error" and event.get("id") in (job_id, None):
                     raise WorkerError(event["message"])
@@ -328,7 +329,7 @@ class WorkerClient:
             if item is _EOF:
                 events += self._death_events(proc)
                 continue
-            if item["event"] in ("result", "error"):
+            if item["event"] in ("result", "added", "error"):
                 self._pending.pop(item.get("id"), None)
             events.append(item)
 

@@ -22,7 +22,12 @@ Requests (stdin)::
                 "slice_range": [first, last] | null, "frame": N | null, "component": N | null,
                 "series": "DICOM series UID" | null},
      "params": {...}}                                                 # method parameters
+    {"type": "library_add", "id": "a1", "library": "/data/library", "image": "/x/case.nrrd",
+     "labels": "/x/case.seg.nrrd", "name": "case" | null, "replace": false, "model": {...}}
     {"type": "shutdown"}
+
+A ``library_add`` (library/add.add_case) adds one labelled case to a library and syncs the indexes it
+already has, with the features the worker loads for them (SAM2's: the ``model`` given, kept warm).
 
 ``model``, ``frames`` and ``params`` and every key inside them are optional (defaults above);
 ``params`` holds the fields of the method's ``Params`` (methods/<method>.py), nested groups as
@@ -37,18 +42,19 @@ Events (stdout)::
     {"event": "log", "level": "info" | "warning" | "error", "message": "..."}
     {"event": "result", "id": "j1", "labels": path, "report": path, "seconds": 2.1,
      "frames_encoded": 0, "session_reused": true}
+    {"event": "added", "id": "a1", "case": "case", "library": path, "message": "one line"}
     {"event": "error", "id": "j1" | null, "message": "one line"}
 
-Every job ends with exactly one ``result`` or one ``error`` event; the worker then waits for the next
-job, keeping its model and the query's encoder features. ``id`` is null in an error only when the
-request was too broken to name its job.
+Every job ends with exactly one ``result`` (``added`` for a library_add) or one ``error`` event; the
+worker then waits for the next job, keeping its model and the query's encoder features. ``id`` is null
+in an error only when the request was too broken to name its job.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..common.errors import InputError, one_line
@@ -84,6 +90,25 @@ class Job(Request):
         return message
 
 
+@dataclass(frozen=True, kw_only=True)
+class LibraryAdd:
+    """A labelled case (an accepted review, say) to add to a library, its index synced in the worker."""
+
+    id: str
+    library: str
+    image: str
+    labels: str
+    name: str | None = None
+    replace: bool = False
+    model: ModelOptions = field(default_factory=ModelOptions)
+
+    def to_message(self) -> dict:
+        return {"type": "library_add", **asdict(self)}
+
+
+LIBRARY_ADD_PATHS = ("library", "image", "labels")
+
+
 # ------------------------------------------------------------------------------------ encoding
 
 
@@ -111,18 +136,18 @@ def decode_line(line: bytes | str) -> dict:
 # ------------------------------------------------------------------------------------ requests
 
 
-def parse_request(line: bytes | str) -> Job | str:
-    """A validated Job, or "shutdown"; ProtocolError (with the job id when known) otherwise."""
+def parse_request(line: bytes | str) -> Job | LibraryAdd | str:
+    """A validated Job or LibraryAdd, or "shutdown"; ProtocolError (with the job id when known) otherwise."""
     data = decode_line(line)
     kind = data.get("type")
     if kind == "shutdown":
         return "shutdown"
     job_id = data.get("id") if isinstance(data.get("id"), str) else None
-    if kind != "job":
-        raise ProtocolError(f"unknown request type {kind!r}: use 'job' or 'shutdown'", job_id)
+    if kind not in ("job", "library_add"):
+        raise ProtocolError(f"unknown request type {kind!r}: use 'job', 'library_add' or 'shutdown'", job_id)
     try:
-        _require_valid_text(data, "job")
-        return job_from_message(data)
+        _require_valid_text(data, kind)
+        return job_from_message(data) if kind == "job" else library_add_from_message(data)
     except ProtocolError as exc:
         raise ProtocolError(str(exc), job_id) from None
 
@@ -181,6 +206,20 @@ def job_from_message(data: dict) -> Job:
         params=_get(data, "params", (dict,), "job", {}),
         preset=_get(data, "preset", (str, _NONE), "job", None),
     )
+
+
+def library_add_from_message(data: dict) -> LibraryAdd:
+    _reject_unknown(data, {f.name for f in fields(LibraryAdd)} | {"type"}, "library_add")
+    add = LibraryAdd(id=_get(data, "id", _PATH, "library_add"),
+                     **{k: _get(data, k, _PATH, "library_add") for k in LIBRARY_ADD_PATHS},
+                     name=_get(data, "name", (str, _NONE), "library_add", None),
+                     replace=_get(data, "replace", (bool,), "library_add", False),
+                     model=_options(ModelOptions, _get(data, "model", (dict,), "library_add", {}), "model"))
+    relative = [k for k in LIBRARY_ADD_PATHS if not os.path.isabs(getattr(add, k))]
+    if not add.id or relative:
+        raise ProtocolError("library_add needs an id and absolute paths" + (f" (got {relative[0]} "
+                            f"'{getattr(add, relative[0])}')" if relative else ""))
+    return add
 
 
 def _frame_options(data: dict) -> FrameOptions:
@@ -283,6 +322,10 @@ def result(job_id: str, labels: str, report: str, seconds: float, frames_encoded
             "frames_encoded": int(frames_encoded), "session_reused": bool(session_reused)}
 
 
+def added(job_id: str, case: str, library: str, message: str) -> dict:
+    return {"event": "added", "id": job_id, "case": case, "library": library, "message": single_line(message)}
+
+
 def error(job_id: str | None, message: str) -> dict:
     return {"event": "error", "id": job_id, "message": single_line(message)}
 
@@ -292,6 +335,7 @@ _EVENT_KEYS = {
     "progress": {"id": _PATH, "stage": _PATH, "done": _INT, "total": _INT},
     "log": {"level": _PATH, "message": _PATH},
     "result": {"id": _PATH, "labels": _PATH, "report": _PATH, "seconds": (int, float), "frames_encoded": _INT},
+    "added": {"id": _PATH, "case": _PATH, "library": _PATH, "message": _PATH},
     "error": {"id": (str, _NONE), "message": _PATH},
 }
 

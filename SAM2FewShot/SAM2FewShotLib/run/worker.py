@@ -173,10 +173,12 @@ class Worker:
             self.runner.forget()
         self.emitter.send(event)
 
-    def run_job(self, job: protocol.Job) -> dict:
+    def run_job(self, job: protocol.Job | protocol.LibraryAdd) -> dict:
         """The job through the Runner, its files written; the result event to send back."""
         from .outputs import write_outputs
 
+        if isinstance(job, protocol.LibraryAdd):
+            return self.add_to_library(job)
         relative = protocol.relative_paths(job)
         if relative:
             field, path = relative[0]
@@ -189,6 +191,46 @@ class Worker:
         write_outputs(labels, report, job.out, job.report)
         encoded = int(report.get("timing", {}).get("frames_encoded", 0))
         return protocol.result(job.id, job.out, job.report, time.perf_counter() - start, encoded, reused)
+
+
+    def add_to_library(self, job: protocol.LibraryAdd) -> dict:
+        """library/add.add_case with the features of the library's existing indexes (SAM2's from the warm
+        model of ``job.model``): the embedding runs here, never in Slicer's process."""
+        from ..library.add import add_case
+        from ..library.cases import label_base
+
+        features = [self.library_features(name, job.model) for name in _index_feature_names(job.library)]
+        added = add_case(job.library, job.image, job.labels, name=job.name, replace=job.replace, features=features,
+                         progress=self.emitter.progress_for(job.id))
+        synced = sum(1 for ix in added.indexes if not ix.left)
+        left = len(added.indexes) - synced
+        index = (f"{synced} index{'es' if synced != 1 else ''} updated" if added.indexes
+                 else "no index yet: the first retrieval run embeds every case")
+        index += f"; {left} left for its own model" if left else ""
+        name = label_base(added.case.labels) or added.case.id
+        message = f"Added {name} to the library {added.library} ({index})."
+        return protocol.added(job.id, name, str(added.library), message)
+
+    def library_features(self, name: str, options):
+        from ..library.sync import library_features
+        from ..sam2.devices import resolve_device
+
+        if name == "sam2":
+            predictor, _ = self.runner.model(options)
+            return library_features(name, predictor, predictor.device)
+        return library_features(name, None, resolve_device(options.device), offline=options.offline,
+                                random_weights=options.random_weights, seed=options.seed, progress=False)
+
+
+def _index_feature_names(library: str) -> list[str]:
+    """The features of the indexes a library keeps; none for a library that does not exist yet."""
+    from ..library.add import index_feature_names
+    from ..library.cases import open_library
+
+    try:
+        return index_feature_names(open_library(library))
+    except InputError:  # a new or empty folder: nothing indexed yet
+        return []
 
 
 def preload(emitter: Emitter) -> dict:

@@ -104,15 +104,20 @@ def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
     folder = Path(folder)
     shown = {option.dest: getattr(choices, name) for name, option in PANEL_OPTIONS.items()}
     params = {**params_from(method.options(), shown), **(params or {})}
-    model = ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
-                         device=choices.device, precision=None if choices.precision == "default" else choices.precision,
-                         offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))
+    model = model_options(choices)
     frames = FrameOptions(axis=choices.axis, normalization=choices.normalization, slice_range=choices.slice_range)
     return Job(id=job_id, method=method.key, query=str(query), out=str(folder / "result.seg.nrrd"),
                report=str(folder / "report.json"),
                prompt_labels=str(prompt_labels) if prompt_labels is not None else None,
                supports=tuple((str(image), str(labels)) for image, labels in supports),
                library=str(library) if library else None, model=model, frames=frames, params=params)
+
+
+def model_options(choices: PanelChoices) -> ModelOptions:
+    """The model the panel chose, as the worker takes it (runs, and the library index of *Add to library*)."""
+    return ModelOptions(name=choices.model, checkpoint=choices.checkpoint, image_size=choices.image_size,
+                        device=choices.device, precision=None if choices.precision == "default" else choices.precision,
+                        offline=choices.offline, random_weights=choices.random_weights, seed=int(choices.seed))
 
 
 def remembered_value(text, current):
