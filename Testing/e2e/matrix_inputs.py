@@ -125,4 +125,5 @@ def _snapshot(d: Path) -> dict:
 def _cli(argv, **kwargs):
     """`sam2fewshot segment` as a subprocess (one torch thread, offline)."""
     return subprocess.Popen([sys.executable, "-m", "SAM2FewShotLib.cli", "segment", *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", env=ENV, **kwargs)  # the bars are UTF-8 whatever the locale

@@ -139,11 +139,11 @@ def test_the_worker_answers_every_malformed_request_and_its_memory_stays_flat(wo
            "report": str(tmp_path / "r.json"), "model": {"random_weights": True, "image_size": 128, "device": "cpu"}}
     bad = ["{ not json", "[" * 1000 + "]" * 1000, '{"type": "job", "id": "deep", "params": ' + "[" * 1000 + "]" * 1000
            + "}", json.dumps({**job, "id": "unknown-field", "telepathy": 1}),
-           json.dumps({**job, "id": "huge", "query": "x" * (10 << 20)})]
+           json.dumps({**job, "id": "huge", "query": "/" + "x" * (10 << 20)})]
     failing = [json.dumps({**job, "id": f"fail{n}", "query": str(world / "const.nrrd")}) for n in range(10)]
     log = (tmp_path / "worker.log").open("w+")  # the worker's stderr, never left to fill a pipe
     worker = subprocess.Popen([sys.executable, "-m", "SAM2FewShotLib.run.worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=log, text=True, env=ENV)
+                              stdout=subprocess.PIPE, stderr=log, text=True, encoding="utf-8", env=ENV)
 
     def ask(line: str) -> dict:
         worker.stdin.write(line + "\n")
