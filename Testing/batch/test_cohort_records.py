@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from phantoms import phantom
 from SAM2FewShotLib.batch import cohort_report, compute, manifest
 from SAM2FewShotLib.batch.cohort import Case, case_id, find_cases
 from SAM2FewShotLib.common.errors import InputError
@@ -97,3 +98,16 @@ def test_the_cohort_report_has_a_row_per_case_and_its_means(tmp_path):
     assert totals["mean dice:liver"] == 0.8
     text = cohort_report.markdown(header, rows, totals)
     assert "1 of 3 cases done, 1 failed, 1 not run." in text and "no \\| pipe here" in text
+
+
+def test_a_case_counts_the_slices_to_check_once_each_whatever_their_structures():
+    from SAM2FewShotLib.batch.case import case_summary
+
+    image, labels = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0))
+    doubtful = {"object_score": 0.5, "source": "propagation forward", "voxels": 10}
+    report = {"slices": [{"slice": 3, "objects": {"a": doubtful, "b": doubtful}},
+                         {"slice": 4, "objects": {"a": {**doubtful, "object_score": 9.0}}},
+                         {"slice": 5, "objects": {"b": doubtful}}],
+              "session": {"num_slices": 8}}
+    summary = case_summary(labels, report, Request("propagate", "q.nrrd"), None)
+    assert summary["low_confidence_slices"] == 2  # slices 3 and 5: three flags, two slices

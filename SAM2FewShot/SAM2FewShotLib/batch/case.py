@@ -141,7 +141,7 @@ def case_summary(labels, report: dict, template: Request, truth: Path | None, to
                       or volume.array.shape[slicing_axis(volume, template.frames.axis)]),
         "volume_ml": {s.name: round(float(counts[s.value]) * voxel_ml, 3) for s in labels.segments},
         "mean_object_score": _mean_score(report),
-        "low_confidence_slices": len(low_confidence_slices(report)),
+        "low_confidence_slices": len({flag.slice for flag in low_confidence_slices(report)}),  # slices, not flags
     }
     if truth is not None:
         summary["scores"] = _scores(labels, truth, tolerance_mm)
