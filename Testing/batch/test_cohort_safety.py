@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from permissions import SKIP_REASON, permissions_enforced
 
 from phantoms import phantom
 from SAM2FewShotLib.batch.lock import STALE_S, FolderLock, process_start
 from SAM2FewShotLib.batch.manifest import LOCK
 from SAM2FewShotLib.cli.main import main
+from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 
 SHAPE = (8, 32, 32)
@@ -197,3 +199,15 @@ def test_no_case_output_replaces_a_file_the_cohort_reads_refused_before_any_work
     [line] = capsys.readouterr().err.strip().splitlines()
     assert words in line, line
     assert {p: p.read_bytes() for p in inputs.iterdir() if p.is_file()} == before, "a refused run changed files"
+
+
+@pytest.mark.skipif(not permissions_enforced(), reason=SKIP_REASON)
+def test_a_folder_that_cannot_hold_the_lock_is_one_line(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match="cannot write into"):
+            FolderLock(folder, LOCK).acquire()
+    finally:
+        folder.chmod(0o755)

@@ -48,7 +48,10 @@ class FolderLock:
     def acquire(self) -> None:
         """Take the lock, or raise InputError naming the live holder."""
         self._made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot make the folder {self.path.parent}: {exc.strerror or exc}") from None
         for _ in range(3):  # a holder may release, or a stale lock be taken by another, meanwhile
             if self._create():
                 break
@@ -88,6 +91,8 @@ class FolderLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except OSError as exc:  # a read-only folder, a full disk: one line, not a traceback
+            raise InputError(f"cannot write into {self.path.parent}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self._record(), f)
         return True
