@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..common.errors import InputError
 from ..io.slicing import plane_of_axis, slicing_axis
@@ -21,12 +22,14 @@ from ..sam2.estimate import ESTIMATE_PREFIX
 from . import panel, result_segments, scene_io
 from .panel import PanelChoices
 from .result_segments import Change
+from .undo_store import UndoStore
 
 log = logging.getLogger(__name__)
 
 
 class RunController:
-    """One run at a time on a persistent worker; the last result is kept for refining and undo.
+    """One run at a time on a persistent worker; the last result is kept for refining, the last
+    UNDO_DEPTH insertions for undo, on disk (undo_store: a reloaded module's controller finds them).
 
     Closing the scene cancels the run and forgets every result (the controller watches the scene
     itself, so this holds headless too); a result is inserted only into the very nodes its run
@@ -45,7 +48,8 @@ class RunController:
         self.client = None
         self.run: scene_io.PendingRun | None = None
         self.last: scene_io.Inserted | None = None
-        self.changes: list[Change] = []  # insertions that can be undone, the latest last
+        self.undo_store = UndoStore(scene)  # insertions that can be undone, on disk
+        self._last_entry: Path | None = None  # the undo entry of ``last``
         self.cancelled = False
         self.estimate = ""  # shown beside the progress: "Expected time: about 8 min more on this CPU ..."
         self.show_3d = False
@@ -165,23 +169,38 @@ class RunController:
             self._end(False, f"The result was not added: {exc}")
             return
         self.last = inserted
-        self.changes.append(inserted.change)
+        self._last_entry, undo_note = self._keep_for_undo(inserted.change)
         reused = ", warm worker" if event.get("session_reused") else ""
         self._end(True, f"Done in {event['seconds']:.1f} s ({event['frames_encoded']} slices encoded{reused}). "
-                        f"{inserted.change.message()}{panel.not_found_message(report)}")
+                        f"{inserted.change.message()}{panel.not_found_message(report)}{undo_note}")
+
+    def _keep_for_undo(self, change: Change) -> tuple[Path | None, str]:
+        """The change's snapshots to the undo store on disk, then out of memory; a note when that failed."""
+        try:
+            return self.undo_store.push(change.node, change.created, change.added, change.saved), ""
+        except (OSError, InputError) as exc:  # the result stays; only its undo is lost
+            log.warning("the undo data could not be saved: %s", exc)
+            return None, f" Undo is not available for this run ({exc})."
+        finally:
+            change.release()
+
+    @property
+    def changes(self) -> list[Path]:
+        """The undo entries (folders on disk), the latest last."""
+        return self.undo_store.entries()
 
     def can_undo(self) -> bool:
-        return bool(self.changes) and not self.is_running
+        return not self.is_running and bool(self.changes)
 
     def undo(self) -> str:
-        """Take the latest insertion back (whether or not the Segment Editor is open); the message."""
-        if not self.can_undo():
+        """Take the latest insertion back (whether or not the Segment Editor is open, and after a
+        module reload too); the message."""
+        entries = self.changes if not self.is_running else []
+        if not entries:
             raise InputError("nothing to undo")
-        change = self.changes.pop()
-        message = result_segments.undo(change)
-        if self.last is not None and self.last.change is change:
+        if self.last is not None and entries[-1] == self._last_entry:
             self.last = None  # its labels are gone: refining would compare with what is no longer there
-        return message
+        return self.undo_store.undo()
 
     def cancel(self, message: str = "Cancelled.") -> None:
         """Kill the worker's process tree in the background (the next job starts a fresh one); the
@@ -192,9 +211,10 @@ class RunController:
             self._end(False, message)
 
     def forget(self) -> None:
-        """Drop every result: refine and undo no longer refer to them."""
+        """Drop every result and the undo history on disk: refine and undo no longer refer to them."""
         self.last = None
-        self.changes.clear()
+        self._last_entry = None
+        self.undo_store.clear()
 
     def _on_scene_close(self, caller=None, event=None) -> None:
         self.cancel("Cancelled: the scene was closed.")
