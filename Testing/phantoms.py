@@ -67,3 +67,16 @@ def write_query_and_support(root: Path, query: str, image: str, labels: str) -> 
     write_volume(support, root / image)
     write_labels(support_labels, root / labels)
     return root / query, root / image, root / labels
+
+
+def write_prompted_query(root: Path, shape: tuple[int, int, int], prompt_name: str) -> tuple[Path, Path]:
+    """A phantom query (3 mm slices) and its truth on the middle slice only, as the prompt labels of a
+    propagation: ``root``/query.nrrd and ``root``/``prompt_name``."""
+    from SAM2FewShotLib.io.volume_io import write_labels, write_volume
+
+    image, truth = phantom(shape, spacing=(1.0, 1.0, 3.0))
+    prompt = np.zeros_like(truth.volume.array)
+    prompt[shape[0] // 2] = truth.volume.array[shape[0] // 2]
+    write_volume(image, root / "query.nrrd")
+    write_labels(LabelMap(truth.volume.with_array(prompt), truth.segments), root / prompt_name)
+    return root / "query.nrrd", root / prompt_name

@@ -21,6 +21,7 @@ from SAM2FewShotLib.common.cache import CACHE_ENV, cache_dir
 from SAM2FewShotLib.common.choices import RESERVED_CORES_ENV
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
+from SAM2FewShotLib.run import job_folders
 from SAM2FewShotLib.sam2 import models, weights
 from SAM2FewShotLib.slicer import install, panel, runs
 from SAM2FewShotLib.slicer.panel import PanelChoices
@@ -86,6 +87,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.poll)
         os.environ.setdefault(CACHE_ENV, self.cacheFolder())
+        job_folders.sweep_in_background()  # the job folders of a Slicer that crashed (once per process)
 
     # --- parameters and settings ---------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from SAM2FewShotLib.run.client import (
     kill_tree,
     read_result,
 )
+from SAM2FewShotLib.run.job_folders import OWNER_FILE
 from SAM2FewShotLib.run.protocol import (
     FrameOptions,
     Job,
@@ -236,7 +237,7 @@ def test_cancel_kills_the_tree_at_once_and_a_new_job_starts_a_fresh_worker(clien
     client.join_reapers(timeout=10)
     assert all(gone(p) for p in tree)
     time.sleep(0.2)
-    assert not any(folder.path.iterdir())  # no label file, no report, no temporary file
+    assert [p.name for p in folder.path.iterdir()] == [OWNER_FILE]  # no label file, no report, no temporary file
     assert job_id not in client.pending and not client.is_alive
     folder.remove()
     print(f"\ncancel: returned in {elapsed * 1000:.0f} ms; worker tree of {len(tree)} process(es) gone")

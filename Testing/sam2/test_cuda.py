@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from phantoms import phantom
-from SAM2FewShotLib.io.volume import LabelMap
-from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
+from phantoms import write_prompted_query
+from SAM2FewShotLib.io.volume_io import read_labels
 
 pytestmark = [
     pytest.mark.cuda,
@@ -95,11 +94,8 @@ def test_stock_equivalence_on_the_gpu(cuda_predictor):
 def test_the_worker_runs_a_job_on_cuda(tmp_path):
     from SAM2FewShotLib.run.client import JobFolder, WorkerClient, read_result
 
-    image, truth = phantom((8, 32, 32), spacing=(1.0, 1.0, 3.0))
-    prompt = np.zeros_like(truth.volume.array)
-    prompt[4] = truth.volume.array[4]
-    write_volume(image, tmp_path / "query.nrrd")
-    write_labels(LabelMap(truth.volume.with_array(prompt), truth.segments), tmp_path / "prompt.nrrd")
+    _, prompt_file = write_prompted_query(tmp_path, (8, 32, 32), "prompt.nrrd")
+    prompt = read_labels(prompt_file).volume.array  # the truth on slice 4 only
     client = WorkerClient(env=dict(os.environ))
     try:
         with JobFolder() as folder:

@@ -119,7 +119,7 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(firs
     job_id = controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
     assert controller.is_running and job_id.startswith("job-")
     folder = controller.run.folder.path
-    assert sorted(p.name for p in folder.iterdir()) == ["prompts.seg.nrrd", "query.nrrd"]
+    assert sorted(p.name for p in folder.iterdir()) == ["owner.json", "prompts.seg.nrrd", "query.nrrd"]
     polls = 0
     while controller.poll():
         polls += 1

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from ..common.errors import SAM2FewShotError
 from . import protocol
+from .job_folders import PREFIX, write_owner
+from .owners import PARENT_ENV, owner_record
 
 WORKER_MODULE = "SAM2FewShotLib.run.worker"
 _EOF = object()  # the reader thread's last item: the worker's stdout closed
@@ -58,10 +60,16 @@ def kill_tree(pid: int, grace: float = 0.3, timeout: float = 0.6) -> None:
 
 
 class JobFolder:
-    """A private temporary folder for one job's inputs and outputs, removed after the result is read."""
+    """A private temporary folder for one job's inputs and outputs, removed after the result is read. It
+    records its owner (this process) so that a crashed Slicer's folders can be swept (job_folders.py)."""
 
-    def __init__(self, parent: str | Path | None = None, prefix: str = "sam2fewshot-job-"):
+    def __init__(self, parent: str | Path | None = None, prefix: str = PREFIX):
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # mode 0700: private to the user
+        try:
+            write_owner(self.path)
+        except BaseException:
+            self.remove()
+            raise
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -212,6 +220,7 @@ class WorkerClient:
             env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONIOENCODING"] = "utf-8"
+        env[PARENT_ENV] = json.dumps(owner_record())  # the worker exits when this process is gone
         return env
 
     def start(self) -> None:

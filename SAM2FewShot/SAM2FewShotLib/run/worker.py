@@ -4,7 +4,8 @@ Slicer starts it with its own Python and talks to it through client.py. It stays
 jobs so the model and the query's encoder features stay warm, answers every job with one result
 or one error line, and survives bad input and out-of-memory errors. Only protocol lines reach the
 real stdout: file descriptor 1 and sys.stdout are pointed at stderr before anything else runs, so
-tqdm bars, warnings and C libraries cannot corrupt the stream.
+tqdm bars, warnings and C libraries cannot corrupt the stream. It exits on its own (CLIENT_GONE_EXIT)
+when Slicer's process is gone, checked every PARENT_POLL_S seconds, even in the middle of a job.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import BinaryIO
 
 from .. import __version__
 from ..common.errors import InputError, SAM2FewShotError
-from . import protocol
+from . import owners, protocol
 
 CLIENT_GONE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+PARENT_POLL_S = 1.0  # how often the worker checks that Slicer (its client's process) still runs
 OOM_ADVICE = "out of memory: try a smaller model or image size, a slice range, or (from a GPU) the CPU device"
 
 
@@ -256,7 +258,32 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _parent_gone() -> None:
+    """Slicer's process is gone (crashed, killed): end now, with the job, and free the GPU.
+
+    os._exit, from the watching thread: the main thread may be deep in one torch call for minutes, and
+    neither an exception nor a signal handler runs before that call returns. Nothing is lost by skipping
+    the clean-up: the events and the result file had only the gone process as reader, its job folder is
+    swept at the next module start (its owner is gone), and the system frees the GPU memory of an ended
+    process. The exit code is a closed client's: the same thing happened."""
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 - no psutil: the worker starts no children of its own anyway
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    os._exit(CLIENT_GONE_EXIT)
+
+
 def main() -> int:
+    # Watched by polling, not prctl(PR_SET_PDEATHSIG): that signal tells of the death of the parent *thread*,
+    # and the parent is PythonSlicer's launcher, which outlives a Slicer crash.
+    owners.watch(owners.parent_record(), _parent_gone, PARENT_POLL_S)
     stream = claim_stdout()
     emitter = Emitter(stream)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
