@@ -9,6 +9,7 @@ folder, select a case, next flagged slice, correct it and Accept corrected.
 """
 
 import importlib.util
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,40 @@ from SAM2FewShotLib.slicer import panel
 from SAM2FewShotPanel.logic import MethodChoice
 
 TIMEOUT_S = 900
+# The Extensions Index shows the screenshots EXTENSION_SCREENSHOTURLS names (top-level CMakeLists.txt): run the
+# self-test with this variable set to the checkout's Screenshots folder and commit what it writes there
+# (README, Publishing). Unset, nothing is captured.
+SCREENSHOTS_ENV = "SAM2FEWSHOT_SCREENSHOTS"
+SCREENSHOT_FILE = "SAM2FewShot-1.png"  # the panel and the views after a registration Apply
+
+
+def _show_result(volume, segmentation):
+    """Frame the result as a user sees it: conventional layout, the query fitted in the slice views, the
+    segments as surfaces in 3D, so the catalog's picture shows what the module does, not an empty view."""
+    slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    slicer.util.setSliceViewerLayers(background=volume, fit=True)
+    segmentation.CreateClosedSurfaceRepresentation()
+    slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
+
+
+def save_screenshot(volume, segmentation, name=SCREENSHOT_FILE):
+    """Write the main window (panel and views) to $SAM2FEWSHOT_SCREENSHOTS/name when that is set.
+
+    ctkWidgetsUtils.grabWidget, as Slicer's DICOM scene export does: QWidget.grab alone does not paint the
+    OpenGL views (CTK pastes them in); the views are rendered first, as ScreenCapture's captureImageFromView does."""
+    folder = os.environ.get(SCREENSHOTS_ENV)
+    if not folder:
+        return None
+    import ctk
+
+    _show_result(volume, segmentation)
+    slicer.util.forceRenderAllViews()
+    slicer.app.processEvents()
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not ctk.ctkWidgetsUtils.grabWidget(slicer.util.mainWindow()).save(str(path)):
+        raise AssertionError(f"could not write the screenshot {path}")
+    return path
 
 
 def _sphere_volume(name, centre, spacing=(1.0, 1.0, 2.0), shape=(24, 48, 48)):
@@ -81,6 +116,7 @@ class SAM2FewShotTest(ScriptedLoadableModuleTest):
         names = sorted(output.GetSegmentation().GetNthSegment(n).GetName() for n in range(2))
         self.assertEqual(names, ["Left", "Right"])
         self.assertIn("added Left, Right", messages[-1][1])
+        save_screenshot(query, output)  # only with $SAM2FEWSHOT_SCREENSHOTS set
         nodes = slicer.mrmlScene.GetNumberOfNodes()
 
         widget.ui.applyButton.click()  # Apply again: its own segments replaced, nothing added
