@@ -123,7 +123,7 @@ class RunController:
             folder.remove()
             raise
         self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, prompt_slices,
-                                       targets, time.monotonic())
+                                       targets, time.monotonic(), inputs.frame)
         self.cancelled = False
         self.estimate = ""  # the engine's expected time for this run, once it has timed a few slices
         self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'"

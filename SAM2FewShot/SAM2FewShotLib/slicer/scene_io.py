@@ -24,6 +24,7 @@ from .mrml_segments import labels_from_segmentation
 from .mrml_volume import volume_from_node
 from .panel import edited_slices, library_cases, slice_center_ras
 from .result_segments import Change, insert, same_node
+from .sequences import Frame, check_refine_frame, check_shown, frame_of
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RunInputs:
     library: str | None = None  # retrieval: the library folder itself, indexed by the worker
     mask_slices: str = ""  # propagate: each label's prompt slices, when not all slices with voxels (a refine)
     plane: str = "auto"  # propagate: the plane the prompt masks were drawn in (io/slicing.prompt_plane)
+    frame: Frame | None = None  # the time point the query was copied from, when it is a sequence's proxy
 
 
 @dataclass
@@ -55,6 +57,7 @@ class PendingRun:
     prompt_slices: dict  # label value -> the slices that were its prompts (propagate)
     targets: dict | None  # a refine: label value -> the segment id it replaces
     start_time: float
+    frame: Frame | None = None  # the query's time point (a sequence's proxy): the result goes only there
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Inserted:
     report: dict
     prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
     change: Change | None = None  # what the insertion changed, for the panel's message and undo
+    frame: Frame | None = None  # the query's time point (a sequence's proxy): Refine is made on it
 
 
 def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Sequence[str] | None = None,
@@ -76,7 +80,16 @@ def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segmen
     """Read a run's inputs from the scene (nothing is changed); InputError for anything missing."""
     if query_node is None:
         raise InputError("select the query volume to segment")
+    frame = frame_of(query_node)  # recorded with the copy: the proxy shows another item once browsed
     query = volume_from_node(query_node)
+    inputs = _gathered(method, query, segmentation_node, segment_ids, support_volume_node, library_folder)
+    inputs.frame = frame
+    return inputs
+
+
+def _gathered(method: MethodSpec, query: Volume, segmentation_node, segment_ids: Sequence[str] | None,
+              support_volume_node, library_folder: str | None) -> RunInputs:
+    """The inputs besides the query, read from the scene; InputError for anything missing."""
     if not method.uses_support_volume:
         prompts = labels_from_segmentation(_required(segmentation_node, "segmentation with prompt masks"), query,
                                            segment_ids)
@@ -130,6 +143,7 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
         raise InputError("the query volume is no longer in the scene (removed, or the scene was closed)")
     if run.output_node is not None and not same_node(run.scene, run.output_node):
         raise InputError("the output segmentation is no longer in the scene")
+    check_shown(run.frame, run.query_node)
     change = insert(labels, run.query_node, run.output_node, run_name, run.targets, show_3d)
     node = change.node
     if run.targets is not None and last is not None:  # a refine: the run it refines stays tracked
@@ -142,7 +156,7 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
         prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
     inserted = labels_from_segmentation(node, run.query, ids)
     return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, report,
-                    prompt_slices, change)
+                    prompt_slices, change, run.frame)
 
 
 def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dict[int, frozenset], list[int]]:
@@ -156,6 +170,7 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
     """
     if not (same_node(scene, last.query_node) and same_node(scene, last.output_node)):
         raise InputError("the query volume or the segmentation of the last result is no longer in the scene")
+    check_refine_frame(last.frame, last.query_node)
     ids = [i for i in last.segment_ids if last.output_node.GetSegmentation().GetSegment(i) is not None]
     current = labels_from_segmentation(last.output_node, last.query, ids)
     axis = report_axis(last.report)
@@ -181,7 +196,7 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
     array = np.ascontiguousarray(np.moveaxis(prompts, 0, axis))
     mask_slices = ";".join(f"{v}:{','.join(str(t) for t in sorted(s))}" for v, s in chosen.items())
     inputs = RunInputs(last.query, prompts=LabelMap(last.query.with_array(array), tuple(segments)),
-                       mask_slices=mask_slices)
+                       mask_slices=mask_slices, frame=last.frame)
     return inputs, targets, chosen, sorted(corrected)
 
 
