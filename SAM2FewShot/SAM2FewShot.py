@@ -142,6 +142,13 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic:
             self.logic.shutdown()
 
+    def onReload(self):
+        """Developer Reload: the panel and engine packages are imported afresh too, not only this file."""
+        from SAM2FewShotLib.slicer.module_reload import drop_modules
+
+        logging.debug("Reloading SAM2FewShot with its packages: %s", ", ".join(drop_modules()))
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self):
         if self.logic:
             self.initializeParameterNode()
@@ -156,6 +163,9 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
         if self.reviewSection:
             self.reviewSection.onSceneClose()
+        if self.logic:
+            self.logic.lowConfidence.reset()
+            self.ui.lowConfidenceTableWidget.setRowCount(0)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -457,5 +467,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLowConfidenceClicked(self, row, column):
         item = self.ui.lowConfidenceTableWidget.item(row, 0)
-        if item is not None:
-            self.logic.jumpToSlice(int(item.data(qt.Qt.UserRole)))
+        message = self.logic.jumpToSlice(int(item.data(qt.Qt.UserRole))) if item is not None else ""
+        if message:
+            self.ui.statusLabel.text = message
+            self.fillLowConfidenceTable()

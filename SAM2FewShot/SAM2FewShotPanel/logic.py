@@ -24,6 +24,7 @@ from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.run import job_folders
 from SAM2FewShotLib.sam2 import models, weights
 from SAM2FewShotLib.slicer import install, panel, runs
+from SAM2FewShotLib.slicer.low_confidence import LowConfidenceRows
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
 SETTINGS = "SAM2FewShot/"
@@ -83,6 +84,7 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         self.runs = runs.RunController(
             slicer.mrmlScene, self._workerClient, lambda *a: self.progressCallback(*a), lambda t: self.logCallback(t),
             self._onFinished, self._saveEditorUndoState)
+        self.lowConfidence = LowConfidenceRows(self.runs)  # the table's rows, tied to the result they list
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.poll)
@@ -262,9 +264,13 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         return self.runs.output_node()
 
     def lowConfidenceSlices(self):
-        return self.runs.low_confidence()
+        return self.lowConfidence.refresh()
 
-    def jumpToSlice(self, index):
-        """Centre the slice views on slice ``index`` (along the run's slicing axis) of the query."""
-        r, a, s = self.runs.slice_position(index)
-        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    def jumpToSlice(self, index) -> str:
+        """Centre the slice views on slice ``index`` (along the run's slicing axis) of the query; "" when
+        done, else why not (the listed result is gone: the caller empties its table)."""
+        ras, message = self.lowConfidence.target(index)
+        if ras is not None:
+            r, a, s = ras
+            slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return message

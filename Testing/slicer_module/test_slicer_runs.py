@@ -336,7 +336,7 @@ def test_a_worker_that_dies_is_one_clear_message_and_the_scene_stays(world):
     psutil.Process(controller.client.pid).kill()
     wait(controller, timeout=30)
     ok, message = recorder.finished[-1]
-    assert not ok and message.startswith("Segmentation failed: the worker stopped unexpectedly")
+    assert not ok and message.startswith("Segmentation failed: the computation ran out of memory")  # a SIGKILL
     assert scene.GetNumberOfNodes() == nodes and not folder.exists()
 
 

@@ -23,10 +23,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..common.errors import SAM2FewShotError
+from ..common.errors import InputError, SAM2FewShotError
 from . import protocol
 from .job_folders import PREFIX, write_owner
 from .owners import PARENT_ENV, owner_record
+from .worker_death import describe_death, oom_kill_count, oom_killed_since
 
 WORKER_MODULE = "SAM2FewShotLib.run.worker"
 _EOF = object()  # the reader thread's last item: the worker's stdout closed
@@ -59,12 +60,31 @@ def kill_tree(pid: int, grace: float = 0.3, timeout: float = 0.6) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def make_private_folder(parent: str | Path | None, prefix: str) -> Path:
+    """A new folder of mode 0700 under ``parent`` (the system temp folder by default). A temp folder that
+    cannot be written (TMPDIR read-only, full, or gone) is one sentence naming it, not a traceback."""
+    try:
+        where = tempfile.gettempdir() if parent is None else str(parent)
+    except FileNotFoundError as exc:  # Python found no writable candidate: TMPDIR, TEMP, /tmp, ... all refused
+        raise InputError(_temp_folder_message(os.environ.get("TMPDIR") or os.environ.get("TEMP") or "the system "
+                                              "temp folder", "not writable")) from exc
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    except OSError as exc:
+        raise InputError(_temp_folder_message(where, exc.strerror or str(exc))) from exc
+
+
+def _temp_folder_message(folder: str, why: str) -> str:
+    return (f"cannot create the job's temporary folder in {folder} ({why}): make it writable, or point TMPDIR "
+            "(TEMP on Windows) to a writable folder and restart Slicer")
+
+
 class JobFolder:
     """A private temporary folder for one job's inputs and outputs, removed after the result is read. It
     records its owner (this process) so that a crashed Slicer's folders can be swept (job_folders.py)."""
 
     def __init__(self, parent: str | Path | None = None, prefix: str = PREFIX):
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # mode 0700: private to the user
+        self.path = make_private_folder(parent, prefix)
         try:
             write_owner(self.path)
         except BaseException:
@@ -127,6 +147,7 @@ class _Process:
         self.stderr_tail: deque = deque(maxlen=stderr_lines)
         self.stray_lines: list[bytes] = []
         self.expected_exit = False
+        self.oom_kills_at_start = oom_kill_count()  # a rise by its death: the OOM killer took it
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._threads:
@@ -160,13 +181,15 @@ class _Process:
             return False
 
     def exit_description(self) -> str:
+        """Why it died, in one sentence: memory named when a SIGKILL, PythonSlicer's crash line or the
+        system's OOM-kill count says so (worker_death.py)."""
         try:
             code = self.popen.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
-            return "its output closed"
-        what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        last = next((line.strip() for line in reversed(self.stderr_tail) if line.strip()), "")
-        return f"{what}; last message: {protocol.single_line(last, 300)}" if last else what
+            code = None
+        for t in self._threads[1:]:  # the stderr reader: the launcher's last line comes after the child's death
+            t.join(timeout=1.0)
+        return describe_death(code, list(self.stderr_tail), oom_killed_since(self.oom_kills_at_start))
 
     def stop(self) -> None:
         self.expected_exit = True
@@ -346,7 +369,7 @@ class WorkerClient:
         """One error per unfinished job (or one without an id) when the worker ended on its own."""
         if proc.expected_exit:
             return []
-        why = f"the worker stopped unexpectedly ({proc.exit_description()})"
+        why = proc.exit_description()
         ids, self._pending = list(self._pending) or [None], {}
         return [protocol.error(job_id, why) for job_id in ids]
 
