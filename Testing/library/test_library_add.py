@@ -21,7 +21,8 @@ from SAM2FewShotLib.library.cases import INDEX_FOLDER, open_library, write_list_
 from SAM2FewShotLib.library.index import EmbeddingIndex
 from SAM2FewShotLib.library.sync import library_features, sync_library
 
-MODEL = ["--random-weights", "--image-size", "128", "--device", "cpu", "-q"]
+# One thread: an embedding is bit-identical only at one thread count (the default follows the machine's load).
+MODEL = ["--random-weights", "--image-size", "128", "--device", "cpu", "--threads", "1", "-q"]
 SHAPE = (6, 32, 32)
 
 
