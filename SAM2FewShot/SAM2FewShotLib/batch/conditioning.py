@@ -10,6 +10,7 @@ once, so the next run can tell a grown set from a changed one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..common.digests import json_digest
@@ -21,15 +22,18 @@ class Conditioning:
     kind: str  # "library", "support set", or "" (prompts only: nothing that can grow)
     members: tuple[tuple, ...]  # per case: the stamps of its image and its labels
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """Computed once: every case's status and record asks for it."""
         return json_digest([self.kind, [list(m) for m in self.members]], 20)
+
+    @cached_property
+    def _keys(self) -> frozenset[str]:
+        return frozenset(_key(m) for m in self.members)
 
     def grew_from(self, earlier: list) -> bool:
         """True when this set holds every case of ``earlier`` unchanged, and more."""
-        before = {_key(m) for m in earlier}
-        now = {_key(m) for m in self.members}
-        return before < now
+        return {_key(m) for m in earlier} < self._keys
 
 
 def conditioning_of(template: Request) -> Conditioning:
