@@ -20,6 +20,7 @@ from SAM2FewShotLib.common.errors import SAM2FewShotError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.sam2 import models
 from SAM2FewShotLib.slicer import install, panel, scene_io
+from SAM2FewShotPanel.first_use import FirstUse
 from SAM2FewShotPanel.logic import SAM2FewShotLogic, SAM2FewShotParameterNode  # noqa: F401 - Slicer finds them here
 from SAM2FewShotPanel.review_section import ReviewSection
 from SAM2FewShotPanel.selftest import SAM2FewShotTest  # noqa: F401 - the module's self-test, run by Slicer
@@ -27,12 +28,20 @@ from SAM2FewShotPanel.selftest import SAM2FewShotTest  # noqa: F401 - the module
 TITLE = "SAM2FewShot"
 SCENE_SUPPORT_WIDGETS = ("supportSegmentationLabel", "supportSegmentationSelector", "supportSegmentsLabel",
                          "supportSegmentsListWidget")
+MARKUPS_WIDGETS = ("promptPointsLabel", "promptPointsSelector", "promptBoxesLabel", "promptBoxesCheckableSelector")
 LIBRARY_WIDGETS = ("libraryPathLabel", "libraryPathLineEdit", "libraryCasesLabel")
 MATCHING_WIDGETS = ("augmentationsSpinBox", "schemeComboBox", "topKSpinBox")
 MODEL_WIDGETS = ("modelComboBox", "deviceComboBox", "precisionComboBox", "downloadModelButton",
                  "importCheckpointButton")
 INPUT_SECTIONS = ("queryCollapsibleButton", "supportCollapsibleButton", "methodCollapsibleButton")
 REVIEW_SECTION = "reviewCollapsibleButton"
+
+
+def registerSegmentEditorEffect():
+    """The Segment Editor's SAM2 effect (SAM2FewShotEffect/), registered once Slicer has started."""
+    from SAM2FewShotEffect import registerEffect
+
+    registerEffect()
 
 
 class SAM2FewShot(ScriptedLoadableModule):
@@ -48,13 +57,16 @@ Segments a volume from labelled examples with SAM2 (Segment Anything 2), without
 case guide SAM2 (matched support, registration). Runs in the background: Apply becomes Cancel, and
 results go into the query's own result segmentation, replacing only what earlier runs wrote there
 (Undo takes a result back). Correct a few slices with the Segment Editor, then <b>Refine</b>.
-Needs 3D Slicer 5.10 or later.
+<b>Prompt points</b> and <b>boxes</b> (Propagate, Markups): a selected point includes, an unselected one excludes;
+a ROI is a box on the slice through its centre, and its segment stays within the slices the ROI spans. Each goes to
+the segment its (or its list's) name names, or to the only checked segment. Needs 3D Slicer 5.10 or later.
 """
         self.parent.acknowledgementText = """
 Uses SAM 2 by Meta AI (Ravi et al., "SAM 2: Segment Anything in Images and Videos", 2024, Apache-2.0)
 and optionally MedSAM2 (Bo Wang lab). The Slicer integration learned from the MONAIAuto3DSeg,
 TotalSegmentator and nnInteractive extensions.
 """
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)  # as extensions register effects
 
 
 class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -65,7 +77,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedSegmentation = None
-        self._download = None
+        self.firstUse = FirstUse(self)  # packages and weights, asked for on first use
         self._libraryScan = None
         self.reviewSection = None
         self._elapsedTimer, self._scanTimer = qt.QTimer(), qt.QTimer()
@@ -92,6 +104,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.supportSceneRadioButton.connect("toggled(bool)", self.onSupportSourceChanged)
         self.ui.supportSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.observeSupportSegmentation)
         self.ui.supportSegmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.onSegmentChecked)
+        self.ui.promptBoxesCheckableSelector.connect("checkedNodesChanged()", self.onPromptBoxesChecked)
         # ctkPathLineEdit has no editingFinished; its inner line edit does (CTK's ctkPathLineEdit.h).
         self.pathEdit(self.ui.libraryPathLineEdit).connect("editingFinished()", self.onLibraryFolderEdited)
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryPathBrowsed)
@@ -102,8 +115,9 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.refineButton.connect("clicked(bool)", lambda: self.guarded(self.startRun, True))
         self.ui.undoButton.connect("clicked(bool)", lambda: self.guarded(self.undoLastResult))
-        self.ui.downloadModelButton.connect("clicked(bool)", lambda: self.guarded(self.startModelDownload, None))
-        self.ui.importCheckpointButton.connect("clicked(bool)", self.onImportCheckpoint)
+        self.ui.downloadModelButton.connect("clicked(bool)", lambda: self.guarded(self.firstUse.startModelDownload))
+        self.ui.importCheckpointButton.connect("clicked(bool)", self.firstUse.importCheckpoint)
+        self.ui.loadExampleButton.connect("clicked(bool)", self.onLoadExampleData)
         self.ui.lowConfidenceTableWidget.connect("cellClicked(int,int)", self.onLowConfidenceClicked)
         self._elapsedTimer.setInterval(1000)
         self._elapsedTimer.connect("timeout()", self.updateElapsed)
@@ -198,7 +212,16 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.libraryPathLineEdit.currentPath = p.libraryFolder
         self.ui.normalizationComboBox.setCurrentText(p.normalization)
         self.observeSupportSegmentation(p.supportSegmentation)
+        boxes, checked = self.ui.promptBoxesCheckableSelector, {n.GetID() for n in p.promptBoxes if n is not None}
+        wasBlocked = boxes.blockSignals(True)
+        for node in list(boxes.checkedNodes()) + list(boxes.uncheckedNodes()):
+            boxes.setCheckState(node, qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked)
+        boxes.blockSignals(wasBlocked)
         self.scanLibrary(p.libraryFolder)
+
+    def onPromptBoxesChecked(self):
+        if self._parameterNode:
+            self._parameterNode.promptBoxes = list(self.ui.promptBoxesCheckableSelector.checkedNodes())
 
     def onSupportSourceChanged(self, sceneChecked):
         if self._parameterNode:
@@ -296,6 +319,7 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setWidgets(SCENE_SUPPORT_WIDGETS, visible=not library)
         self.setWidgets(LIBRARY_WIDGETS, visible=library)
         self.ui.supportSegmentationLabel.text = "Segmentation:" if method.uses_support_volume else "Prompt masks:"
+        self.setWidgets(MARKUPS_WIDGETS, visible=not method.uses_support_volume)
         self.ui.methodDescriptionLabel.text = method.summary
         self.setWidgets(MATCHING_WIDGETS, enabled=method.key == "matched-support")
         self.setWidgets(MODEL_WIDGETS, enabled=method.needs_model and not running)
@@ -338,8 +362,8 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:  # the inputs are checked before anything is installed or downloaded
             library = p.libraryFolder if p.supportFromLibrary else None
             inputs = self.logic.checkRun(choices, p.queryVolume, p.supportSegmentation, self.segmentIds(),
-                                         p.supportVolume, library)
-        if not self.ensureReady(choices, lambda: self.startRun(refine)):
+                                         p.supportVolume, library, p.promptPoints, p.promptBoxes)
+        if not self.firstUse.ensureReady(choices, lambda: self.startRun(refine)):
             return
         self.addLog(f"--- {'refine' if refine else choices.method} ---")
         self.logic.runs.show_3d = p.show3D
@@ -352,69 +376,26 @@ class SAM2FewShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._elapsedTimer.start()
         self.updateWidgetStates()
 
-    def ensureReady(self, choices, then):
-        """Packages and weights, asking first, with the panel locked while pip runs; False stops
-        (a download resumes with ``then``)."""
-        method = get_method(choices.method)
-        self.updateWidgetStates()
-        try:
-            with slicer.util.WaitCursor():
-                ready = self.logic.ensureDependencies(method.needs_model, self.confirmSetup)
-        finally:
-            self.updateWidgetStates()
-        if not ready or not method.needs_model:
-            return ready
-        if not self.logic.isModelCached(choices.model):
-            if self.confirmSetup(f"The weights of {choices.model} are not on this computer yet. Download them from "
-                                 f"Hugging Face into {self.logic.cacheFolder()}?\n\n"
-                                 "Without internet: use Import checkpoint file."):
-                self.startModelDownload(then)
-            return False
-        return True
-
-    @staticmethod
-    def confirmSetup(question) -> bool:
-        return slicer.util.confirmOkCancelDisplay(question, windowTitle=f"{TITLE} setup")
-
-    def startModelDownload(self, then):
-        """The weights in a background thread, with a progress dialog polled by a timer (cancellable)."""
-        if not self.logic.ensureDependencies(True, self.confirmSetup):  # the download needs huggingface_hub
-            return
-        name = self._parameterNode.model
-        dialog = qt.QProgressDialog(f"Downloading {name} weights...", "Cancel", 0, 100, slicer.util.mainWindow())
-        dialog.setWindowModality(qt.Qt.WindowModal)
+    def onLoadExampleData(self):
+        """The public MSD hippocampus pair (fetched once, by the worker) into the scene and the selectors."""
+        dialog = qt.QProgressDialog("Loading the example data...", "Cancel", 0, 0, slicer.util.mainWindow())
+        dialog.setWindowModality(qt.Qt.WindowModal)  # no run starts while the worker fetches
         dialog.minimumDuration = 0
-        download, timer = install.BackgroundDownload(name), qt.QTimer()
 
-        def poll():
-            if dialog.wasCanceled:
-                download.cancel()
-            dialog.setValue(int(100 * download.fraction))
-            dialog.setLabelText(panel.progress_text("download", download.done, download.total))
-            if download.finished:
-                timer.stop()
-                dialog.close()
-                self._download = None
-                self.updateWidgetStates()
-                if download.error is not None:
-                    slicer.util.errorDisplay(panel.panel_message(str(download.error)), windowTitle=f"{TITLE} download")
-                elif then is not None:
-                    self.guarded(then)
+        def finished(nodes, message):
+            cancelled = dialog.wasCanceled
+            dialog.close()
+            self.addLog(message)
+            if nodes:
+                p = self._parameterNode
+                p.queryVolume, p.supportVolume, p.supportSegmentation = nodes
+                self.ui.supportSceneRadioButton.checked = True
+                slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
+            elif not cancelled:
+                slicer.util.errorDisplay(panel.panel_message(message), windowTitle=TITLE)
 
-        timer.connect("timeout()", poll)
-        timer.start(200)
-        self._download = (dialog, timer, download)  # kept alive until it finishes
-
-    def onImportCheckpoint(self):
-        name = self._parameterNode.model
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), f"Import a checkpoint file as {name}", "",
-                                              "PyTorch checkpoints (*.pt *.pth);;All files (*)")
-        if path:
-            with slicer.util.WaitCursor():
-                target = self.guarded(self.logic.importCheckpoint, name, path)
-            if target:
-                self.addLog(f"Imported {path} as {name} ({target})")
-            self.updateWidgetStates()
+        if self.guarded(self.logic.loadExampleData, dialog, finished) is None:
+            dialog.close()
 
     def onCacheFolderEdited(self):
         self.logic.setCacheFolder(self.ui.cacheFolderPathLineEdit.currentPath)

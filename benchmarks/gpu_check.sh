@@ -12,6 +12,8 @@
 #   4 memory       peak GPU (and host) memory at 200 and 800 slices, one fresh process each
 #   5 warm         re-propagation of 20 slices on an encoded 200-slice volume
 #   6 batch        cohort throughput on cuda: segment per case against batch
+#   7 click        live-session click latency through the worker (warm, cold, busy; encode per slice)
+#                  at 256, 512 and 1024 px, fp32 and the default precision
 #
 # Random weights throughout: times, memory and equivalence are real, no accuracy is claimed. Every
 # step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR; a summary is printed and
@@ -74,6 +76,7 @@ step warm "$PY" benchmarks/warm_repropagation.py --slices 200 --size 512 --image
   --device cuda --out "$OUT/warm_repropagation.json"
 step batch "$PY" benchmarks/cohort_throughput.py --data "$DATA" --support "$SUPPORT" --out "$OUT/cohort" \
   --device cuda --image-size 1024 --rows saved,batch
+step click "$PY" benchmarks/click_latency.py --device cuda --slices 64 --json "$OUT/click_latency.json"
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
@@ -104,6 +107,7 @@ if memory:
                          for p in memory["points"]}
 summary["warm_repropagation"] = load("warm_repropagation.json")
 summary["batch"] = load("cohort/results.json")
+summary["click_latency"] = (load("click_latency.json") or {}).get("click_latency")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PYEOF

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import qt
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
@@ -23,7 +23,7 @@ from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.methods.registry import METHODS, get_method
 from SAM2FewShotLib.run import job_folders
 from SAM2FewShotLib.sam2 import models, weights
-from SAM2FewShotLib.slicer import install, panel, runs
+from SAM2FewShotLib.slicer import example_data, install, panel, runs, volume_store
 from SAM2FewShotLib.slicer.low_confidence import LowConfidenceRows
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
@@ -48,12 +48,14 @@ MethodChoice = _MethodEnum("MethodChoice", [(key.replace("-", "_"), key) for key
 class SAM2FewShotParameterNode:
     """The panel's state in the scene. Widgets with a SlicerParameterName in the .ui are bound by
     connectGui; the rest (radio buttons, the library folder, the editable normalisation box, the
-    segment checklist) are set by hand when the user has finished editing, so no edit is undone."""
+    segment checklist, the ROI checklist) are set by hand when the user has finished editing, so no edit is undone."""
 
     queryVolume: vtkMRMLScalarVolumeNode
     supportVolume: vtkMRMLScalarVolumeNode
     supportSegmentation: vtkMRMLSegmentationNode
     outputSegmentation: vtkMRMLSegmentationNode  # None: the query's own result segmentation
+    promptPoints: vtkMRMLMarkupsFiducialNode  # propagate: include (selected) and exclude points (markups_prompts)
+    promptBoxes: list[vtkMRMLMarkupsROINode]  # propagate: one ROI per segment, checked in a checkable combo box
     method: MethodChoice = MethodChoice(PanelChoices.method)
     model: Annotated[str, Choice(list(models.REGISTRY))] = models.DEFAULT_MODEL
     device: Annotated[str, Choice(list(panel.DEVICES))] = PanelChoices.device
@@ -89,7 +91,8 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.poll)
         os.environ.setdefault(CACHE_ENV, self.cacheFolder())
-        job_folders.sweep_in_background()  # the job folders of a Slicer that crashed (once per process)
+        # A crashed Slicer's job folders, once per process: small ones in the temp folder, volumes in the cache.
+        job_folders.sweep_in_background(None, volume_store.jobs_root())
 
     # --- parameters and settings ---------------------------------------------------------------
 
@@ -138,10 +141,12 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
 
     # --- first use: packages and weights --------------------------------------------------------
 
-    def ensureDependencies(self, needsModel, confirm) -> bool:
-        """Install missing packages once ``confirm(question)`` agrees; False when the user declines."""
+    def ensureDependencies(self, needsModel, confirm, onStart=lambda: None) -> bool:
+        """Install missing packages once ``confirm(question)`` agrees; False when the user declines.
+        ``onStart`` is called once installing has begun (the panel locks itself then)."""
         return install.ensure_installed(needsModel, confirm, slicer.util.pip_install, self.installTorch,
-                                        self.logCallback, (slicer.app.majorVersion, slicer.app.minorVersion))
+                                        self.logCallback, (slicer.app.majorVersion, slicer.app.minorVersion),
+                                        on_start=onStart)
 
     def installTorch(self, problem):
         try:
@@ -190,10 +195,10 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
         return self.runs.estimate
 
     def checkRun(self, choices, queryNode, supportSegmentationNode=None, segmentIds=None, supportVolumeNode=None,
-                 libraryFolder=None):
+                 libraryFolder=None, promptPoints=None, promptBoxes=()):
         """The run's inputs read from the scene; InputError before anything is installed or started."""
         return self.runs.check_run(choices, queryNode, supportSegmentationNode, segmentIds, supportVolumeNode,
-                                   libraryFolder)
+                                   libraryFolder, promptPoints, [node for node in promptBoxes if node is not None])
 
     def startRun(self, choices, queryNode, supportSegmentationNode=None, segmentIds=None, supportVolumeNode=None,
                  libraryFolder=None, outputSegmentationNode=None, inputs=None) -> str:
@@ -218,6 +223,27 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
     def undo(self) -> str:
         return self.runs.undo()
 
+    def loadExampleData(self, dialog, onFinished):
+        """The example pair fetched by the worker (example_data.ExampleLoad), polled by a timer: ``dialog``, a
+        modal QProgressDialog (no run starts meanwhile), shows its status and cancels it; ``onFinished(nodes,
+        message)`` at the end, nodes None unless the three nodes are in the scene."""
+        load, timer = example_data.ExampleLoad(slicer.mrmlScene, self.runs, self.logCallback), qt.QTimer()
+
+        def poll():
+            if dialog.wasCanceled:
+                load.cancel()
+            if load.poll():
+                dialog.setLabelText(load.status)
+                return
+            timer.stop()
+            self._exampleLoad = None
+            onFinished(load.nodes, load.message)
+
+        timer.connect("timeout()", poll)
+        timer.start(POLL_MS)
+        self._exampleLoad = (load, timer)  # kept alive until it ends
+        return load
+
     def poll(self):
         """Timer slot: the worker's events, without ever blocking."""
         if not self.runs.poll():
@@ -230,6 +256,8 @@ class SAM2FewShotLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self):
         self._timer.stop()
+        if getattr(self, "clickSession", None) is not None:  # the SAM2 effect's live session (SAM2FewShotEffect/)
+            self.clickSession.shutdown()
         self.runs.shutdown()
 
     def _onFinished(self, success, message):

@@ -26,6 +26,7 @@ MODULE_FILE = MODULE_DIR / "SAM2FewShot.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SAM2FewShot.ui"
 ENGINE = MODULE_DIR / "SAM2FewShotLib"
 PANEL = MODULE_DIR / "SAM2FewShotPanel"  # the module's Logic, parameter node and self-test (Qt allowed)
+EFFECT = MODULE_DIR / "SAM2FewShotEffect"  # the Segment Editor's SAM2 effect (Qt allowed)
 LOGIC_FILE = PANEL / "logic.py"
 REVIEW_FILE = PANEL / "review_section.py"  # the "Review a cohort" section's wiring (self.ui as the Widget's)
 WIRING_FILES = (MODULE_FILE, REVIEW_FILE)  # every file that touches the panel's widgets
@@ -34,7 +35,8 @@ BRIDGE_FILES = {"slicer/mrml_volume.py", "slicer/mrml_segments.py"}  # may impor
 # Widget-name suffix -> the class the panel must use for it (longest suffix first).
 SUFFIX_CLASSES = (
     ("CollapsibleButton", "ctkCollapsibleButton"), ("RadioButton", "QRadioButton"), ("CheckBox", "QCheckBox"),
-    ("Button", "QPushButton"), ("Selector", "qMRMLNodeComboBox"), ("ComboBox", "QComboBox"),
+    ("Button", "QPushButton"), ("CheckableSelector", "qMRMLCheckableNodeComboBox"),
+    ("Selector", "qMRMLNodeComboBox"), ("ComboBox", "QComboBox"),
     ("SpinBox", "QSpinBox"), ("LineEdit", "ctkPathLineEdit"), ("TextEdit", "QPlainTextEdit"),
     ("ProgressBar", "QProgressBar"), ("TableWidget", "QTableWidget"), ("ListWidget", "QListWidget"),
     ("Label", "QLabel"), ("Widget", "QWidget"),
@@ -56,6 +58,7 @@ API = {
                      "setSortingEnabled", "resizeColumnsToContents", "clearContents", "rowCount"},
     "QListWidget": {"clear", "addItem", "item", "count"},
     "qMRMLNodeComboBox": {"currentNode", "setCurrentNode", "currentNodeID", "baseName", "setMRMLScene", "addNode"},
+    "qMRMLCheckableNodeComboBox": {"checkedNodes", "uncheckedNodes", "setCheckState"},  # its 5.10 header
     "ctkPathLineEdit": {"currentPath", "filters", "findChild"},
     "ctkCollapsibleButton": {"collapsed", "text"},
     "QWidget": set(),
@@ -66,7 +69,7 @@ SIGNALS = {
     "activated(int)": {"QComboBox"},
     "valueChanged(int)": {"QSpinBox"}, "currentNodeChanged(vtkMRMLNode*)": {"qMRMLNodeComboBox"},
     "currentPathChanged(QString)": {"ctkPathLineEdit"}, "itemChanged(QListWidgetItem*)": {"QListWidget"},
-    "cellClicked(int,int)": {"QTableWidget"},
+    "cellClicked(int,int)": {"QTableWidget"}, "checkedNodesChanged()": {"qMRMLCheckableNodeComboBox"},
 }
 KNOWN_CUSTOM_WIDGETS = {  # Slicer and CTK widget classes a scripted module's .ui may use
     "qMRMLWidget", "qMRMLNodeComboBox", "qMRMLSegmentsTableView", "qMRMLSegmentSelectorWidget",
@@ -145,7 +148,8 @@ def png_size(path: Path) -> tuple[int, int]:
 # --- the module file -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(PANEL.glob("*.py"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(PANEL.glob("*.py")), *sorted(EFFECT.glob("*.py"))],
+                         ids=lambda p: p.name)
 def test_module_files_compile_for_python_311_and_parse(tmp_path, path):
     source = path.read_text(encoding="utf-8")
     ast.parse(source, feature_version=(3, 11))
@@ -162,7 +166,7 @@ def test_the_module_defines_its_widget_and_imports_its_logic_and_self_test():
 
 
 def test_module_file_stays_small():
-    for path in [MODULE_FILE, *PANEL.glob("*.py")]:
+    for path in [MODULE_FILE, *PANEL.glob("*.py"), *EFFECT.glob("*.py")]:
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 500, path.name
 
 
@@ -210,7 +214,8 @@ def test_bound_widgets_are_parameters_of_a_type_slicer_510_can_connect():
               "QSpinBox": annotation.startswith("Annotated[int, WithinRange("),
               "QCheckBox": annotation == "bool"}.get(cls, False)
         assert ok, f"{name} ({cls}) cannot be connected to {parameter}: {annotation}"
-    unbound = {"supportFromLibrary", "libraryFolder", "normalization", "excludedSegments"}  # set by hand
+    unbound = {"supportFromLibrary", "libraryFolder", "normalization", "excludedSegments",
+               "promptBoxes"}  # set by hand: 5.10 connects no checkable node combo box
     assert set(parameters) == {p for _, p in bound.values()} | unbound
     widgets = ui_widgets()
     calls = [n for tree in map(module_tree, WIRING_FILES) for n in ast.walk(tree)
@@ -246,12 +251,13 @@ def test_every_node_selector_gets_the_scene():
     fed = {c.findtext("receiver") for c in root.iter("connection")
            if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
            and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
-    selectors = {n for n, c in ui_widgets().items() if c == "qMRMLNodeComboBox"}
+    selectors = {n for n, c in ui_widgets().items() if c in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
     assert selectors and selectors == fed, f"node selectors without a scene: {selectors - fed}"
     for widget in root.iter("widget"):
-        if widget.get("class") == "qMRMLNodeComboBox":
+        if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox"):
             types = [s.text for s in widget.findall("property[@name='nodeTypes']/stringlist/string")]
-            assert types in (["vtkMRMLScalarVolumeNode"], ["vtkMRMLSegmentationNode"]), (widget.get("name"), types)
+            assert types in (["vtkMRMLScalarVolumeNode"], ["vtkMRMLSegmentationNode"], ["vtkMRMLMarkupsFiducialNode"],
+                             ["vtkMRMLMarkupsROINode"]), (widget.get("name"), types)
 
 
 # --- packaging -------------------------------------------------------------------------------------
@@ -261,7 +267,8 @@ def test_module_cmakelists_names_every_script_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text).group(1)
     listed = {p.replace("${MODULE_NAME}", name) for p in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
-    scripts = {"SAM2FewShot.py"} | {str(p.relative_to(MODULE_DIR)) for d in (ENGINE, PANEL) for p in d.rglob("*.py")}
+    scripts = {"SAM2FewShot.py"} | {str(p.relative_to(MODULE_DIR)) for d in (ENGINE, PANEL, EFFECT)
+                                    for p in d.rglob("*.py")}
     block = "\n".join(f"  {p.replace('SAM2FewShot', '${MODULE_NAME}', 1)}" for p in sorted(scripts))
     assert listed == scripts, (f"missing from CMakeLists: {sorted(scripts - listed)}; listed but absent: "
                                f"{sorted(listed - scripts)}. The list to paste:\n{block}")

@@ -24,6 +24,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
 
 from SAM2FewShotLib.run.client import WorkerClient  # noqa: E402 - once slicer-core is known to be there
+from SAM2FewShotLib.run.reports import report_axis  # noqa: E402
 from SAM2FewShotLib.slicer import panel, result_segments, scene_io  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402 - once slicer-core is known to be there
     add_labels_to_segmentation,
@@ -58,6 +59,14 @@ def make_controller(scene, recorder, **env):
 
     return RunController(scene, client, lambda *a: recorder.progress.append(a), recorder.logs.append,
                          lambda ok, message: recorder.finished.append((ok, message)), recorder.before_insert.append)
+
+
+def sent(controller, timeout: float = 60.0) -> None:
+    """Poll until the run's files are written and its job is on the worker (a thread writes them)."""
+    deadline = time.monotonic() + timeout
+    while controller._preparing is not None:
+        assert controller.poll() and time.monotonic() < deadline, "the job was not sent"
+        time.sleep(0.01)
 
 
 def wait(controller, timeout: float = 300.0) -> int:
@@ -102,7 +111,15 @@ def applied(world):
 
 
 @pytest.fixture
-def first_run(world):
+def private_temp(tmp_path, monkeypatch):
+    """The job folders go into this test's own temp folder: counting them is not disturbed by other
+    processes of this machine (another test run, a Slicer) making and removing theirs."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def first_run(world, private_temp):
     """A query of its own and a fresh controller (its worker not started yet): a first Apply, whatever the
     other tests of this module did before."""
     recorder = Recorder()
@@ -119,7 +136,9 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(firs
     job_id = controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
     assert controller.is_running and job_id.startswith("job-")
     folder = controller.run.folder.path
-    assert sorted(p.name for p in folder.iterdir()) == ["owner.json", "prompts.seg.nrrd", "query.nrrd"]
+    controller._preparing.join()  # the files are written on a thread; the job is sent by the next poll
+    assert sorted(p.name for p in folder.iterdir()) == ["owner.json", "prompts-labels.json", "prompts-labels.nrrd"]
+    assert [p.suffix for p in controller.volumes.folder.iterdir()] in ([".nrrd", ".json"], [".json", ".nrrd"])
     polls = 0
     while controller.poll():
         polls += 1
@@ -135,7 +154,10 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(firs
     assert np.allclose(segments[0].GetColor(), world["truth"].segments[0].color)
     result = labels_from_segmentation(output, world["image"], controller.last.segment_ids).volume.array
     assert np.array_equal(result[PROMPTED], world["prompt"][PROMPTED])  # the mask-prompted slice, verbatim
-    assert np.array_equal(controller.last.labels, result)
+    axis = report_axis(controller.last.report)
+    for value, segment_id in enumerate(controller.last.segment_ids, start=1):  # kept as digests, not voxels
+        assert controller.last.slice_digests[segment_id] == panel.slice_digests(result == value, axis)
+    assert controller.last.query.array.strides == (0, 0, 0)  # the query's grid only: no copy of its voxels kept
     stages = {p[0] for p in recorder.progress}
     assert {"model", "propagate forward", "propagate backward"} <= stages
     flags = controller.low_confidence()
@@ -309,7 +331,7 @@ def test_propagate_slices_across_the_plane_the_prompts_were_drawn_in(world):
     assert not controller.is_running
 
 
-def test_bad_input_is_one_error_before_anything_starts(world):
+def test_bad_input_is_one_error_before_anything_starts(world, private_temp):
     scene, controller = world["scene"], world["controller"]
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().AddEmptySegment("nothing")
@@ -333,6 +355,7 @@ def test_a_worker_that_dies_is_one_clear_message_and_the_scene_stays(world):
     nodes = scene.GetNumberOfNodes()
     controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
     folder = controller.run.folder.path
+    sent(controller)
     psutil.Process(controller.client.pid).kill()
     wait(controller, timeout=30)
     ok, message = recorder.finished[-1]
@@ -344,6 +367,7 @@ def test_cancel_kills_the_worker_at_once_and_the_next_run_starts_a_fresh_one(wor
     scene, controller, recorder = world["scene"], world["controller"], world["recorder"]
     nodes = scene.GetNumberOfNodes()
     controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
+    sent(controller)
     pid, folder = controller.client.pid, controller.run.folder.path
     controller.cancel()  # the panel gets control back at once; the worker dies on another thread
     controller.client.join_reapers(timeout=10)
@@ -375,3 +399,17 @@ def test_the_expected_time_the_engine_gives_shows_beside_the_progress(world):
         wait(controller)
     finally:
         controller.shutdown()
+
+
+def test_cancel_while_the_files_are_written_sends_nothing_and_keeps_the_warm_worker(world):
+    controller, recorder = world["controller"], world["recorder"]
+    controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
+    wait(controller)  # a warm worker
+    pid = controller.client.pid
+    controller.start_run(CHOICES, world["query"], world["prompts"], world["ids"])
+    preparing, folder = controller._preparing, controller.run.folder.path
+    controller.cancel()  # before the job was sent: nothing to kill
+    preparing.join(30)
+    assert recorder.finished[-1] == (False, "Cancelled.") and not controller.is_running and not controller.poll()
+    assert controller.client.pid == pid and controller.client.is_alive and controller.client.pending == []
+    assert not folder.exists()

@@ -18,6 +18,7 @@ import pytest
 from phantoms import phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap
+from SAM2FewShotLib.io.volume_io import read_volume
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
@@ -116,7 +117,8 @@ def test_the_proxy_shows_the_browsed_item_and_a_run_records_it(world):
     start(world)
     frame = world["controller"].run.frame
     assert (frame.browser, frame.sequence, frame.item, frame.index_value) == (browser, world["sequence"], 1, "0.5")
-    assert np.array_equal(world["controller"].run.query.array, first + 100)  # the query is the recorded item
+    job, problem = world["controller"]._preparing.outcome()  # the job's files, written on a thread
+    assert problem is None and np.array_equal(read_volume(job.query).array, first + 100)  # the recorded item
     assert frame.label() == "time point 2 (time = 0.5 s)"
     assert finish(world)[0]
     assert world["controller"].last.frame == frame
@@ -142,7 +144,28 @@ def test_browsing_away_and_back_before_the_result_accepts_it(world):
     world["browser"].SetSelectedItemNumber(0)
     ok, message = finish(world)
     assert ok, message
-    assert result_segments.find_output(world["proxy"]) is not None
+    assert result_segments.find_output(world["proxy"], "0") is not None
+
+
+def test_each_time_point_gets_an_output_of_its_own_and_apply_again_finds_it(world):
+    scene, browser, controller = world["scene"], world["browser"], world["controller"]
+    start(world)
+    assert finish(world)[0]
+    first = controller.output_node()
+    browser.SetSelectedItemNumber(2)
+    start(world)
+    assert finish(world)[0]
+    third = controller.output_node()
+    assert third is not first  # the result of time point 3 did not replace time point 1's
+    assert [first.GetName(), third.GetName()] == ["CT sequence SAM2FewShot time point 1 (time = 0 s)",
+                                                  "CT sequence SAM2FewShot time point 3 (time = 1 s)"]
+    assert first.GetSegmentation().GetNumberOfSegments() == 2 == third.GetSegmentation().GetNumberOfSegments()
+    browser.SetSelectedItemNumber(0)
+    nodes = scene.GetNumberOfNodes()
+    start(world)  # Apply again on time point 1: its own output, replaced in place
+    ok, message = finish(world)
+    assert ok and "replaced" in message and controller.output_node() is first and scene.GetNumberOfNodes() == nodes
+    assert result_segments.find_output(world["proxy"]) is None  # no output of the proxy outside any time point
 
 
 def test_an_item_inserted_before_the_recorded_one_counts_as_moved(world):
@@ -196,7 +219,9 @@ def test_refine_uses_the_frame_it_was_made_on_and_refuses_on_another(world):
     user_paints_a_square(last.output_node, last.query, last.segment_ids[0])
     world["worker"].results.append(world["truth"])
     controller.start_refine(CHOICES)
-    assert controller.run.frame == last.frame and controller.run.query is last.query  # the frame it was made on
+    assert controller.run.frame == last.frame and controller.run.query.same_grid(last.query)  # made on that frame
+    job, problem = controller._preparing.outcome()
+    assert problem is None and np.array_equal(read_volume(job.query).array, volume_from_node(world["proxy"]).array)
     browser.SetSelectedItemNumber(1)
     ok, message = finish(world)
     assert not ok and message.endswith("go back to time point 3 (time = 1 s) and run again")

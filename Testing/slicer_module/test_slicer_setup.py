@@ -61,8 +61,9 @@ def test_the_plan_installs_what_is_missing_or_too_old():
     shared = plan_install({**installed, "huggingface_hub": "1.5.0", "tqdm": "4.69.1"})  # another extension's
     assert not shared.needed  # newer than our minimums: kept, not upgraded to our pins
     assert "older than 2.4.0" in plan_install({**installed, "SimpleITK": "2.3.1"}).unfixable[0]
-    without_sam2 = plan_install({}, requirements=install.requirements_for(needs_model=False))
-    assert "sam2" not in [r.distribution for r in without_sam2.install]
+    bare = {"numpy": "2.0.2", "SimpleITK": "2.5.0", "pillow": "11.2.1"}  # what a fresh Slicer 5.10 ships
+    assert not plan_install(bare, requirements=install.requirements_for(needs_model=False)).needed
+    assert [r.distribution for r in plan_install(bare).install][:1] == ["sam2"]  # SAM2 methods install theirs
 
 
 def test_this_environment_needs_nothing(monkeypatch):
@@ -170,3 +171,17 @@ def test_one_install_at_a_time_and_the_panel_can_tell(monkeypatch):
 
     assert install.ensure_installed(False, lambda q: True, pip, None, lambda line: None)
     assert inner and not install.is_installing()
+
+    states = []  # the panel refreshes its states from on_start: it must see itself locked there, before pip runs
+
+    def asked(question):
+        states.append(("asked", install.is_installing()))
+        return True
+
+    assert install.ensure_installed(False, asked, lambda arguments: states.append(("pip", install.is_installing())),
+                                    None, lambda line: None, on_start=lambda: states.append(("locked",
+                                                                                               install.is_installing())))
+    assert states[:3] == [("asked", True), ("locked", True), ("pip", True)]
+    assert not install.ensure_installed(False, lambda q: False, pip, None, lambda line: None,
+                                        on_start=lambda: states.append("never"))  # declined: no lock shown
+    assert "never" not in states

@@ -77,13 +77,14 @@ def test_reset_empties_the_rows_and_a_failing_position_is_a_message(world):
     assert position is None and message.startswith("Cannot show slice 99")
 
 
-def test_reload_drops_both_packages_deepest_first_and_nothing_else():
+def test_reload_drops_the_packages_deepest_first_and_nothing_else():
     loaded = ["SAM2FewShot", "SAM2FewShotLib", "SAM2FewShotLib.run", "SAM2FewShotLib.run.client", "numpy",
               "SAM2FewShotPanel", "SAM2FewShotPanel.logic", "SAM2FewShotLibExtra", "SAM2FewShotPanelish.x",
-              "SAM2FewShotLib.slicer.module_reload", "slicer.util"]
-    assert PACKAGES == ("SAM2FewShotPanel", "SAM2FewShotLib")
+              "SAM2FewShotLib.slicer.module_reload", "slicer.util", "SAM2FewShotEffect",
+              "SAM2FewShotEffect.SegmentEditorSAM2Effect"]
+    assert PACKAGES == ("SAM2FewShotEffect", "SAM2FewShotPanel", "SAM2FewShotLib")
     assert modules_to_drop(loaded) == [
-        "SAM2FewShotPanel.logic", "SAM2FewShotPanel",
+        "SAM2FewShotEffect.SegmentEditorSAM2Effect", "SAM2FewShotEffect", "SAM2FewShotPanel.logic", "SAM2FewShotPanel",
         "SAM2FewShotLib.run.client", "SAM2FewShotLib.slicer.module_reload", "SAM2FewShotLib.run", "SAM2FewShotLib"]
 
 

@@ -117,7 +117,7 @@ def test_jobs_from_the_panel_pass_the_workers_own_validation(tmp_path):
                                    supports=[(tmp_path / "s.nrrd", tmp_path / "s.seg.nrrd")])
     parsed = protocol.parse_request(protocol.encode(job.to_message()))
     assert parsed == job
-    assert parsed.out == str(tmp_path / "result.seg.nrrd") and parsed.report == str(tmp_path / "report.json")
+    assert parsed.out == str(tmp_path / "result.nrrd") and parsed.report == str(tmp_path / "report.json")
     assert parsed.model.random_weights and parsed.model.image_size == 256 and parsed.frames.slice_range == (2, 5)
     assert parsed.model.precision is None  # "default": each device's own, as the CLI without --precision
     fast = panel.build_job("j4", dataclasses.replace(choices, precision="auto"), tmp_path, tmp_path / "q.nrrd",
@@ -180,24 +180,29 @@ def test_a_report_without_an_axis_is_refused():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_edited_slices_are_found_along_the_run_axis(axis):
+def test_edited_slices_are_found_along_the_run_axis_from_digests_alone(axis):
     _, truth = phantom((10, 24, 28))
-    previous = truth.volume.array
+    previous = truth.volume.array == 1
+    digests = panel.slice_digests(previous, axis)  # what a result keeps: 16 bytes a slice
+    assert len(digests) == previous.shape[axis] and all(len(d) == 16 for d in digests)
     current = previous.copy()
     view = np.moveaxis(current, axis, 0)
-    mid = int(np.argmax((view > 0).sum(axis=(1, 2))))  # the slice with the most labelled voxels
+    mid = int(np.argmax(view.sum(axis=(1, 2))))  # the slice with the most labelled voxels
     assert mid > 2
-    view[2] = 0
-    view[2, 3:6, 4:9] = 1  # a slice redrawn
-    view[mid][view[mid] > 0] = 3  # a slice relabelled
-    assert panel.edited_slices(current, previous, axis) == [2, mid]
+    view[2] = False
+    view[2, 3:6, 4:9] = True  # a slice redrawn
+    view[mid, view[mid].nonzero()[0][0]] = False  # one row erased
+    assert panel.changed_slices(current, digests, axis) == [2, mid]
+    assert panel.changed_slices(previous, digests, axis) == []
 
 
 def test_edits_must_be_on_the_grid_of_the_last_result():
     _, truth = phantom((10, 24, 28))
-    previous = truth.volume.array
-    with pytest.raises(InputError, match="grid"):
-        panel.edited_slices(previous[:5], previous, 0)
+    previous = truth.volume.array > 0
+    with pytest.raises(InputError, match="5 slices where the last result had 10"):
+        panel.changed_slices(previous[:5], panel.slice_digests(previous, 0), 0)
+    # the same count of slices on another in-plane grid: every slice differs, never a false "unchanged"
+    assert panel.changed_slices(previous[:, :20], panel.slice_digests(previous, 0), 0) == list(range(10))
     assert panel.format_slices(list(range(3))) == "0, 1, 2"
     assert panel.format_slices(list(range(20)), limit=2) == "0, 1, ... (20 slices)"
 

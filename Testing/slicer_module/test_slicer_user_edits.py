@@ -54,7 +54,7 @@ class StandInWorker:
     def submit(self, job) -> str:
         labels_path = write_labels(self.results.pop(0), self.folder / f"{job.id}.seg.nrrd")
         report = self.folder / f"{job.id}.json"
-        report.write_text(json.dumps({"method": "propagate"}), encoding="utf-8")
+        report.write_text(json.dumps({"method": "propagate", "session": {"axis": "k"}}), encoding="utf-8")
         self.events.append({"event": "result", "id": job.id, "labels": str(labels_path), "report": str(report),
                             "seconds": 0.1, "frames_encoded": 0})
         return job.id

@@ -31,9 +31,12 @@ class Compute:
         return dataclasses.asdict(self)
 
 
-def local_compute(model: ModelOptions) -> Compute:
+def local_compute(model: ModelOptions, needs_model: bool = True) -> Compute:
     """What this machine runs a cohort with: the precision its device resolves to, and the threads asked
-    for, else the cores other programs leave free now (kept for every case of the run)."""
+    for, else the cores other programs leave free now (kept for every case of the run). A method without a
+    model (registration) computes in float32 on the CPU and is not asked about torch, which it may not have."""
+    if not needs_model:
+        return Compute("fp32", model.threads or 1, "cpu")
     from ..sam2.devices import free_cores, resolve_device, resolve_precision
 
     device = resolve_device(model.device)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..common.errors import InputError
 from ..common.files import replacing
+from ..run.owners import process_start_time
 
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
@@ -136,18 +137,14 @@ def is_stale(holder: dict) -> bool:
 
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started (tells a reused PID from the holder), None when there is none (or
-    only its zombie), UNKNOWN when it exists but may not be inspected."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return round(process.create_time(), 2)
-    except (psutil.NoSuchProcess, ValueError, OverflowError):
+    only its zombie), UNKNOWN when it exists but may not be inspected (or this system cannot tell)."""
+    if pid <= 0:
         return None
-    except psutil.AccessDenied:
+    try:
+        started = process_start_time(pid)
+    except OSError:  # access denied, or no psutil off Linux
         return UNKNOWN
+    return None if started is None else round(started, 2)
 
 
 def holder_words(holder: dict) -> str:

@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 MB = 1024.0 * 1024.0
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def current_rss() -> int:
+    import psutil  # here, not at the top: the CLI's parser imports this module, and a fresh Slicer has no psutil
+
     return psutil.Process().memory_info().rss
 
 
@@ -104,6 +104,8 @@ class PeakMemory:
         return self.device is not None and getattr(self.device, "type", str(self.device)).startswith("cuda")
 
     def _sample(self) -> None:
+        import psutil
+
         proc = psutil.Process()
         while not self._stop.wait(self.interval_s):
             self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)

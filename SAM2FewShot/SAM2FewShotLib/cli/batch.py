@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..methods.registry import get_method
 from ..run.outputs import LABEL_SUFFIXES
 from .options import add_command
 from .segment import add_method_args
@@ -82,7 +83,8 @@ def _run_locked(args: argparse.Namespace, cases, template) -> int:
     check_case_outputs(cases, template, args.out, args.suffix)
     options, conditioning = options_digest(template), conditioning_of(template)
     with _backend(args) as gpus:
-        compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model)
+        needs_model = get_method(template.method).needs_model
+        compute = actor_compute(template.model, gpus) if _on_ray(args) else local_compute(template.model, needs_model)
         template = pinned(template, compute)  # every case of this run at one precision and thread count
         todo = plan(cases, manifest, (options, legacy_options_digest(template), conditioning), args, compute)
         manifest.conditioning[conditioning.digest] = [list(m) for m in conditioning.members]
@@ -153,9 +155,7 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, 
               stamp=lambda record: None) -> None:
     """Run ``todo``; each record goes into the manifest as soon as it is known, ``stamp`` adding what this
     run's driver knows (what the cases were conditioned on)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="cohort", unit="case", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    bar = _progress_bar(len(todo), args.quiet)
     failures, said = 0, set()
     adoptable = {c.id for c in todo if manifest.may_adopt(c)}  # outputs the manifest does not record yet
 
@@ -187,6 +187,34 @@ def run_cases(todo, template, args: argparse.Namespace, manifest, options: str, 
                       on_stage=lambda stage: bar.set_description(f"cohort ({stage})", refresh=False))
     finally:
         bar.close()
+
+
+class _Quiet:
+    """The bar of a quiet run: counts like tqdm's and draws nothing (and a quiet run needs no tqdm: the
+    module's self-test runs a cohort in a Slicer where nothing was installed)."""
+
+    def __init__(self, total: int):
+        self.n, self.total = 0, total
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def set_description(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, quiet: bool):
+    if quiet:
+        return _Quiet(total)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="cohort", unit="case", file=sys.stderr, dynamic_ncols=True)
 
 
 def _words(compute: dict) -> str:

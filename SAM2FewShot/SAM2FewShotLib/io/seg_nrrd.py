@@ -25,13 +25,16 @@ def is_slicer_segmentation(path: Path) -> bool:
         return True
     if not (name.endswith(".nrrd") and path.is_file()):
         return False
-    import nrrd
+    import SimpleITK as sitk  # not pynrrd: a fresh Slicer ships SimpleITK only, and the panel's job files pass here
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO("NrrdImageIO")
     try:
-        header = nrrd.read_header(str(path))
-    except (OSError, nrrd.NRRDError):
+        reader.ReadImageInformation()
+    except RuntimeError:
         return False  # left to the image reader, which reports the problem
-    return any(_SEGMENT_FIELD.match(key) for key in header)
+    return any(_SEGMENT_FIELD.match(key) for key in reader.GetMetaDataKeys())
 
 
 def read_seg_nrrd(path: Path) -> tuple[Volume, list[Segment]]:

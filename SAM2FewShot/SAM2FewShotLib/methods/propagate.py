@@ -6,11 +6,13 @@ prompt); boxes and points from a JSON file in voxel (i, j, k) coordinates of the
     {"prompts": [{"label": 1, "box_ijk": [[i0, j0, k], [i1, j1, k]]},
                  {"label": 2, "points_ijk": [[i, j, k], ...], "point_labels": [1, 0]}]}
 
-All corners and points of one prompt must lie on one slice of the slicing axis.
+All corners and points of one prompt must lie on one slice of the slicing axis. A label file without
+voxels alongside a prompts file gives the segments' names and colours only (the panel's points and boxes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -35,12 +37,17 @@ class Params:
     """Propagate is conditioned by the request's prompts; ``mask_slices`` says which slices of the
     prompt label file are mask prompts, per label: "1:3,10;2:5" (label 1 on slices 3 and 10, label 2
     on slice 5). A listed slice without voxels of its label is a prompt too: the structure is absent
-    there (a refine, after the user erased a leak). Default: every slice with voxels of a label."""
+    there (a refine, after the user erased a leak). Default: every slice with voxels of a label.
+    ``slice_bounds`` limits labels to a range of slices, "1:10-20;2:5-9" (a Markups ROI's extent in the
+    panel): no voxel of the label outside it, and when every prompted label has one, propagation runs
+    over their union only."""
 
     mask_slices: str = ""
+    slice_bounds: str = ""
 
     def check(self) -> None:
         parse_mask_slices(self.mask_slices)
+        parse_slice_bounds(self.slice_bounds)
 
 
 OPTIONS = ()  # conditioned by the request's prompts (--prompt-labels, --prompts, --labels), not by options
@@ -63,18 +70,37 @@ def parse_mask_slices(text: str) -> dict[int, list[int]] | None:
     return chosen
 
 
+def parse_slice_bounds(text: str) -> dict[int, tuple[int, int]] | None:
+    """"1:10-20;2:5" -> {1: (10, 20), 2: (5, 5)}; "" -> None (no bounds)."""
+    if not text.strip():
+        return None
+    bounds: dict[int, tuple[int, int]] = {}
+    for part in text.split(";"):
+        label, _, span = part.partition(":")
+        first, _, last = span.partition("-")
+        try:
+            value, a, b = int(label), int(first), int(last or first)
+        except ValueError:
+            raise InputError(f"slice_bounds '{text}' is not 'label:first-last;label:first-last'") from None
+        if value < 1 or a < 0 or b < a or value in bounds:
+            raise InputError(f"slice_bounds '{text}': one range per label (1 or more), first <= last, from slice 0")
+        bounds[value] = (a, b)
+    return bounds
+
+
 def run(inputs: MethodInputs, params: Params) -> tuple[LabelMap, dict]:
     """Masks from the prompt label file, boxes and points from the prompts file, all propagated at once."""
     session = inputs.session
     prompts, segments = [], []
     if inputs.prompt_labels is not None:
-        prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values,
-                                       parse_mask_slices(params.mask_slices))
+        if inputs.prompt_labels.volume.array.any() or not inputs.prompts:  # else: names for boxes and points
+            prompts += prompts_from_labels(session, inputs.prompt_labels, inputs.values,
+                                           parse_mask_slices(params.mask_slices))
         segments = list(inputs.prompt_labels.segments)
     prompts += list(inputs.prompts)  # boxes and points, read before the model loaded
     known = {s.value for s in segments}
     segments += list(default_segments(sorted({p.obj_id for p in prompts} - known)))
-    return segment_propagate(session, prompts, segments, inputs.context)
+    return segment_propagate(session, prompts, segments, inputs.context, parse_slice_bounds(params.slice_bounds))
 
 
 def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Sequence[int] | None = None,
@@ -107,8 +133,10 @@ def prompts_from_labels(session: VolumeSession, labels: LabelMap, values: Sequen
 
 
 def segment_propagate(session: VolumeSession, prompts: Sequence[Prompt], segments,
-                      context: RunContext = RunContext()) -> tuple[LabelMap, dict]:
-    """The label map on the query's grid and the per-slice report."""
+                      context: RunContext = RunContext(),
+                      bounds: dict[int, tuple[int, int]] | None = None) -> tuple[LabelMap, dict]:
+    """The label map on the query's grid and the per-slice report; ``bounds``: label -> its first and last
+    slice (parse_slice_bounds)."""
     from ..sam2.propagation import propagate
 
     wanted = {p.obj_id for p in prompts}
@@ -116,13 +144,36 @@ def segment_propagate(session: VolumeSession, prompts: Sequence[Prompt], segment
     missing = wanted - {s.value for s in segments}
     if missing:
         raise InputError(f"prompts name label values with no segment: {sorted(missing)}")
+    if bounds:
+        context = _bounded(context, prompts, bounds, session.num_slices)
     start = time.perf_counter()
     encoded_before = session.cache.encoded_frames
-    result = propagate(session.predictor, session.frames, prompts, cache=session.cache, context=context)
+    result = propagate(session.predictor, session.frames, prompts, cache=session.cache, context=context,
+                       bounds=bounds)
     labels = session.to_labelmap(result.labels, segments)
     report = build_report("propagate", session, result, segments, time.perf_counter() - start,
                           session.cache.encoded_frames - encoded_before)
     return labels, report
+
+
+def _bounded(context: RunContext, prompts: Sequence[Prompt], bounds: dict[int, tuple[int, int]],
+             num_slices: int) -> RunContext:
+    """The run's context with its frame range narrowed to the union of the labels' bounds when every
+    prompted label has one; InputError for a prompt outside its label's bounds."""
+    for p in prompts:
+        first, last = bounds.get(p.obj_id, (0, num_slices - 1))
+        if not first <= p.frame <= last:
+            raise InputError(f"label {p.obj_id} has a prompt on slice {p.frame}, outside its slice bounds "
+                             f"{first}..{last}")
+    if any(first >= num_slices for first, _ in bounds.values()):
+        raise InputError(f"slice_bounds lie outside the query's {num_slices} slices")
+    if not {p.obj_id for p in prompts} <= set(bounds):
+        return context
+    lo = min(first for first, _ in bounds.values())
+    hi = min(max(last for _, last in bounds.values()), num_slices - 1)
+    if context.frame_range is not None:
+        lo, hi = max(lo, context.frame_range[0]), min(hi, context.frame_range[1])
+    return dataclasses.replace(context, frame_range=(lo, hi)) if lo <= hi else context
 
 
 def _to_slice(ijk: np.ndarray, axis: int, what: str) -> tuple[int, np.ndarray]:

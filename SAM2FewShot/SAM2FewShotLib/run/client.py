@@ -27,37 +27,18 @@ from ..common.errors import InputError, SAM2FewShotError
 from . import protocol
 from .job_folders import PREFIX, write_owner
 from .owners import PARENT_ENV, owner_record
+from .process_tree import kill_tree, popen_options
 from .worker_death import describe_death, oom_kill_count, oom_killed_since
 
 WORKER_MODULE = "SAM2FewShotLib.run.worker"
+# A job's label map: plain NRRD and its JSON sidecar, written and read by SimpleITK alone (a fresh Slicer has
+# no pynrrd or slicerio); the panel's .seg.nrrd-free path.
+JOB_RESULT = "result.nrrd"
 _EOF = object()  # the reader thread's last item: the worker's stdout closed
 
 
 class WorkerError(SAM2FewShotError):
     """The worker failed a job, died, or could not be started."""
-
-
-def kill_tree(pid: int, grace: float = 0.3, timeout: float = 0.6) -> None:
-    """Stop a process and all its descendants: children first, SIGKILL for any still alive after ``grace``."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 def make_private_folder(parent: str | Path | None, prefix: str) -> Path:
@@ -96,7 +77,7 @@ class JobFolder:
 
     @property
     def labels(self) -> Path:
-        return self.path / "result.seg.nrrd"
+        return self.path / JOB_RESULT
 
     @property
     def report(self) -> Path:
@@ -133,14 +114,32 @@ def absolute_paths(message: dict) -> dict:
     return out
 
 
+def wait_for(poll: Callable[[], list[dict]], pending: Callable[[], object], job_id: str,
+             timeout: float | None = None, on_event: Callable[[dict], None] | None = None) -> dict:
+    """Poll until ``job_id``'s end event (WorkerError on its error, or when it is no longer ``pending()``)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for event in poll():
+            if on_event is not None:
+                on_event(event)
+            if event.get("id") == job_id and event["event"] in protocol.END_EVENTS:
+                return event
+            if event["event"] == "error" and event.get("id") in (job_id, None):
+                raise WorkerError(event["message"])
+        if job_id not in pending():
+            raise WorkerError(f"job {job_id} is not running (cancelled, or never submitted)")
+        if deadline is not None and time.monotonic() > deadline:
+            raise WorkerError(f"job {job_id} gave no result within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
 class _Process:
     """One running worker: its pipes, a reader thread per output, the parsed events."""
 
     def __init__(self, argv: list[str], env: dict, cwd: str | None, stderr_lines: int):
-        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, env=env, cwd=cwd, creationflags=flags)
+                                          stderr=subprocess.PIPE, env=env, cwd=cwd, **popen_options())
         except OSError as exc:
             raise WorkerError(f"cannot start the worker ({argv[0]}): {exc.strerror or exc}") from exc
         self.events: queue.Queue = queue.Queue()
@@ -273,10 +272,11 @@ class WorkerClient:
 
     # ---------------------------------------------------------------------------- jobs
 
-    def submit(self, job: protocol.Job | protocol.LibraryAdd | dict) -> str:
-        """Queue a job on the worker (started if needed); its id. Its events come through poll()."""
-        message = absolute_paths(job.to_message() if isinstance(job, (protocol.Job, protocol.LibraryAdd))
-                                 else {"type": "job", **job})
+    def submit(self, job: protocol.Job | protocol.LibraryAdd | protocol.ExampleData | dict) -> str:
+        """Queue a job on the worker (started if needed); its id. Its events come through poll(). A request
+        object (a Job, a LibraryAdd, a live session's request of session_protocol.py) or a message dict."""
+        request = hasattr(job, "to_message")
+        message = absolute_paths(job.to_message() if request else {"type": "job", **job})
         message.setdefault("id", uuid.uuid4().hex[:12])
         self.start()
         self._pending[message["id"]] = None
@@ -328,20 +328,7 @@ class WorkerClient:
     def wait(self, job_id: str, timeout: float | None = None,
              on_event: Callable[[dict], None] | None = None) -> dict:
         """Block until the job's result (scripts and tests; the GUI polls). WorkerError on its error."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-                if event.get("id") == job_id and event["event"] in ("result", "added"):
-                    return event
-                if event["event"] == "error" and event.get("id") in (job_id, None):
-                    raise WorkerError(event["message"])
-            if job_id not in self._pending:
-                raise WorkerError(f"job {job_id} is not running (cancelled, or never submitted)")
-            if deadline is not None and time.monotonic() > deadline:
-                raise WorkerError(f"job {job_id} gave no result within {timeout:.0f} s")
-            time.sleep(0.02)
+        return wait_for(self.poll, lambda: self._pending, job_id, timeout, on_event)
 
     def __enter__(self) -> WorkerClient:
         return self
@@ -361,7 +348,7 @@ class WorkerClient:
             if item is _EOF:
                 events += self._death_events(proc)
                 continue
-            if item["event"] in ("result", "added", "error"):
+            if item["event"] in (*protocol.END_EVENTS, "error"):
                 self._pending.pop(item.get("id"), None)
             events.append(item)
 

@@ -92,12 +92,17 @@ def sweep_stale_job_folders(root: str | Path | None = None) -> list[Path]:
     return removed
 
 
-def sweep_in_background(root: str | Path | None = None) -> threading.Thread | None:
-    """Start the sweep on a daemon thread, once per process (the Logic calls it as the module starts): the
-    GUI never waits for gigabytes to be deleted. None when this process already swept."""
+def sweep_in_background(*roots: str | Path | None) -> threading.Thread | None:
+    """Start the sweep of ``roots`` (the system temp folder when none) on a daemon thread, once per process
+    (the Logic calls it as the module starts): the GUI never waits for gigabytes to be deleted. None when
+    this process already swept."""
     if not _swept.acquire(blocking=False):
         return None
-    thread = threading.Thread(target=sweep_stale_job_folders, args=(root,), name="sam2fewshot-job-sweep",
-                              daemon=True)
+
+    def sweep() -> None:
+        for root in roots or (None,):
+            sweep_stale_job_folders(root)
+
+    thread = threading.Thread(target=sweep, name="sam2fewshot-job-sweep", daemon=True)
     thread.start()
     return thread

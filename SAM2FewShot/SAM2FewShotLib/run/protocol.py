@@ -21,18 +21,24 @@ Requests (stdin)::
      "frames": {"axis": "auto", "normalization": "auto", "per_slice_normalization": false,
                 "slice_range": [first, last] | null, "frame": N | null, "component": N | null,
                 "series": "DICOM series UID" | null},
-     "params": {...}}                                                 # method parameters
+     "params": {...},                                                 # method parameters
+     "input_notes": [{...}]}                                          # optional: appended to the report
     {"type": "library_add", "id": "a1", "library": "/data/library", "image": "/x/case.nrrd",
      "labels": "/x/case.seg.nrrd", "name": "case" | null, "replace": false, "model": {...}}
+    {"type": "example_data", "id": "e1"}
     {"type": "shutdown"}
 
 A ``library_add`` (library/add.add_case) adds one labelled case to a library and syncs the indexes it
 already has, with the features the worker loads for them (SAM2's: the ``model`` given, kept warm).
+An ``example_data`` fetches the demo's public pair into the worker's cache (io/example_data.py: downloaded
+once, MD5-checked, unpacked), in the worker so that Slicer's process never blocks on the download.
 
 ``model``, ``frames`` and ``params`` and every key inside them are optional (defaults above);
 ``params`` holds the fields of the method's ``Params`` (methods/<method>.py), nested groups as
 objects (guided: ``{"prior": "sam2", "fewshot": {"top_k": 2}, "lora": {"steps": 50}}``). A job is a
-Request (run/request.py) with an id: the worker hands it to the Runner as it is.
+Request (run/request.py) with an id: the worker hands it to the Runner as it is. ``input_notes`` says
+what the client did to an input before writing its file (the panel: a DICOM volume read hardened
+through its acquisition transform, slicer/mrml_volume.py); the report's input_notes begin with them.
 
 Events (stdout)::
 
@@ -43,11 +49,72 @@ Events (stdout)::
     {"event": "result", "id": "j1", "labels": path, "report": path, "seconds": 2.1,
      "frames_encoded": 0, "session_reused": true}
     {"event": "added", "id": "a1", "case": "case", "library": path, "message": "one line"}
+    {"event": "example", "id": "e1", "query": path, "support": path, "support_labels": path,
+     "query_case": "hippocampus_015", "support_case": "hippocampus_184", "names": {"1": "anterior hippocampus"}}
     {"event": "error", "id": "j1" | null, "message": "one line"}
 
-Every job ends with exactly one ``result`` (``added`` for a library_add) or one ``error`` event; the
+Every job ends with exactly one ``result`` (``added`` for a library_add, ``example`` for an example_data)
+or one ``error`` event; the
 worker then waits for the next job, keeping its model and the query's encoder features. ``id`` is null
 in an error only when the request was too broken to name its job.
+
+Live session (click, see, propagate; sam2/live_session.py, run/session_protocol.py reads these)::
+
+    {"type": "session_open", "id": "s1", "query": "/tmp/x/volume.nrrd", "model": {...}, "frames": {...},
+     "slice": 40 | null, "pause_s": 2.0 | null}
+    {"type": "session_click", "id": "c1", "session": "s1", "slice": 40, "object": 1,
+     "points": [[x, y, 1], [x, y, 0]], "box": [x0, y0, x1, y1] | null, "clear": false}
+    {"type": "session_mask", "id": "m1", "session": "s1", "slice": 44, "object": 1, "shape": [rows, columns],
+     "bits": "base64 of numpy.packbits(mask, axis=None)"}
+    {"type": "session_clear", "id": "x1", "session": "s1", "object": 1 | null, "slice": 40 | null}
+    {"type": "session_propagate", "id": "p1", "session": "s1", "out": "/tmp/x/result.nrrd",
+     "report": "/tmp/x/report.json", "slice_range": [first, last] | null}
+    {"type": "session_status", "id": "q1", "session": "s1"}
+    {"type": "session_close", "id": "z1", "session": "s1"}
+
+    {"event": "session", "id": "s1", "session": "s1", "reused": false, "slices": 90, "slice_shape": [rows, columns],
+     "axis": "k", "rows": "j", "columns": "i", "plane": "axial", "image_size": 1024, "precision": "fp32",
+     "encoded": 0, "frames_encoded": 0, "encode_ms_per_slice": null, "encoding": true,
+     "prompts": {"1": {"40": "click", "44": "drawn"}}}
+    {"event": "mask", "id": "c1", "session": "s1", "slice": 40, "object": 1, "shape": [rows, columns],
+     "bits": "...", "voxels": 812, "object_score": 7.3, "encoded_now": false, "waited_ms": 0.0,
+     "encode_ms": 0.0, "decoder_ms": 61.2}
+    {"event": "noted", "id": "m1", "session": "s1", "slice": 44, "object": 1, "voxels": 640}
+    {"event": "cleared", "id": "x1", "session": "s1", "removed": 2}
+    {"event": "closed", "id": "z1", "session": "s1", "frames_encoded": 90}
+
+A session_open hands the volume over once (a file, read as a job's query is; ``frames`` as a job's,
+without slice_range); its ``id`` names the session from then on. The worker encodes its slices in the
+background, one frame at a time, from ``slice`` (default: the middle) outward, and keeps the features
+(memory budget, then the cache's scratch file). Opening another volume (or the same one on another
+axis, normalisation or model) closes the open session: there is one at a time, on the worker's one
+model. Opening the same volume again (same content, whatever the file) keeps the session, its features
+and prompts: the event says ``reused`` and names the session to use. Its ``session`` event is also what
+session_status answers (``encoded``: slices encoded so far; ``prompts``: object -> slice -> source).
+
+Coordinates: a slice is the volume's (k, j, i) voxel array with the slicing axis (``axis``) taken out,
+so its rows and columns are the two voxel axes left, in that order (``rows``, ``columns``: axis k gives
+rows j, columns i; axis j: rows k, columns i; axis i: rows k, columns j). A point [x, y, label] is at
+column x, row y of the slice (pixel indices; fractions allowed), label 1 include, 0 exclude; a box is
+[x0, y0, x1, y1] with x0 <= x1, y0 <= y1. Masks travel as ``shape`` [rows, columns] and ``bits``: base64
+of numpy.packbits over the row-major pixels, first pixel in the high bit (session_protocol.pack_mask and
+unpack_mask).
+
+A session_click answers with the object's mask on its slice, from SAM2's prompt encoder and mask decoder
+on the slice's cached features (``encoded_now``: the slice had to be encoded first; ``waited_ms``: for the
+frame the background was encoding). Points add to the slice's earlier clicks for that object (SAM2
+refines its last mask); a box, ``clear``, or a mask drawn there since starts afresh. After a click the
+background rests ``pause_s`` seconds, so the next click waits for no frame. A session_mask is a mask the
+user drew on a slice: that slice's prompt for the object (an empty one: absent there), and what the next
+click there refines. The prompts of a propagation are, per slice and object, the last mask the user saw
+or drew (kept verbatim in the result); session_clear forgets them. A session_propagate fills the volume
+both ways from every prompted slice, for every prompted object (label value = object id), on the features
+already computed, and answers like a job: progress events, then one ``result`` (labels and report written
+to ``out`` and ``report``). The session ends on session_close, on a session_open of another volume, on
+shutdown, when a job needs another model, and when the client goes away; it leaves no file. The worker is
+sequential: a click sent while a job runs is answered after it, by the same model. A client builds these
+requests as session_protocol's dataclasses (SessionOpen, SessionClick, ...) and sends them with
+WorkerClient.submit; every one ends with one of its events above or one ``error``.
 """
 
 from __future__ import annotations
@@ -83,10 +150,15 @@ class Job(Request):
     """A request with the id its events carry."""
 
     id: str
+    input_notes: tuple[dict, ...] = ()  # what the client did to the inputs, for the report (module doc)
 
     def to_message(self) -> dict:
         message = {"type": "job", **asdict(self)}
         message["supports"] = [list(pair) for pair in self.supports]
+        if self.input_notes:
+            message["input_notes"] = [dict(note) for note in self.input_notes]
+        else:
+            del message["input_notes"]  # an ordinary job's message stays as it was
         return message
 
 
@@ -107,6 +179,23 @@ class LibraryAdd:
 
 
 LIBRARY_ADD_PATHS = ("library", "image", "labels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExampleData:
+    """The demo's example pair, fetched into the worker's cache; its paths come back in an ``example`` event."""
+
+    id: str
+
+    def to_message(self) -> dict:
+        return {"type": "example_data", **asdict(self)}
+
+
+# The events that end a request (with ``error``): a job's, a library_add's, an example_data's, then a live
+# session's requests' (a session_propagate ends with ``result``, as a job does).
+END_EVENTS = ("result", "added", "example", "session", "mask", "noted", "cleared", "closed")
+SESSION_TYPES = ("session_open", "session_click", "session_mask", "session_clear", "session_propagate",
+                 "session_status", "session_close")  # read by session_protocol.parse_request
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -136,18 +225,22 @@ def decode_line(line: bytes | str) -> dict:
 # ------------------------------------------------------------------------------------ requests
 
 
-def parse_request(line: bytes | str) -> Job | LibraryAdd | str:
-    """A validated Job or LibraryAdd, or "shutdown"; ProtocolError (with the job id when known) otherwise."""
+def parse_request(line: bytes | str) -> Job | LibraryAdd | ExampleData | str:
+    """A validated Job, LibraryAdd or ExampleData, or "shutdown"; ProtocolError (with the job id when known)
+    otherwise."""
     data = decode_line(line)
     kind = data.get("type")
     if kind == "shutdown":
         return "shutdown"
     job_id = data.get("id") if isinstance(data.get("id"), str) else None
-    if kind not in ("job", "library_add"):
-        raise ProtocolError(f"unknown request type {kind!r}: use 'job', 'library_add' or 'shutdown'", job_id)
+    readers = {"job": job_from_message, "library_add": library_add_from_message,
+               "example_data": example_data_from_message}
+    if kind not in readers:
+        raise ProtocolError(f"unknown request type {kind!r}: use 'job', 'library_add', 'example_data', "
+                            f"'shutdown' or a live session's {', '.join(SESSION_TYPES)}", job_id)
     try:
         _require_valid_text(data, kind)
-        return job_from_message(data) if kind == "job" else library_add_from_message(data)
+        return readers[kind](data)
     except ProtocolError as exc:
         raise ProtocolError(str(exc), job_id) from None
 
@@ -191,6 +284,9 @@ def job_from_message(data: dict) -> Job:
         raise ProtocolError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     values = _get(data, "values", (list, _NONE), "job", None)
     supports = _get(data, "supports", (list,), "job", [])
+    notes = _get(data, "input_notes", (list,), "job", [])
+    if not all(isinstance(note, dict) for note in notes):
+        raise ProtocolError("job.input_notes must be a list of objects")
     return Job(
         id=job_id, method=method,
         query=_get(data, "query", _PATH, "job"),
@@ -205,6 +301,7 @@ def job_from_message(data: dict) -> Job:
         frames=_frame_options(_get(data, "frames", (dict,), "job", {})),
         params=_get(data, "params", (dict,), "job", {}),
         preset=_get(data, "preset", (str, _NONE), "job", None),
+        input_notes=tuple(notes),
     )
 
 
@@ -220,6 +317,14 @@ def library_add_from_message(data: dict) -> LibraryAdd:
         raise ProtocolError("library_add needs an id and absolute paths" + (f" (got {relative[0]} "
                             f"'{getattr(add, relative[0])}')" if relative else ""))
     return add
+
+
+def example_data_from_message(data: dict) -> ExampleData:
+    _reject_unknown(data, {"type", "id"}, "example_data")
+    request = ExampleData(id=_get(data, "id", _PATH, "example_data"))
+    if not request.id:
+        raise ProtocolError("example_data needs an id")
+    return request
 
 
 def _frame_options(data: dict) -> FrameOptions:
@@ -326,6 +431,14 @@ def added(job_id: str, case: str, library: str, message: str) -> dict:
     return {"event": "added", "id": job_id, "case": case, "library": library, "message": single_line(message)}
 
 
+def example(job_id: str, query: str, support: str, support_labels: str, query_case: str, support_case: str,
+            names: dict[int, str]) -> dict:
+    """The example pair's files (in the worker's cache) and its structure names, label value -> name."""
+    return {"event": "example", "id": job_id, "query": query, "support": support, "support_labels": support_labels,
+            "query_case": query_case, "support_case": support_case,
+            "names": {str(int(v)): single_line(n, 200) for v, n in names.items()}}
+
+
 def error(job_id: str | None, message: str) -> dict:
     return {"event": "error", "id": job_id, "message": single_line(message)}
 
@@ -336,7 +449,15 @@ _EVENT_KEYS = {
     "log": {"level": _PATH, "message": _PATH},
     "result": {"id": _PATH, "labels": _PATH, "report": _PATH, "seconds": (int, float), "frames_encoded": _INT},
     "added": {"id": _PATH, "case": _PATH, "library": _PATH, "message": _PATH},
+    "example": {"id": _PATH, "query": _PATH, "support": _PATH, "support_labels": _PATH, "query_case": _PATH,
+                "support_case": _PATH, "names": (dict,)},
     "error": {"id": (str, _NONE), "message": _PATH},
+    "session": {"id": _PATH, "session": _PATH, "slices": _INT, "slice_shape": (list,), "axis": _PATH},
+    "mask": {"id": _PATH, "session": _PATH, "slice": _INT, "object": _INT, "shape": (list,), "bits": _PATH,
+             "encoded_now": (bool,)},
+    "noted": {"id": _PATH, "session": _PATH, "slice": _INT, "object": _INT},
+    "cleared": {"id": _PATH, "session": _PATH, "removed": _INT},
+    "closed": {"id": _PATH, "session": _PATH},
 }
 
 

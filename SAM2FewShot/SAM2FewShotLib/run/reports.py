@@ -36,6 +36,14 @@ def report_axis(report: dict) -> int:
     return AXIS_INDEX[name]
 
 
+def result_axis(report: dict, volume) -> int:
+    """The axis a result's slices run along: the run's (its report's session); for a run without slices
+    (registration), the axis a run would slice ``volume`` along by default, the acquisition axis."""
+    from ..io.slicing import slicing_axis
+
+    return report_axis(report) if "session" in report else slicing_axis(volume, "auto")
+
+
 def low_confidence_slices(report: dict, margin: float = 2.0, limit: int = 500) -> list[SliceFlag]:
     """Slices where SAM2 was unsure a structure is there: |object score| below ``margin``.
 

@@ -90,6 +90,7 @@ class Runner:
                             "prompts": request.prompts or "", "supports": [list(p) for p in request.supports],
                             "library": request.library or ""}
         notes = self._notes.get((self._digest(Path(request.query)), request.frames.series), []) + notes
+        notes = [dict(n) for n in getattr(request, "input_notes", ())] + notes  # a worker Job's, from the client
         if notes:
             report["input_notes"] = notes
         report["run"] = {"session_reused": reused}
@@ -348,7 +349,7 @@ def read_prompt_labels(request: Request, query):
 
     labels = read_labels(request.prompt_labels, reference=query)
     array = labels.volume.array
-    if not array.any():
+    if not array.any() and request.prompts is None:  # beside a prompts file: the names of its labels' segments
         raise InputError(f"the prompt label file {request.prompt_labels} has no labelled voxel")
     missing = [v for v in request.values or () if not (array == v).any()]
     if missing:

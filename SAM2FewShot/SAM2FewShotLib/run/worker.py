@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .. import __version__
 from ..common.errors import InputError, SAM2FewShotError
-from . import owners, protocol
+from . import owners, protocol, session_protocol
 
 CLIENT_GONE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 PARENT_POLL_S = 1.0  # how often the worker checks that Slicer (its client's process) still runs
@@ -136,17 +136,19 @@ class Worker:
     """Reads requests, runs jobs one at a time, answers each with one result or error event."""
 
     def __init__(self, emitter: Emitter):
+        from .live_sessions import SessionHost
         from .runner import Runner
 
         self.emitter = emitter
         self.runner = Runner()
+        self.sessions = SessionHost(self.runner)  # the live session (clicks), on the runner's model
 
     def handle(self, line: bytes) -> bool:
         """Handle one request line; False when the worker should stop."""
         if not line.strip():
             return True
         try:
-            request = protocol.parse_request(line)
+            request = session_protocol.parse_request(line)
         except protocol.ProtocolError as exc:
             self.emitter.send(protocol.error(exc.job_id, f"invalid job: {exc}"))
             return True
@@ -172,22 +174,31 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
             event = protocol.error(job.id, error_message(exc))
         if out_of_memory:  # here, not in the handler: its traceback still holds the job's tensors
+            self.sessions.close()
             self.runner.forget()
         self.emitter.send(event)
 
-    def run_job(self, job: protocol.Job | protocol.LibraryAdd) -> dict:
+    def run_job(self, job: protocol.Job | protocol.LibraryAdd | protocol.ExampleData) -> dict:
         """The job through the Runner, its files written; the result event to send back."""
+        from ..methods.registry import get_method
         from .outputs import write_outputs
 
+        if isinstance(job, session_protocol.SESSION_REQUESTS):
+            return self.sessions.handle(job, self.emitter.progress_for(job.id))
         if isinstance(job, protocol.LibraryAdd):
-            return self.add_to_library(job)
+            with self.sessions.around_job(job.model):  # the live session's encoding waits: one model at work
+                return self.add_to_library(job)
+        if isinstance(job, protocol.ExampleData):
+            return self.example_data(job)
         relative = protocol.relative_paths(job)
         if relative:
             field, path = relative[0]
             raise InputError(f"job.{field} must be an absolute path, got '{path}': the worker's working folder is "
                              "not the client's")
         start = time.perf_counter()
-        labels, report = self.runner.run(job, self.emitter.progress_for(job.id))
+        model = job.model if get_method(job.method).needs_model else None  # registration needs none
+        with self.sessions.around_job(model):
+            labels, report = self.runner.run(job, self.emitter.progress_for(job.id))
         reused = report["run"]["session_reused"]
         report["worker"] = {"session_reused": reused, "job_id": job.id}
         write_outputs(labels, report, job.out, job.report)
@@ -213,6 +224,30 @@ class Worker:
         message = f"Added {name} to the library {added.library} ({index})."
         return protocol.added(job.id, name, str(added.library), message)
 
+    def example_data(self, request: protocol.ExampleData) -> dict:
+        """The demo's pair from the cache, downloaded (MD5-checked) and unpacked there the first time
+        (io/example_data.py logs the download, and the log reaches the panel)."""
+        from ..common.cache import require_cache
+        from ..io.example_data import DEMO_QUERY, DEMO_SUPPORT, example_cases, structure_names
+
+        self.emitter.send(protocol.progress(request.id, "example data", 0, 1))
+        try:
+            require_cache()
+            cases = example_cases()
+        except InputError as exc:
+            raise InputError(example_data_problem(exc)) from None
+        except OSError as exc:  # unpacking into the cache: a full disk, say
+            raise InputError(f"the example data could not be unpacked into the cache folder ({exc.strerror or exc}); "
+                             "free some disk space or choose another cache folder, then try again") from None
+        missing = [case for case in (DEMO_QUERY, DEMO_SUPPORT) if case not in cases]
+        if missing:
+            raise InputError(f"the example data in the cache lack the case {missing[0]}; empty the cache folder's "
+                             "data folder and try again")
+        self.emitter.send(protocol.progress(request.id, "example data", 1, 1))
+        (query, _), (support, labels) = cases[DEMO_QUERY], cases[DEMO_SUPPORT]
+        return protocol.example(request.id, str(query), str(support), str(labels), DEMO_QUERY, DEMO_SUPPORT,
+                                structure_names())
+
     def library_features(self, name: str, options):
         from ..library.sync import library_features
         from ..sam2.devices import resolve_device
@@ -222,6 +257,20 @@ class Worker:
             return library_features(name, predictor, predictor.device)
         return library_features(name, None, resolve_device(options.device), offline=options.offline,
                                 random_weights=options.random_weights, seed=options.seed, progress=False)
+
+
+def example_data_problem(exc: InputError) -> str:
+    """Why the example data could not be had, in plain words: io/example_data.py names the URL and the
+    low-level reason, and keeps the network error as the context of its InputError."""
+    context = exc.__context__
+    if isinstance(context, OSError):
+        reason = getattr(context, "reason", context)  # urllib's URLError wraps the socket's error
+        why = getattr(reason, "strerror", None) or str(reason)
+        return f"the download failed ({why}); check this computer's internet connection and try again"
+    if "checksum" in str(exc):
+        return ("the download arrived damaged or changed (its checksum does not match the published one) and was "
+                "not kept; try again later")
+    return str(exc)
 
 
 def _index_feature_names(library: str) -> list[str]:
@@ -292,6 +341,7 @@ def main() -> int:
     engine_log.setLevel(logging.INFO)
     engine_log.propagate = False
     signal.signal(signal.SIGTERM, _stop)  # a polite stop ends like Ctrl-C: no traceback, exit code 130
+    worker = None
     try:
         devices = preload(emitter)
         worker = Worker(emitter)
@@ -303,6 +353,9 @@ def main() -> int:
         return 130
     except ClientGone:  # the client closed the pipe: nobody to answer, nothing to explain
         return CLIENT_GONE_EXIT
+    finally:
+        if worker is not None:  # the live session's encoding stops and its scratch file goes
+            worker.sessions.close()
     return 0
 
 

@@ -123,6 +123,18 @@ class FeatureCache:
         fpn = [f.to(self.device, non_blocking=True) for f in self._features[idx]]
         return {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc), "vision_features": fpn[-1]}
 
+    def holds(self, idx: int) -> bool:
+        """Whether frame ``idx`` is kept (in memory or offloaded): reading it back needs no encoder pass."""
+        return idx in self._features or idx in self.spill
+
+    def encode(self, idx: int) -> bool:
+        """Encode frame ``idx`` (its group) unless it is kept; True when the encoder ran. A live session's
+        background encoding fills the cache this way, one group at a time, without reading features back."""
+        if self.holds(idx):
+            return False
+        self._encode(self.group(idx))
+        return True
+
     def embed_all(self, indices: Iterable[int] | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
         """(N, D) pooled embeddings of the given frames (all by default), encoding only the missing ones."""
         idx = list(range(len(self.frames))) if indices is None else list(indices)

@@ -12,7 +12,7 @@ to a scratch file: memory does not grow with the number of slices.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -81,8 +81,12 @@ def propagate(
     policy: MemoryPolicy | None = None,
     context: RunContext = RunContext(),
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+    bounds: Mapping[int, tuple[int, int]] | None = None,
 ) -> PropagationResult:
     """Segment every slice of ``frames`` (or the context's frame range, inclusive) from the prompts.
+
+    ``bounds``: object id -> its first and last slice (inclusive); outside them the object has no
+    voxel, and a voxel goes to another object whose logit is positive there (a ROI's extent).
 
     ``on_logits(slice, logits)`` receives each slice's merged (n_obj, H, W) logits as the passes
     decide them, before a mask prompt replaces its own slice's: what the equivalence checks
@@ -105,7 +109,7 @@ def propagate(
         seen: dict[int, torch.Tensor] = {}
         if _watchers:
             on_logits = _also(on_logits, seen.__setitem__)
-        run = _Run(predictor, state, prompts, obj_ids, policy, context, (lo, hi), on_logits)
+        run = _Run(predictor, state, prompts, obj_ids, policy, context, (lo, hi), on_logits, bounds)
         result = run.execute()
     if _watchers:
         call = PropagationCall(predictor, frames, list(prompts), policy, (lo, hi), obj_ids, seen)
@@ -187,8 +191,9 @@ class _Run:
     """One propagation: two passes, their merge, and the bookkeeping for the report."""
 
     def __init__(self, predictor, state, prompts, obj_ids, policy: MemoryPolicy, context: RunContext,
-                 frame_range: tuple[int, int], on_logits):
+                 frame_range: tuple[int, int], on_logits, bounds: Mapping[int, tuple[int, int]] | None = None):
         self.predictor, self.state, self.policy, self.on_logits = predictor, state, policy, on_logits
+        self.bounds = {obj_ids.index(v): (int(a), int(b)) for v, (a, b) in (bounds or {}).items() if v in obj_ids}
         self.obj_ids, self.context = obj_ids, context
         self.lo, self.hi = frame_range
         self.n, self.h, self.w = len(state["images"]), state["video_height"], state["video_width"]
@@ -339,6 +344,10 @@ class _Run:
             if (t, o) in self.mask_prompts:  # the user's mask is kept verbatim
                 m = torch.from_numpy(self.mask_prompts[(t, o)])
                 merged[o] = torch.where(m, MASK_LOGIT, -MASK_LOGIT)
+        for o, (first, last) in self.bounds.items():
+            if not first <= t <= last:  # outside the object's slice bounds: never this object
+                merged[o] = -MASK_LOGIT
+                self.sources[t][self.obj_ids[o]] = "outside its slice bounds"
         self.labels[t] = labels_from_logits(merged, self.obj_ids)
         self.final[t] = True
 

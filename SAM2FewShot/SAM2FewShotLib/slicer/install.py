@@ -66,8 +66,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 
 
 def requirements_for(needs_model: bool) -> tuple[Requirement, ...]:
-    """Everything for SAM2 methods; without sam2 for the weight-free ones (registration)."""
-    return REQUIREMENTS if needs_model else tuple(r for r in REQUIREMENTS if r.distribution != "sam2")
+    """Everything for SAM2 methods; for the weight-free one (registration) only what Slicer itself ships,
+    checked, never installed: its path (panel, worker, method, outputs) imports nothing else (issue 25,
+    Testing/bare_slicer)."""
+    return REQUIREMENTS if needs_model else tuple(r for r in REQUIREMENTS if r.slicer_provides)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -194,13 +196,16 @@ def consent_text(plan: InstallPlan, torch_missing: str | None) -> str:
 def ensure_installed(needs_model: bool, confirm: Callable[[str], bool], pip_install: Callable[[list[str]], object],
                      install_torch: Callable[[str], None], log: Callable[[str], None] = print,
                      slicer_version: Sequence[int] = MINIMUM_SLICER,
-                     python_version: Sequence[int] = tuple(sys.version_info[:2])) -> bool:
+                     python_version: Sequence[int] = tuple(sys.version_info[:2]),
+                     on_start: Callable[[], None] = lambda: None) -> bool:
     """Install what is missing once ``confirm(question)`` agrees; False when the user declines.
 
     The host is checked first (an old Slicer is told so before anything is installed); one install
     at a time (InputError while another runs). ``pip_install`` and ``install_torch`` are the host's
     (in Slicer: slicer.util.pip_install and the PyTorch extension); nothing is installed without
-    consent, at minimum versions, with every package already there held at its version.
+    consent, at minimum versions, with every package already there held at its version. ``on_start`` is
+    called after consent, inside the lock, before the first install: is_installing() is True there, so a
+    panel that refreshes its states then shows itself locked for as long as pip runs.
     """
     problem = host_problem(slicer_version, python_version)
     if problem:
@@ -208,12 +213,12 @@ def ensure_installed(needs_model: bool, confirm: Callable[[str], bool], pip_inst
     if not _installing.acquire(blocking=False):
         raise InputError("Python packages are being installed for SAM2FewShot: wait until that finishes")
     try:
-        return _install(needs_model, confirm, pip_install, install_torch, log)
+        return _install(needs_model, confirm, pip_install, install_torch, log, on_start)
     finally:
         _installing.release()
 
 
-def _install(needs_model, confirm, pip_install, install_torch, log) -> bool:
+def _install(needs_model, confirm, pip_install, install_torch, log, on_start) -> bool:
     plan = plan_install(requirements=requirements_for(needs_model))
     problem = torch_problem(torch_version()) if needs_model else None
     if plan.unfixable:
@@ -222,6 +227,7 @@ def _install(needs_model, confirm, pip_install, install_torch, log) -> bool:
         return True
     if not confirm(consent_text(plan, problem)):
         return False
+    on_start()
     if problem:
         install_torch(problem)
     os.environ.update(PIP_ENVIRONMENT)

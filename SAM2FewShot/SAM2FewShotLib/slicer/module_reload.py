@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, MutableMapping
 
-PACKAGES = ("SAM2FewShotPanel", "SAM2FewShotLib")  # dependents first: the panel imports the engine
+PACKAGES = ("SAM2FewShotEffect", "SAM2FewShotPanel", "SAM2FewShotLib")  # dependents first: they import the engine
 
 
 def in_package(name: str, package: str) -> bool:

@@ -8,12 +8,17 @@ of the engine never needs it.
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import numpy as np
 
 from ..common.errors import InputError
+from ..io.dicom_series import CORNER_TOLERANCE_MM, RULE
 from ..io.volume import Volume
+
+log = logging.getLogger(__name__)
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _VTK_SAFE_DTYPES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "float32", "float64"}
@@ -126,16 +131,21 @@ def vtk_safe(array: np.ndarray) -> np.ndarray:
 
 # --- public API -----------------------------------------------------------------------------------
 
-def volume_from_node(node, harden: bool = False) -> Volume:
+def volume_from_node(node, harden: bool = False, notes: list[dict] | None = None) -> Volume:
     """A scalar volume node's voxels (copied, display windowing ignored) with world geometry.
 
     A node under a parent transform raises InputError unless ``harden`` is True; then a linear
     transform is folded into the geometry (voxels untouched) and a non-linear one is applied to a
     copy outside the scene by Slicer's own hardening (resampled), leaving node and scene unchanged.
+    The one exception is the DICOM plugin's acquisition transform (``acquisition_transform``): such
+    a volume is always read hardened, on the regular grid the CLI reads the same series on
+    (io/dicom_series.py), and a note for the report's input_notes is appended to ``notes``.
     """
     _require_scalar_volume(node)
     parent = node.GetParentTransformNode()
-    if parent is not None and not harden:
+    acquisition = acquisition_transform(node)
+    note = _acquisition_note(node, acquisition) if acquisition is not None else None
+    if parent is not None and not harden and acquisition is None:
         raise InputError(
             f"volume '{node.GetName()}' is under the transform '{parent.GetName()}': harden it first "
             "(Data module: right-click, Harden transform)"
@@ -148,7 +158,17 @@ def volume_from_node(node, harden: bool = False) -> Volume:
     # Voxel 0 of the array is the first voxel of the extent, which need not be IJK (0, 0, 0).
     i0, _, j0, _, k0, _ = image.GetExtent()
     ijk_to_ras[:, 3] = ijk_to_ras @ np.array([i0, j0, k0, 1.0])
-    return volume_from_ijk_to_ras(array_from_image(image), ijk_to_ras)
+    volume = volume_from_ijk_to_ras(array_from_image(image), ijk_to_ras)
+    if note is not None:
+        note["slices"] = volume.array.shape[0]
+        log.warning("volume '%s' lies under its DICOM acquisition transform '%s' (unevenly spaced slices or a "
+                    "tilted gantry): read on a regular grid of %d slices %.4g mm apart by linear interpolation "
+                    "between the acquired slices, as Slicer's Harden transform does; the scene is not changed "
+                    "(the report's input_notes records it)", note["volume"], note["transform"], note["slices"],
+                    note["spacing_mm"])
+        if notes is not None:
+            notes.append(note)
+    return volume
 
 
 def volume_to_node(volume: Volume, scene, name: str, node=None):
@@ -204,16 +224,85 @@ def _require_scalar_volume(node) -> None:
 
 
 def _resampled_to_world(node):
-    """Slicer's hardening of a non-linear transform, applied to a copy outside the scene."""
+    """Slicer's hardening of a non-linear transform (vtkMRMLTransformableNode::HardenTransform), applied to a
+    copy in a scene of its own. The copy's parent carries the node's transform to world because
+    vtkMRMLVolumeNode::ApplyNonLinearTransform sizes its output from the parent transform: without
+    one, what the warp moves beyond the original extent (a tilted gantry's shifted slices) is cut off."""
     from vtkmodules.vtkCommonDataModel import vtkImageData
     from vtkmodules.vtkCommonTransforms import vtkGeneralTransform
 
-    copy = mrml().vtkMRMLScalarVolumeNode()
+    scene = mrml().vtkMRMLScene()
+    to_world = vtkGeneralTransform()
+    node.GetParentTransformNode().GetTransformToWorld(to_world)
+    parent = scene.AddNewNodeByClass("vtkMRMLTransformNode", "to world")
+    parent.SetAndObserveTransformToParent(to_world)
+    copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
     image = vtkImageData()
     image.DeepCopy(node.GetImageData())
     copy.SetAndObserveImageData(image)
     copy.SetIJKToRASMatrix(numpy_to_matrix(node_ijk_to_ras(node)))
-    to_world = vtkGeneralTransform()
-    node.GetParentTransformNode().GetTransformToWorld(to_world)
-    copy.ApplyTransform(to_world)
+    copy.SetAndObserveTransformNodeID(parent.GetID())
+    copy.HardenTransform()
     return copy.GetImageData(), node_ijk_to_ras(copy)
+
+
+# --- the DICOM plugin's acquisition transform ---------------------------------------------------------
+
+# Slicer's DICOM scalar volume plugin (Modules/Scripted/DICOMPlugins/DICOMScalarVolumePlugin.py, 5.10:
+# AcquisitionModeling.createAcquisitionTransform and gridTransformFromCorners) regularizes a series whose
+# slices are off ITK's grid with a vtkMRMLGridTransformNode named GenerateUniqueName(volume name +
+# " acquisition transform") as the volume's parent, left unhardened unless the DICOM setting "Acquisition
+# geometry regularization" says "harden regularization transform". It sets no attribute on the transform,
+# so it is recognised by everything the plugin does: that name, the volume's DICOM.instanceUIDs with one
+# UID per slice (without them the plugin makes no transform), and a vtkOrientedGridTransform to parent with
+# one lattice node per slice corner (2 x 2 x slices from the volume's origin, along its axes, spacing times
+# columns and rows), nothing above it. Any other transform, the user's own, keeps its "harden it first".
+_ACQUISITION_NAME = re.compile(r" acquisition transform(_\d+)?$")
+
+
+def acquisition_transform(node) -> Any:
+    """The DICOM plugin's acquisition transform that is ``node``'s parent (see above), else None."""
+    parent = node.GetParentTransformNode()
+    image = node.GetImageData()
+    if (parent is None or image is None or not parent.IsA("vtkMRMLGridTransformNode")
+            or parent.GetParentTransformNode() is not None or not _ACQUISITION_NAME.search(parent.GetName() or "")):
+        return None
+    columns, rows, slices = image.GetDimensions()
+    grid_transform = parent.GetTransformToParent()
+    if (len((node.GetAttribute("DICOM.instanceUIDs") or "").split()) != slices or grid_transform is None
+            or not grid_transform.IsA("vtkOrientedGridTransform")
+            or mrml().vtkMRMLTransformNode.IsAbstractTransformComputedFromInverse(grid_transform)):
+        return None
+    grid, axes = grid_transform.GetDisplacementGrid(), grid_transform.GetGridDirectionMatrix()
+    if (grid is None or axes is None or tuple(grid.GetDimensions()) != (2, 2, slices)
+            or grid.GetNumberOfScalarComponents() != 3):
+        return None
+    ijk_to_ras = node_ijk_to_ras(node)
+    lattice = np.eye(4)
+    lattice[:3, :3] = matrix_to_numpy(axes)[:3, :3] * grid.GetSpacing()
+    lattice[:3, 3] = grid.GetOrigin()
+    plugin = ijk_to_ras @ np.diag([columns, rows, 1.0, 1.0])  # the plugin's lattice: one node per slice corner
+    return parent if np.allclose(lattice, plugin, atol=1e-6 * max(1.0, float(np.abs(plugin).max()))) else None
+
+
+def _acquisition_note(node, transform_node) -> dict:
+    """The report's note, with the figures the CLI's note gives for the same series (io/dicom_series.py;
+    "slices" is added once resampled): where each slice was acquired is its first corner on the grid plus
+    the plugin's displacement there. Slices acquired at one place are refused, as the CLI refuses them."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    grid = transform_node.GetTransformToParent().GetDisplacementGrid()
+    moved = vtk_to_numpy(grid.GetPointData().GetScalars()).reshape(-1, 2, 2, 3)  # [slice][row][column], RAS
+    lps = _LPS_FROM_RAS @ node_ijk_to_ras(node)
+    spacing = float(np.linalg.norm(lps[:3, 2]))
+    slices = np.arange(len(moved))
+    positions = (lps[:3, 2] * slices[:, None] + lps[:3, 3]) + moved[:, 0, 0] * _LPS_FROM_RAS.diagonal()[:3]
+    normal = lps[:3, 2] / spacing
+    gaps = np.diff((positions - positions[0]) @ normal)
+    if np.any(gaps <= CORNER_TOLERANCE_MM):
+        raise InputError(f"volume '{node.GetName()}': two of its slices were acquired at the same position "
+                         "(the DICOM series mixes acquisitions or repeats a file)")
+    return {"volume": node.GetName(), "transform": transform_node.GetName(), "rule": RULE,
+            "acquired_slices": len(moved), "slices": None, "spacing_mm": round(spacing, 6),
+            "smallest_gap_mm": round(float(gaps.min()), 6), "largest_gap_mm": round(float(gaps.max()), 6),
+            "largest_shift_mm": round(float(np.abs(moved).max()), 6)}

@@ -9,6 +9,7 @@ Imports numpy and the engine's light modules only: it runs in Slicer before torc
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib.util
 import re
 import threading
@@ -36,6 +37,7 @@ from ..io.normalization import CT_PRESETS
 from ..methods.matched_support import FewShotParams
 from ..methods.options import AUGMENTATIONS, SCHEME, TOP_K, params_from
 from ..methods.registry import METHODS, get_method
+from ..run.client import JOB_RESULT
 from ..run.protocol import METHODS as WORKER_METHODS
 from ..run.protocol import Job
 from ..run.request import FrameOptions
@@ -97,20 +99,25 @@ class PanelChoices:
 
 def build_job(job_id: str, choices: PanelChoices, folder: Path, query: Path,
               prompt_labels: Path | None = None, supports: Sequence[tuple[Path, Path]] = (),
-              library: str | None = None, params: dict | None = None) -> Job:
+              library: str | None = None, params: dict | None = None, input_notes: Sequence[dict] = (),
+              prompts: Path | None = None) -> Job:
     """The worker job for a run whose inputs were written into ``folder`` (``params``: the method's
-    parameters the panel does not show, e.g. a refine's prompt slices)."""
+    parameters the panel does not show, e.g. a refine's prompt slices; ``input_notes``: what reading the
+    volumes from the scene did to them, e.g. a DICOM acquisition transform hardened, for the report;
+    ``prompts``: the points and boxes file)."""
     method = get_method(choices.method)
     folder = Path(folder)
     shown = {option.dest: getattr(choices, name) for name, option in PANEL_OPTIONS.items()}
     params = {**params_from(method.options(), shown), **(params or {})}
     model = model_options(choices)
     frames = FrameOptions(axis=choices.axis, normalization=choices.normalization, slice_range=choices.slice_range)
-    return Job(id=job_id, method=method.key, query=str(query), out=str(folder / "result.seg.nrrd"),
+    return Job(id=job_id, method=method.key, query=str(query), out=str(folder / JOB_RESULT),
                report=str(folder / "report.json"),
                prompt_labels=str(prompt_labels) if prompt_labels is not None else None,
+               prompts=str(prompts) if prompts is not None else None,
                supports=tuple((str(image), str(labels)) for image, labels in supports),
-               library=str(library) if library else None, model=model, frames=frames, params=params)
+               library=str(library) if library else None, model=model, frames=frames, params=params,
+               input_notes=tuple(dict(note) for note in input_notes))
 
 
 def model_options(choices: PanelChoices) -> ModelOptions:
@@ -170,12 +177,20 @@ def not_found_message(report: dict) -> str:
 # --- refine: the slices the user edited ---------------------------------------------------------
 
 
-def edited_slices(current: np.ndarray, previous: np.ndarray, axis: int) -> list[int]:
-    """Indices of the slices (along ``axis``) where the labels differ from the last result."""
-    if current.shape != previous.shape:
-        raise InputError(f"the segmentation ({current.shape}) is not on the grid of the last result ({previous.shape})")
-    differs = np.moveaxis(np.asarray(current) != np.asarray(previous), axis, 0)
-    return [int(t) for t in np.flatnonzero(differs.reshape(differs.shape[0], -1).any(axis=1))]
+def slice_digests(mask: np.ndarray, axis: int) -> tuple[bytes, ...]:
+    """A short digest of each slice of a binary mask along ``axis``: what a result keeps to tell later
+    which slices the user edited, a few kilobytes where the label map itself would take gigabytes."""
+    slices = np.moveaxis(np.asarray(mask, dtype=bool), axis, 0)
+    shape = repr(slices.shape[1:]).encode()
+    return tuple(hashlib.blake2b(np.packbits(s).tobytes(), digest_size=16, key=shape[:64]).digest() for s in slices)
+
+
+def changed_slices(mask: np.ndarray, digests: Sequence[bytes], axis: int) -> list[int]:
+    """Indices of the slices (along ``axis``) where ``mask`` differs from the one ``digests`` were made of."""
+    now = slice_digests(mask, axis)
+    if len(now) != len(digests):
+        raise InputError(f"the segmentation has {len(now)} slices where the last result had {len(digests)}")
+    return [t for t, (a, b) in enumerate(zip(now, digests, strict=True)) if a != b]
 
 
 def format_slices(slices: Sequence[int], limit: int = 12) -> str:

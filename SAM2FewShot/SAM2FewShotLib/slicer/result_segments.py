@@ -29,6 +29,7 @@ from .mrml_volume import mrml
 from .user_edits import STRUCTURE_TAG, Plan, plan_apply, run_written, stamp
 
 QUERY_ROLE = "SAM2FewShotQuery"  # node reference from an output segmentation to the volume it segments
+TIME_POINT_ATTRIBUTE = "SAM2FewShot.TimePoint"  # an output's time point (index value) on a sequence's proxy
 
 
 @dataclass
@@ -70,20 +71,24 @@ class Change:
         return f"In '{self.node.GetName()}': {'; '.join(parts) or 'nothing changed'}."
 
 
-def find_output(query_node):
-    """The segmentation an earlier Apply made for this query volume, or None."""
+def find_output(query_node, time_point: str | None = None):
+    """The segmentation an earlier Apply made for this query volume, or None. On a sequence's proxy each
+    time point (its index value) has an output of its own: results of two time points never replace
+    each other in one segmentation that shows whichever was made last."""
     scene = query_node.GetScene()
     nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     found = None
     for n in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(n)
-        if node.GetNodeReferenceID(QUERY_ROLE) == query_node.GetID():
+        if (node.GetNodeReferenceID(QUERY_ROLE) == query_node.GetID()
+                and node.GetAttribute(TIME_POINT_ATTRIBUTE) == time_point):
             found = node
     return found
 
 
 def insert(labels: LabelMap, query_node, output_node=None, run_id: str = "run",
-           targets: Mapping[int, str] | None = None, show_3d: bool = False) -> Change:
+           targets: Mapping[int, str] | None = None, show_3d: bool = False,
+           time_point: tuple[str, str] | None = None) -> Change:
     """Put a run's labels into ``output_node`` (the query's output segmentation when None; made here
     when there is none yet), in one step.
 
@@ -92,16 +97,20 @@ def insert(labels: LabelMap, query_node, output_node=None, run_id: str = "run",
     "name (new)"; earlier runs' unchanged segments this result lacks are removed, edited ones stay.
     With ``targets`` (a refine: label value -> segment id) exactly those segments are replaced,
     edited or not: the user chose them for correcting. The user's own segments are never touched.
-    A failure leaves the scene as it was.
+    A failure leaves the scene as it was. ``time_point`` (index value, label): the query is a sequence's
+    proxy, and the query's own output is the one of that time point.
     """
     register_segmentation_converters()
     scene = query_node.GetScene()
-    output_node = output_node if output_node is not None else find_output(query_node)
+    key, label = time_point or (None, "")
+    output_node = output_node if output_node is not None else find_output(query_node, key)
     created = output_node is None
     if created:
-        output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                              scene.GenerateUniqueName(f"{query_node.GetName()} SAM2FewShot"))
+        name = f"{query_node.GetName()} SAM2FewShot" + (f" {label}" if label else "")
+        output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
         output_node.SetNodeReferenceID(QUERY_ROLE, query_node.GetID())
+        if key is not None:
+            output_node.SetAttribute(TIME_POINT_ATTRIBUTE, key)
     segmentation = output_node.GetSegmentation()
     plan = plan_apply(output_node, labels) if targets is None else _refine_plan(output_node, targets)
     change = _planned_change(output_node, created, plan)

@@ -21,8 +21,8 @@ import numpy as np
 
 from ..batch.review import CaseFiles, QueueRow, case_files, flagged_slices, record_review, review_queue
 from ..common.errors import InputError, SAM2FewShotError
-from ..io.volume import LabelMap, Segment, Volume
-from ..run.reports import report_axis
+from ..io.volume import LabelMap, Segment
+from ..run.reports import result_axis
 from .mrml_segments import add_labels_to_segmentation, labels_from_segmentation, register_segmentation_converters
 from .mrml_volume import volume_to_node
 from .panel import panel_message, slice_center_ras
@@ -85,7 +85,7 @@ class CohortReview:
         labels = read_labels(files.corrected or files.result)
         image = read_volume(files.query)
         report = json.loads(files.report.read_text(encoding="utf-8")) if files.report else {}
-        axis = slicing_axis_of(report, labels.volume)
+        axis = result_axis(report, labels.volume)
         self.unload()
         register_segmentation_converters()
         volume_node = volume_to_node(image, self.scene, self.scene.GenerateUniqueName(case_id))
@@ -170,14 +170,6 @@ class CohortReview:
         if self.loaded is None:
             raise InputError("select a case in the table first")
         return self.loaded
-
-
-def slicing_axis_of(report: dict, volume: Volume) -> int:
-    """The axis the run sliced along (its report's session); for a run without slices (registration),
-    the axis a run would slice along by default: the acquisition axis."""
-    from ..io.slicing import slicing_axis
-
-    return report_axis(report) if "session" in report else slicing_axis(volume, "auto")
 
 
 # --- segmentation -> corrected labels ---------------------------------------------------------------

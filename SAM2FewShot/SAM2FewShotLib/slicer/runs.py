@@ -17,12 +17,13 @@ from ..common.errors import InputError
 from ..io.slicing import plane_of_axis, slicing_axis
 from ..methods.registry import get_method
 from ..run.protocol import describe_devices
-from ..run.reports import SliceFlag, low_confidence_slices, report_axis
+from ..run.reports import SliceFlag, low_confidence_slices, result_axis
 from ..sam2.estimate import ESTIMATE_PREFIX
-from . import panel, result_segments, scene_io
+from . import panel, result_segments, scene_io, sequences
 from .panel import PanelChoices
 from .result_segments import Change
 from .undo_store import UndoStore
+from .volume_store import Preparation, VolumeStore, grid_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class RunController:
         self.run: scene_io.PendingRun | None = None
         self.last: scene_io.Inserted | None = None
         self.undo_store = UndoStore(scene)  # insertions that can be undone, on disk
+        self.volumes = VolumeStore()  # the volumes handed to the worker, once per volume, in the cache
+        self._preparing: Preparation | None = None  # the run's files being written
         self._last_entry: Path | None = None  # the undo entry of ``last``
         self.cancelled = False
         self.estimate = ""  # shown beside the progress: "Expected time: about 8 min more on this CPU ..."
@@ -64,8 +67,10 @@ class RunController:
 
     def check_run(self, choices: PanelChoices, query_node, segmentation_node=None,
                   segment_ids: Sequence[str] | None = None, support_volume_node=None,
-                  library_folder: str | None = None) -> scene_io.RunInputs:
-        """The run's inputs read from the scene: InputError now, before any install or download."""
+                  library_folder: str | None = None, prompt_points=None, prompt_boxes: Sequence = ()
+                  ) -> scene_io.RunInputs:
+        """The run's inputs read from the scene: InputError now, before any install or download. Propagate
+        also takes a Markups point list and ROIs (markups_prompts.py)."""
         if self.is_running:
             raise InputError("a run is in progress: cancel it first")
         unavailable = panel.method_availability().get(choices.method)
@@ -75,18 +80,18 @@ class RunController:
             first, last = choices.slice_range
             raise InputError(f"the slice range starts after it ends ({first} > {last}): correct it under Advanced")
         return scene_io.gather_inputs(get_method(choices.method), query_node, segmentation_node, segment_ids,
-                                      support_volume_node, library_folder)
+                                      support_volume_node, library_folder, prompt_points, prompt_boxes, choices.axis)
 
     def start_run(self, choices: PanelChoices, query_node, segmentation_node=None,
                   segment_ids: Sequence[str] | None = None, support_volume_node=None,
                   library_folder: str | None = None, output_node=None,
-                  inputs: scene_io.RunInputs | None = None) -> str:
+                  inputs: scene_io.RunInputs | None = None, prompt_points=None, prompt_boxes: Sequence = ()) -> str:
         """Submit the job (inputs read now unless ``check_run`` gave them); InputError before anything starts.
 
         The result goes into ``output_node``, or the query's own output segmentation when None.
         """
         inputs = inputs or self.check_run(choices, query_node, segmentation_node, segment_ids, support_volume_node,
-                                          library_folder)
+                                          library_folder, prompt_points, prompt_boxes)
         axis = slicing_axis(inputs.query, inputs.plane if choices.axis == "auto" else choices.axis)
         return self._submit(choices, query_node, inputs, output_node, scene_io.prompt_slices_of(inputs, axis))
 
@@ -103,37 +108,55 @@ class RunController:
         inputs, targets, prompt_slices, corrected = scene_io.refine_inputs(last, self.scene)
         names = ", ".join(s.name for s in inputs.prompts.segments)
         self.on_log(f"Refining {names} from corrected slices {panel.format_slices(corrected)}")
-        plane = plane_of_axis(last.query, report_axis(last.report)) or "auto"
+        plane = plane_of_axis(last.query, result_axis(last.report, last.query)) or "auto"
         choices = dataclasses.replace(choices, method="propagate", slice_range=None, axis=plane)
         return self._submit(choices, last.query_node, inputs, last.output_node, prompt_slices, targets)
 
     def _submit(self, choices, query_node, inputs, output_node, prompt_slices, targets=None) -> str:
-        """The job's files go into a private folder, removed when the run ends however it ends."""
+        """The run starts now; its files are written on a thread (a big volume takes seconds, once per volume:
+        volume_store.py) and the job goes to the worker from poll() once they are. The run keeps the query's
+        grid only: the voxels are on disk, and in memory only until written."""
         from ..run.client import JobFolder
 
         folder = JobFolder()
-        try:
-            query, prompts, supports = scene_io.write_inputs(inputs, folder.path)
-            job_id = f"job-{time.time_ns()}"
-            params = {"mask_slices": inputs.mask_slices} if inputs.mask_slices else None
-            job = panel.build_job(job_id, choices, folder.path, query, prompts, supports, inputs.library, params)
-            self.client = self.client or self.client_factory()
-            self.client.submit(job)
-        except BaseException:
-            folder.remove()
-            raise
-        self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, inputs.query, output_node, prompt_slices,
-                                       targets, time.monotonic(), inputs.frame)
+        job_id = f"job-{time.time_ns()}"
+        self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, grid_of(inputs.query), output_node,
+                                       prompt_slices, targets, time.monotonic(), inputs.frame)
+        bounds = inputs.markups.slice_bounds() if inputs.markups is not None else ""
+        params = {k: v for k, v in (("mask_slices", inputs.mask_slices), ("slice_bounds", bounds)) if v} or None
+        self._preparing = Preparation(lambda: panel.build_job(
+            job_id, choices, folder.path, *scene_io.write_inputs(inputs, folder.path, self.volumes), inputs.library,
+            params, input_notes=inputs.notes, prompts=scene_io.write_prompts(inputs, folder.path)))
         self.cancelled = False
         self.estimate = ""  # the engine's expected time for this run, once it has timed a few slices
-        self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'"
-                    + (f" with {len(supports)} support case(s)" if supports else ""))
+        supports = f" with {len(inputs.supports)} support case(s)" if inputs.supports or inputs.library else ""
+        self.on_log(f"Started {get_method(choices.method).label} on '{query_node.GetName()}'{supports}")
         return job_id
+
+    def _send_prepared(self) -> bool:
+        """The job to the worker once its files are written; False when the run ended (its files failed)."""
+        job, problem = self._preparing.outcome()
+        self._preparing = None
+        if problem is not None:
+            self._end(False, f"The run could not start: {problem}")
+            return False
+        try:
+            self.client = self.client or self.client_factory()
+            self.client.submit(job)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot start: one message, the scene as it was
+            self._end(False, f"The run could not start: {exc}")
+            return False
+        return True
 
     def poll(self) -> bool:
         """Hand the worker's events on (never blocks); False once no run is left to watch."""
-        if self.run is None or self.client is None:
+        if self.run is None:
             return False
+        if self._preparing is not None:
+            if not self._preparing.done():
+                return True
+            if not self._send_prepared():
+                return False
         for event in self.client.poll():
             kind = event["event"]
             if kind == "log":
@@ -161,7 +184,8 @@ class RunController:
         run = self.run
         try:
             labels, report = read_result(event)
-            output = run.output_node if run.output_node is not None else result_segments.find_output(run.query_node)
+            output = run.output_node if run.output_node is not None else result_segments.find_output(
+                run.query_node, sequences.time_point_of(run.frame)[0] if run.frame else None)
             self.before_insert(output)
             inserted = scene_io.finish_run(run, labels, report, self.last, self.show_3d, run.job_id)
         except Exception as exc:  # noqa: BLE001 - one message; the scene unchanged
@@ -207,14 +231,16 @@ class RunController:
         call returns at once and nothing of the run reaches the scene."""
         if self.run is not None:
             self.cancelled = True
-            self.client.cancel()
+            if self._preparing is None:  # sent: the worker is killed (while writing its files, it is never sent)
+                self.client.cancel()
             self._end(False, message)
 
     def forget(self) -> None:
-        """Drop every result and the undo history on disk: refine and undo no longer refer to them."""
+        """Drop every result, the undo history and the volumes' files on disk: a closed scene leaves nothing."""
         self.last = None
         self._last_entry = None
         self.undo_store.clear()
+        self.volumes.clear()
 
     def _on_scene_close(self, caller=None, event=None) -> None:
         self.cancel("Cancelled: the scene was closed.")
@@ -223,21 +249,26 @@ class RunController:
     def shutdown(self) -> None:
         """Stop the worker (killed when a job runs), drop the run's files, stop watching the scene."""
         if self.client is not None:
-            if self.is_running:
+            if self.is_running and self._preparing is None:
                 self.client.cancel()
             else:
                 self.client.shutdown()
-        if self.run is not None:
+        if self.run is not None and self._preparing is not None:
+            self._preparing.drop(self.run.folder.remove)
+        elif self.run is not None:
             self.run.folder.remove()
-        self.run = None
+        self.run, self._preparing = None, None
+        self.volumes.clear()
         if self._close_observer is not None:
             self.scene.RemoveObserver(self._close_observer)
             self._close_observer = None
 
     def _end(self, success: bool, message: str) -> None:
-        if self.run is not None:
+        if self.run is not None and self._preparing is not None:
+            self._preparing.drop(self.run.folder.remove)  # removed once its files are no longer being written
+        elif self.run is not None:
             self.run.folder.remove()
-        self.run = None
+        self.run, self._preparing = None, None
         self.on_finished(success, message)
 
     # --- the last result -----------------------------------------------------------------------

@@ -16,15 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import InputError
-from ..io.slicing import prompt_plane
+from ..io.slicing import prompt_plane, slicing_axis
 from ..io.volume import LabelMap, Volume
 from ..methods.registry import MethodSpec
-from ..run.reports import report_axis
+from ..run.reports import result_axis
+from .markups_prompts import MarkupsPrompts, markups_prompts
 from .mrml_segments import labels_from_segmentation
 from .mrml_volume import volume_from_node
-from .panel import edited_slices, library_cases, slice_center_ras
+from .panel import changed_slices, library_cases, slice_center_ras, slice_digests
 from .result_segments import Change, insert, same_node
-from .sequences import Frame, check_refine_frame, check_shown, frame_of
+from .sequences import Frame, check_refine_frame, check_shown, frame_of, time_point_of
+from .volume_store import VolumeStore
 
 
 @dataclass
@@ -38,6 +40,8 @@ class RunInputs:
     mask_slices: str = ""  # propagate: each label's prompt slices, when not all slices with voxels (a refine)
     plane: str = "auto"  # propagate: the plane the prompt masks were drawn in (io/slicing.prompt_plane)
     frame: Frame | None = None  # the time point the query was copied from, when it is a sequence's proxy
+    notes: list = field(default_factory=list)  # what reading the volumes did to them (mrml_volume), for the report
+    markups: MarkupsPrompts | None = None  # propagate: points and boxes from Markups nodes (markups_prompts.py)
 
 
 @dataclass
@@ -62,12 +66,13 @@ class PendingRun:
 
 @dataclass
 class Inserted:
-    """A result in the scene: the refine step compares the user's edits with ``labels``."""
+    """A result in the scene: the refine step finds the user's edits by ``slice_digests``. Nothing large:
+    ``query`` is the grid alone (volume_store.grid_of)."""
 
     query_node: object
     output_node: object
     segment_ids: list[str]
-    labels: np.ndarray  # on the query grid, values 1..N in segment_ids order, as read back from the node
+    slice_digests: dict[str, tuple[bytes, ...]]  # segment id -> its mask's slices along the run axis, as inserted
     query: Volume
     report: dict
     prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
@@ -76,24 +81,34 @@ class Inserted:
 
 
 def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Sequence[str] | None = None,
-                  support_volume_node=None, library_folder: str | None = None) -> RunInputs:
-    """Read a run's inputs from the scene (nothing is changed); InputError for anything missing."""
+                  support_volume_node=None, library_folder: str | None = None, prompt_points=None,
+                  prompt_boxes: Sequence = (), axis: str = "auto") -> RunInputs:
+    """Read a run's inputs from the scene (nothing is changed); InputError for anything missing. Propagate
+    also takes a point list and ROIs (markups_prompts.py), cut along the panel's ``axis`` choice."""
     if query_node is None:
         raise InputError("select the query volume to segment")
     frame = frame_of(query_node)  # recorded with the copy: the proxy shows another item once browsed
-    query = volume_from_node(query_node)
-    inputs = _gathered(method, query, segmentation_node, segment_ids, support_volume_node, library_folder)
-    inputs.frame = frame
+    notes: list[dict] = []  # a DICOM volume read hardened through its acquisition transform (mrml_volume)
+    query = volume_from_node(query_node, notes=notes)
+    markups = not method.uses_support_volume and (prompt_points is not None or bool(prompt_boxes))
+    inputs = _gathered(method, query, segmentation_node, segment_ids, support_volume_node, library_folder, notes,
+                       markups)
+    if markups:
+        cut = slicing_axis(query, inputs.plane if axis == "auto" else axis)
+        inputs.markups = markups_prompts(query, query_node.GetName(), inputs.prompts.segments, cut, prompt_points,
+                                         list(prompt_boxes), prompt_slices_of(inputs, cut))
+    inputs.frame, inputs.notes = frame, notes
     return inputs
 
 
 def _gathered(method: MethodSpec, query: Volume, segmentation_node, segment_ids: Sequence[str] | None,
-              support_volume_node, library_folder: str | None) -> RunInputs:
+              support_volume_node, library_folder: str | None, notes: list[dict], markups: bool = False) -> RunInputs:
     """The inputs besides the query, read from the scene; InputError for anything missing."""
     if not method.uses_support_volume:
-        prompts = labels_from_segmentation(_required(segmentation_node, "segmentation with prompt masks"), query,
-                                           segment_ids)
-        if not prompts.volume.array.any():
+        what = "segmentation whose segments the points and boxes prompt" if markups else \
+            "segmentation with prompt masks"
+        prompts = labels_from_segmentation(_required(segmentation_node, what), query, segment_ids)
+        if not prompts.volume.array.any() and not markups:
             raise InputError("the chosen segments have no voxel on the query: draw masks on a few slices first")
         plane = prompt_plane(query, prompts.volume.array, "under Advanced (Slicing plane)")  # a clear error now
         return RunInputs(query, prompts=prompts, plane=plane)
@@ -102,37 +117,53 @@ def _gathered(method: MethodSpec, query: Volume, segmentation_node, segment_ids:
         return RunInputs(query, library=str(library_folder))
     if library_folder:
         return RunInputs(query, supports=list(library_cases(Path(library_folder))))
-    image = volume_from_node(_required(support_volume_node, "support volume"))
+    image = volume_from_node(_required(support_volume_node, "support volume"), notes=notes)
     labels = labels_from_segmentation(_required(segmentation_node, "support segmentation"), image, segment_ids)
     if not labels.volume.array.any():
         raise InputError("the chosen support segments have no voxel on the support volume")
     return RunInputs(query, supports=[(image, labels)])
 
 
-def write_inputs(inputs: RunInputs, folder: Path) -> tuple[Path, Path | None, list[tuple[Path, Path]]]:
-    """The job's files in its private folder: query, prompt labels, supports (library files as they are)."""
-    from ..io.volume_io import write_labels, write_volume
+def write_inputs(inputs: RunInputs, folder: Path,
+                 store: VolumeStore) -> tuple[Path, Path | None, list[tuple[Path, Path]]]:
+    """The job's files: volumes through the store (written once per volume, in the cache), label maps in the
+    job's private folder, library files as they are. Slow for a big volume: called off the GUI thread."""
+    from ..io.volume_io import write_labels
 
+    # Label files as plain NRRD with a JSON sidecar for the names and colours, not .seg.nrrd: SimpleITK writes
+    # them, and a fresh Slicer ships SimpleITK but not slicerio or pynrrd (issue 25: registration needs nothing more).
     folder = Path(folder)
-    query = write_volume(inputs.query, folder / "query.nrrd", compress=False)  # fast: the folder is temporary
-    prompts = write_labels(inputs.prompts, folder / "prompts.seg.nrrd") if inputs.prompts is not None else None
+    query = store.file_for(inputs.query)
+    prompts = write_labels(inputs.prompts, folder / "prompts-labels.nrrd") if inputs.prompts is not None else None
     supports = []
     for n, (image, labels) in enumerate(inputs.supports):
         if isinstance(image, (str, os.PathLike)):
             supports.append((Path(image), Path(labels)))
         else:
-            supports.append((write_volume(image, folder / f"support{n}.nrrd", compress=False),
-                             write_labels(labels, folder / f"support{n}.seg.nrrd")))
+            supports.append((store.file_for(image), write_labels(labels, folder / f"support{n}-labels.nrrd")))
     return query, prompts, supports
 
 
 def prompt_slices_of(inputs: RunInputs, axis: int) -> dict[int, frozenset]:
-    """label value -> the slices (along ``axis``) where the run's prompt masks have voxels of it."""
+    """label value -> the slices (along ``axis``) where the run's prompt masks have voxels of it, or its points
+    or box lie."""
     if inputs.prompts is None:
         return {}
     slices = np.moveaxis(inputs.prompts.volume.array, axis, 0)
+    marked = inputs.markups.slices() if inputs.markups is not None else {}
     return {s.value: frozenset(int(t) for t in np.flatnonzero((slices == s.value).any(axis=(1, 2))))
-            for s in inputs.prompts.segments}
+            | marked.get(s.value, frozenset()) for s in inputs.prompts.segments}
+
+
+def write_prompts(inputs: RunInputs, folder: Path) -> Path | None:
+    """The run's points and boxes as the engine's prompts file in the job's folder; None without any."""
+    if inputs.markups is None:
+        return None
+    import json
+
+    path = Path(folder) / "prompts.json"
+    path.write_text(json.dumps(inputs.markups.as_json()), encoding="utf-8")
+    return path
 
 
 def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted | None = None,
@@ -144,7 +175,7 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
     if run.output_node is not None and not same_node(run.scene, run.output_node):
         raise InputError("the output segmentation is no longer in the scene")
     check_shown(run.frame, run.query_node)
-    change = insert(labels, run.query_node, run.output_node, run_name, run.targets, show_3d)
+    change = insert(labels, run.query_node, run.output_node, run_name, run.targets, show_3d, time_point_of(run.frame))
     node = change.node
     if run.targets is not None and last is not None:  # a refine: the run it refines stays tracked
         ids = list(last.segment_ids)
@@ -154,9 +185,10 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
     ids += [i for i in change.written if i not in ids]
     for segment, segment_id in zip(labels.segments, change.written, strict=True):
         prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
-    inserted = labels_from_segmentation(node, run.query, ids)
-    return Inserted(run.query_node, node, ids, inserted.volume.array, run.query, report,
-                    prompt_slices, change, run.frame)
+    inserted = labels_from_segmentation(node, run.query, ids).volume.array  # as read back from the node
+    axis = result_axis(report, run.query)
+    digests = {i: slice_digests(inserted == value, axis) for value, i in enumerate(ids, start=1)}
+    return Inserted(run.query_node, node, ids, digests, run.query, report, prompt_slices, change, run.frame)
 
 
 def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dict[int, frozenset], list[int]]:
@@ -173,13 +205,12 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
     check_refine_frame(last.frame, last.query_node)
     ids = [i for i in last.segment_ids if last.output_node.GetSegmentation().GetSegment(i) is not None]
     current = labels_from_segmentation(last.output_node, last.query, ids)
-    axis = report_axis(last.report)
-    now, before = np.moveaxis(current.volume.array, axis, 0), np.moveaxis(last.labels, axis, 0)
+    axis = result_axis(last.report, last.query)
+    now = np.moveaxis(current.volume.array, axis, 0)
     prompts = np.zeros_like(now)
     segments, targets, chosen, corrected = [], {}, {}, set()
     for value, segment_id in enumerate(ids, start=1):
-        was = last.segment_ids.index(segment_id) + 1
-        edited = edited_slices(now == value, before == was, 0)
+        edited = changed_slices(now == value, last.slice_digests[segment_id], 0)
         if not edited:
             continue
         corrected.update(edited)
@@ -195,14 +226,20 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
         raise InputError("the corrected segments have no voxel left to propagate from")
     array = np.ascontiguousarray(np.moveaxis(prompts, 0, axis))
     mask_slices = ";".join(f"{v}:{','.join(str(t) for t in sorted(s))}" for v, s in chosen.items())
-    inputs = RunInputs(last.query, prompts=LabelMap(last.query.with_array(array), tuple(segments)),
-                       mask_slices=mask_slices, frame=last.frame)
+    notes: list[dict] = []
+    query = volume_from_node(last.query_node, notes=notes)  # the voxels again (the result kept the grid alone)
+    if not query.same_grid(last.query):
+        raise InputError(f"the volume '{last.query_node.GetName()}' was resampled or moved since the last result: "
+                         "run Apply again instead of Refine")
+    inputs = RunInputs(query, prompts=LabelMap(last.query.with_array(array), tuple(segments)),
+                       mask_slices=mask_slices, frame=last.frame, notes=notes)
     return inputs, targets, chosen, sorted(corrected)
 
 
 def slice_position(last: Inserted, index: int) -> tuple[float, float, float]:
     """World RAS of the centre of slice ``index`` of the last result's query, along its slicing axis."""
-    return slice_center_ras(last.query.ijk_to_ras(), last.query.array.shape, report_axis(last.report), index)
+    axis = result_axis(last.report, last.query)
+    return slice_center_ras(last.query.ijk_to_ras(), last.query.array.shape, axis, index)
 
 
 def segment_entries(segmentation_node) -> list[tuple[str, str, tuple[float, float, float]]]:

@@ -94,3 +94,8 @@ def check_refine_frame(frame: Frame | None, node) -> None:
     if frame is not None and not shown(frame, node):
         raise InputError(f"the sequence shows another time point than the last result; go back to {frame.label()}, "
                          f"where it was made, and Refine again")
+
+
+def time_point_of(frame: Frame | None) -> tuple[str, str] | None:
+    """(index value, label) of a run's time point, for its own output segmentation; None off a sequence."""
+    return None if frame is None else (frame.index_value, frame.label())
