@@ -14,6 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from phantoms import SHARED_DATA, TEST_CONFIG, TEST_IMAGE_SIZE  # noqa: E402
 
+# pytest-xdist (run_tests.sh runs two test processes): each worker gets a temp folder of its own, inherited by
+# the processes it starts, so the tests that count what is left in the temp folder (job folders, scratch files)
+# see only their own process's.
+WORKER_TEMP = None
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    WORKER_TEMP = os.environ["TMPDIR"] = tempfile.tempdir = tempfile.mkdtemp(
+        prefix=f"sam2fewshot-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+
 # Everything the engine keeps in the user cache (weights, saved support features, indexes, scratch)
 # goes to a folder of this test session, for this process and the subprocesses it starts.
 # Each test then gets a fresh one of its own (isolated_state below).
@@ -26,6 +34,8 @@ os.environ["SAM2FEWSHOT_PRECISION"] = "fp32"
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
+    if WORKER_TEMP is not None:
+        shutil.rmtree(WORKER_TEMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

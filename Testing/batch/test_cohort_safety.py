@@ -166,6 +166,7 @@ def test_a_damaged_manifest_record_is_one_line_not_a_traceback(inputs, capsys, e
     assert words in line and "'a'" in line, line
 
 
+@pytest.mark.xdist_group("ray")  # its check of /tmp/ray holds only with no other Ray test running beside it
 def test_on_ray_ids_stay_names_and_quiet_means_quiet_with_nothing_left_behind(inputs, tmp_path):
     pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")
     out, home = inputs / "out", tmp_path / "home"
