@@ -17,10 +17,17 @@ from phantoms import SHARED_DATA, TEST_CONFIG, TEST_IMAGE_SIZE  # noqa: E402
 # pytest-xdist (run_tests.sh runs two test processes): each worker gets a temp folder of its own, inherited by
 # the processes it starts, so the tests that count what is left in the temp folder (job folders, scratch files)
 # see only their own process's.
+# The cores are shared out too: two processes each computing with every core made each test 2-3x slower than
+# alone (the threads wait for each other), so each test process, and the workers it starts, computes with
+# its share (the engine's reserved cores, and OpenMP's count for torch before it sets its own).
 WORKER_TEMP = None
 if os.environ.get("PYTEST_XDIST_WORKER"):
     WORKER_TEMP = os.environ["TMPDIR"] = tempfile.tempdir = tempfile.mkdtemp(
         prefix=f"sam2fewshot-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = max(1, _cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("SAM2FEWSHOT_RESERVED_CORES", str(_cores - _share))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 # Everything the engine keeps in the user cache (weights, saved support features, indexes, scratch)
 # goes to a folder of this test session, for this process and the subprocesses it starts.
