@@ -253,10 +253,7 @@ class RunController:
                 self.client.cancel()
             else:
                 self.client.shutdown()
-        if self.run is not None and self._preparing is not None:
-            self._preparing.drop(self.run.folder.remove)
-        elif self.run is not None:
-            self.run.folder.remove()
+        self._drop_run_files()
         self.run, self._preparing = None, None
         self.volumes.clear()
         if self._close_observer is not None:
@@ -264,12 +261,16 @@ class RunController:
             self._close_observer = None
 
     def _end(self, success: bool, message: str) -> None:
-        if self.run is not None and self._preparing is not None:
-            self._preparing.drop(self.run.folder.remove)  # removed once its files are no longer being written
-        elif self.run is not None:
-            self.run.folder.remove()
+        self._drop_run_files()
         self.run, self._preparing = None, None
         self.on_finished(success, message)
+
+    def _drop_run_files(self) -> None:
+        """The run's job folder goes, once its files are no longer being written (never under the writer)."""
+        if self.run is not None and self._preparing is not None:
+            self._preparing.drop(self.run.folder.remove)
+        elif self.run is not None:
+            self.run.folder.remove()
 
     # --- the last result -----------------------------------------------------------------------
 
