@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from permissions import SKIP_REASON, permissions_enforced
 
 from phantoms import phantom
-from SAM2FewShotLib.batch.lock import STALE_S, FolderLock, process_start
+from SAM2FewShotLib.batch.lock import BEING_WRITTEN_S, STALE_S, FolderLock, process_start
 from SAM2FewShotLib.batch.manifest import LOCK
 from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.common.errors import InputError
@@ -120,6 +121,27 @@ def test_a_lock_on_another_host_holds_until_its_heartbeat_is_stale(tmp_path):
     with FolderLock(out, LOCK) as lock:
         assert lock.held() and json.loads((out / LOCK).read_text())["host"] == socket.gethostname()
     assert not (out / LOCK).exists()
+
+
+def test_a_lock_being_written_is_not_taken_for_an_abandoned_one(tmp_path):
+    """The race CI once hit: a second run read the first one's lock between its creation and its
+    record, took it for a half-written abandoned lock, and ran beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_text("")  # created exclusively, record not yet written (no hard links)
+    writer = threading.Timer(0.5, _lock_file, (out, socket.gethostname(), os.getpid(), time.time()))
+    writer.start()
+    try:
+        with pytest.raises(InputError, match=f"PID {os.getpid()}"):
+            FolderLock(out, LOCK).acquire()
+    finally:
+        writer.join()
+    (out / LOCK).write_text("")
+    long_ago = time.time() - BEING_WRITTEN_S - 1  # an empty lock nobody finished: abandoned, taken at once
+    os.utime(out / LOCK, (long_ago, long_ago))
+    with FolderLock(out, LOCK) as lock:
+        assert lock.held()
+    assert sorted(p.name for p in out.iterdir()) == [], "the lock and its temporary are gone"
 
 
 def test_a_reused_pid_on_this_host_is_not_the_holder(tmp_path):

@@ -1,7 +1,10 @@
 """One writer per cohort folder: a lock file that works on the shared storage a Ray cluster writes to.
 
 ``flock`` is unreliable on network file systems, so the lock is a file created exclusively, holding
-the holder's host, PID, process start time and a heartbeat it refreshes every ``HEARTBEAT_S``. A
+the holder's host, PID, process start time and a heartbeat it refreshes every ``HEARTBEAT_S``. It
+appears complete: its record is written to a temporary file first, then hard-linked into place
+(atomic, and refused when a lock exists, on NFS too), so a reader never takes a lock being written
+for an abandoned one. A
 holder on this host that is gone (or whose PID now belongs to another process) is taken over at
 once; a holder on another host once its heartbeat is older than ``STALE_S`` (hosts' clocks are
 assumed to agree within a minute, as NTP keeps them). Ray actors write under the driver's lock;
@@ -25,6 +28,7 @@ from ..run.owners import process_start_time
 
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
+BEING_WRITTEN_S = 10.0  # an unreadable lock younger than this is a holder still writing it (no hard links)
 UNKNOWN = -1.0  # a process that exists but whose start time may not be read: taken as the holder
 
 
@@ -53,18 +57,21 @@ class FolderLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot make the folder {self.path.parent}: {exc.strerror or exc}") from None
-        for _ in range(3):  # a holder may release, or a stale lock be taken by another, meanwhile
-            if self._create():
-                break
+        takeovers, waited_until = 0, time.monotonic() + BEING_WRITTEN_S
+        while not self._create():  # a holder may release, or a stale lock be taken by another, meanwhile
             holder = read_holder(self.path)
+            if holder is None and _age(self.path) < BEING_WRITTEN_S and time.monotonic() < waited_until:
+                time.sleep(0.2)  # made with O_EXCL where hard links are not supported: still being written
+                continue
             if holder is not None and not is_stale(holder):
                 raise InputError(f"{self.path.parent} is in use by {holder_words(holder)} (lock {self.path}): "
                                  "wait for it to end, or give another output folder")
+            if takeovers == 3:
+                raise InputError(f"cannot take the lock {self.path}: other processes keep taking it")
+            takeovers += 1
             self._take_over()
             if self.held():
                 break
-        else:
-            raise InputError(f"cannot take the lock {self.path}: other processes keep taking it")
         self._thread = threading.Thread(target=self._beat, name="sam2fewshot-lock", daemon=True)
         self._thread.start()
 
@@ -88,12 +95,27 @@ class FolderLock:
                 "heartbeat": time.time(), "token": self.token, "holder": self.what}
 
     def _create(self) -> bool:
+        """Make the lock with its record in it, or False when one exists."""
+        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
+        try:
+            tmp.write_text(json.dumps(self._record()), encoding="utf-8")
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: exclusive create, record written after
+                return self._create_exclusive()
+        except OSError as exc:  # a read-only folder, a full disk: one line, not a traceback
+            raise InputError(f"cannot write into {self.path.parent}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        except OSError as exc:  # a read-only folder, a full disk: one line, not a traceback
-            raise InputError(f"cannot write into {self.path.parent}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self._record(), f)
         return True
@@ -121,6 +143,14 @@ def read_holder(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last written; infinite when it is gone."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def is_stale(holder: dict) -> bool:
