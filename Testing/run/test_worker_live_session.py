@@ -187,3 +187,30 @@ def test_a_click_sent_during_a_job_is_answered_after_it_and_another_model_ends_t
                     out=str(folder.labels), report=str(folder.report), model=replace(MODEL, seed=1))
         assert ask(client, other)["event"] == "result"
     assert "no live session is open" in refused(client, sp.SessionStatus(id="q", session=sid).to_message())
+
+
+def test_jobs_and_the_live_session_share_features_and_the_session_is_never_evicted(client, files, tmp_path):
+    """A job on the session's volume encodes nothing again, nor a session opened on a job's volume; jobs on
+    more volumes than the runner keeps warm leave the session's features alone; they go with the session."""
+    others = []
+    for seed in (10, 11, 12):  # one more than the runner keeps warm (run/runner.py MAX_SESSIONS)
+        image, _ = phantom(SHAPE, spacing=(1.0, 1.0, 3.0), seed=seed)
+        others.append(str(write_volume(image, tmp_path / f"other{seed}.nrrd")))
+
+    def job(job_id, query, folder):
+        return ask(client, Job(id=job_id, method="propagate", query=query, prompt_labels=files["prompt"],
+                               out=str(folder.labels), report=str(folder.report), model=MODEL))
+
+    with JobFolder() as folder:
+        assert job("before", files["other"], folder)["frames_encoded"] == SHAPE[0]
+        opened = open_session(client, files["other"], request_id="h1", view=2)
+        assert opened["encoded"] == SHAPE[0]  # the job's features, at once
+        for n, path in enumerate(others):
+            assert job(f"elsewhere{n}", path, folder)["frames_encoded"] == SHAPE[0]
+        mask = ask(client, sp.SessionClick(id="hc", session="h1", slice=5, object=1, points=((12.0, 10.0, 1),)))
+        assert not mask["encoded_now"]  # still warm after jobs on three other volumes
+        again = job("again", files["other"], folder)
+        assert again["frames_encoded"] == 0 and again["session_reused"]
+        ask(client, sp.SessionClose(id="hz", session="h1"))
+        assert job("after", files["other"], folder)["frames_encoded"] == SHAPE[0]  # gone with the session
+    assert scratch_files(client.pid) == []

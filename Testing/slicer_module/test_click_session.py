@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from SAM2FewShotLib.run import session_protocol as sp  # noqa: E402
 from SAM2FewShotLib.run.client import WorkerClient, WorkerError  # noqa: E402
 from SAM2FewShotLib.slicer.click_session import PANEL_RUNNING, ClickSession  # noqa: E402
 from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402 - once slicer-core is known to be there
+    add_labels_to_segmentation,
     labels_from_segmentation,
     register_segmentation_converters,
     write_segments,
@@ -299,14 +301,18 @@ def test_the_session_ends_with_its_volume_and_the_scene_leaving_nothing(world, f
     click(w, 3, 10.0, 10.0)
     settle(session)
     first = session.session_id
-    files = list(session.store.folder.glob("*.nrrd"))
-    assert len(files) == 1 and session.store.folder.parent.name == "jobs"  # written once, in the cache's jobs folder
+    panel_keeps = w["runs"].volumes.kept  # the panel's runs keep their last volumes (another test's Apply)
+    files = [f for f in session.store.folder.glob("*.nrrd") if f not in panel_keeps()]
+    assert len(files) <= 1 and session.store.folder.parent.name == "jobs"  # written once, in the cache's jobs folder
+    files = session.volume_files
+    assert len(files) == 1
     image, _ = phantom(SHAPE, spacing=(0.9, 1.1, 2.5), direction=OBLIQUE, seed=4)
     other = volume_to_node(image, scene, "oblique patient")  # another volume: the session moves there
     ijk = node_ijk_to_ras(other)
     seg, ids = segmentation(scene, other)
     session.click(other, seg, ids[0], view(ijk, 0, 4), ras_of(ijk, 0, 4, 16.0, 16.0))
-    assert session.user_slices(w["seg"], w["ids"][0]) == {} and not files[0].exists()
+    assert session.user_slices(w["seg"], w["ids"][0]) == {}
+    assert files[0].exists() == (files[0] in panel_keeps())  # the session's file is gone unless the panel keeps it
     settle(session)
     client = w["runs"].client
     assert session.session_id != first and "is not open" in closed_on_worker(client, first)
@@ -316,7 +322,7 @@ def test_the_session_ends_with_its_volume_and_the_scene_leaving_nothing(world, f
     session.click(other, seg, ids[0], view(ijk, 0, 2), ras_of(ijk, 0, 2, 16.0, 16.0))
     settle(session)
     second, folder = session.session_id, session.store.folder
-    assert second not in (first, None) and len(list(folder.glob("*.nrrd"))) == 1
+    assert second not in (first, None) and len([f for f in folder.glob("*.nrrd") if f not in panel_keeps()]) == 1
     scene.Clear(0)  # File > Close scene
     assert session.session_id is None and session.records == {}
     time.sleep(0.5)
@@ -327,6 +333,44 @@ def test_the_session_ends_with_its_volume_and_the_scene_leaving_nothing(world, f
     assert not [p for p in cache.glob("scratch/*")] and worker_scratch(client) == []
     world["volume"] = volume_to_node(w["image"], scene, "query")  # the module's scene as the other tests expect it
     world["ijk"] = node_ijk_to_ras(world["volume"])
+
+
+def test_a_panel_apply_on_the_clicked_volume_writes_and_encodes_nothing_again(fresh):
+    """Issue 25, item 3: one volume file and one set of features serve the effect's session and the panel."""
+    w = fresh
+    session, runs, scene = w["session"], w["runs"], w["scene"]
+    click(w, 3, 10.0, 10.0)
+    settle(session)
+    deadline = time.monotonic() + 60
+    while status(session)["encoding"]:  # every slice encoded in the background
+        assert time.monotonic() < deadline, "background encoding did not finish"
+        time.sleep(0.1)
+    [volume_file] = session.store.folder.glob("*.nrrd")
+    written = volume_file.stat().st_ino, volume_file.stat().st_mtime_ns
+    prompt = np.zeros_like(w["truth"].volume.array)
+    prompt[4] = w["truth"].volume.array[4]
+    prompts = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "panel prompts")
+    ids = add_labels_to_segmentation(prompts, LabelMap(w["truth"].volume.with_array(prompt), w["truth"].segments),
+                                     w["volume"])
+    finished = []
+    runs.on_finished = lambda ok, message: finished.append((ok, message))
+    try:
+        runs.start_run(replace(CHOICES, method="propagate"), w["volume"], prompts, ids)
+        deadline = time.monotonic() + 120
+        while runs.poll():
+            assert time.monotonic() < deadline, "the panel's run did not end"
+            time.sleep(0.02)
+    finally:
+        runs.on_finished = lambda ok, message: None
+    assert finished and finished[-1][0], finished
+    assert "(0 slices encoded, warm worker)" in finished[-1][1], finished[-1][1]  # the session's features
+    assert list(session.store.folder.glob("*.nrrd")) == [volume_file]  # the session's file, not written again
+    assert runs.volumes is session.store and runs.volumes.kept() == [volume_file]  # and the panel's run read it
+    assert (volume_file.stat().st_ino, volume_file.stat().st_mtime_ns)[0] == written[0]
+    click(w, 5, 12.0, 10.0)  # the session goes on after the panel's run, on the same features
+    settle(session)
+    assert session.last_mask is not None and not session.last_mask["encoded_now"]
+    assert status(session)["frames_encoded"] == SHAPE[0]
 
 
 def test_a_worker_stopped_under_a_click_gets_the_session_and_the_users_slices_back(fresh):

@@ -110,3 +110,53 @@ def test_a_dropped_preparation_cleans_up_only_once_its_files_are_written(tmp_pat
     done.join(5)
     done.drop(lambda: calls.append("at once"))  # already written: cleaned up now
     assert calls == ["removed", "at once"]
+
+
+def test_the_panel_and_a_live_session_share_a_file_each_keeping_it_until_it_lets_go(tmp_path):
+    """One store for the panel's runs and the effect's session: a volume both use is written once, and a
+    file goes only when no user keeps it."""
+    store = VolumeStore(lambda: tmp_path / "jobs", keep=2)
+    image, _ = phantom((4, 16, 16))
+    shared = store.file_for(image, "session-1")  # the session writes it
+    inode = shared.stat().st_ino
+    assert store.file_for(image) == shared and shared.stat().st_ino == inode  # the panel's run: not written again
+    assert store.kept() == [shared] and store.kept("session-1") == [shared]
+    store.release("session-1")  # the session ended: the panel still keeps it
+    assert shared.exists()
+    mine = store.file_for(image.with_array(image.array + 1), "session-2")
+    for n in (2, 3):  # the panel moves on to other volumes: its last two kept, the session's file too
+        store.file_for(image.with_array(image.array + n))
+    assert not shared.exists() and mine.exists() and len(list(store.folder.glob("*.nrrd"))) == 3
+    store.release("session-2")
+    assert not mine.exists() and len(store.kept()) == 2
+    store.release("nobody")  # a session that never wrote: nothing else goes
+    assert len(list(store.folder.glob("*.nrrd"))) == 2
+
+
+def test_a_file_being_written_is_not_removed_by_another_users_trim(tmp_path, monkeypatch):
+    """The panel's run and the session write on threads of their own: one's trim never takes the other's
+    file between its write and its keeping."""
+    store = VolumeStore(lambda: tmp_path / "jobs", keep=1)
+    image, _ = phantom((4, 16, 16))
+    writing, release = threading.Event(), threading.Event()
+    from SAM2FewShotLib.io import volume_io
+
+    original = volume_io.write_volume
+
+    def slow_write(volume, path, compress=True):  # the session's file renamed into place, not yet kept
+        out = original(volume, path, compress=compress)
+        if threading.current_thread().name == "session":
+            writing.set()
+            release.wait(10)
+        return out
+
+    monkeypatch.setattr(volume_io, "write_volume", slow_write)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(path=store.file_for(image, "session-1")), name="session")
+    thread.start()
+    assert writing.wait(10)
+    for n in (1, 2):  # the panel writes and trims while the session's file waits to be kept
+        store.file_for(image.with_array(image.array + n))
+    release.set()
+    thread.join(10)
+    assert result["path"].exists() and store.kept("session-1") == [result["path"]]

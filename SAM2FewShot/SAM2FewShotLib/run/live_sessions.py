@@ -70,11 +70,7 @@ class SessionHost:
 
     def open(self, request: sp.SessionOpen, progress: ProgressFn) -> dict:
         """The session on the request's volume: the open one when it is the same, else a new one."""
-        from ..io.checks import checked_image
-        from ..io.slicing import slicing_axis
-        from ..io.volume_io import read_volume
         from ..sam2.live_session import PAUSE_AFTER_CLICK_S, LiveSession
-        from ..sam2.session import VolumeSession
 
         if not os.path.isabs(request.query):
             raise InputError(f"session_open.query must be an absolute path, got '{request.query}': the worker's "
@@ -89,16 +85,15 @@ class SessionHost:
             return sp.session(request.id, self.session_id, self.describe(reused=True))
         self.close()  # another volume (or axis, normalisation, model): one session at a time
         require_cache()  # the scratch file of offloaded features lives there
-        volume, _ = checked_image(read_volume(request.query, frames.frame, frames.component, frames.series),
-                                  f"the volume {request.query}")
-        predictor, info = self.runner.model(request.model, progress)
-        session = VolumeSession(predictor, volume, slicing_axis(volume, frames.axis), normalization)
+        _, info = self.runner.model(request.model, progress)
+        # the runner's warm session of this volume: a job on it reuses the clicks' features, and the other way
+        session = self.runner.hold_session(request.query, frames, request.model, progress)
         try:
             view = None if request.slice is None else _checked_view(request.slice, session.num_slices)
             pause = PAUSE_AFTER_CLICK_S if request.pause_s is None else request.pause_s
             self.live = LiveSession(session, view=view, pause_s=pause)
         except BaseException:
-            session.close()
+            self.runner.let_go(session)
             raise
         self.session_id, self._key, self._model_key, self._model_info = request.id, key, request.model.key(), info
         return sp.session(request.id, request.id, self.describe(reused=False))
@@ -165,6 +160,7 @@ class SessionHost:
         self.session_id, self._key, self._model_key = None, None, None
         if live is not None:
             live.close()
+            self.runner.let_go(live.session)
 
     def _session(self, session_id: str):
         if self.live is None:

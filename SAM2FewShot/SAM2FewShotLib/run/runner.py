@@ -5,7 +5,9 @@ the model once (a request asking for another model replaces it), and keeps a few
 warm, keyed by the query file's content, so a second run on the same volume (after an edit, or
 with another method) encodes nothing again. The worker keeps one for its whole life; the CLI uses
 one per command; the bench one per benchmark. Sessions are keyed by content, not by path, because
-the Slicer client writes every job's files into a fresh private folder.
+the Slicer client writes every job's files into a fresh private folder. The worker's live session (clicks)
+holds one of them (``hold_session``): a job on its volume reuses the features its clicks and background
+encoding computed, and a session opened on a volume a job ran on starts with that job's features.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Runner:
         self._predictor = None
         self._model_info: dict = {}
         self._sessions: OrderedDict[tuple, object] = OrderedDict()
+        self._held = None  # the live session's VolumeSession: never evicted, dropped by let_go
         self._digests: dict[tuple, str] = {}
         self._notes: dict[tuple, list[dict]] = {}  # what was repaired in a query, by its content and series
         self._threads: int | None = None  # torch CPU threads the runs use
@@ -154,11 +157,28 @@ class Runner:
         key = self._session_key(request, normalization)
         return self._session_for(key, volume, request, normalization, progress or _no_progress)[0]
 
+    def hold_session(self, query: str, frames: FrameOptions, model: ModelOptions,
+                     progress: ProgressFn | None = None):
+        """``session()``, kept warm whatever other volumes jobs run on until ``let_go``: the live session's."""
+        session = self.session(query, frames, model, progress)
+        self._held = session
+        return session
+
+    def let_go(self, session) -> None:
+        """The live session ended: its VolumeSession is closed and forgotten (features and scratch freed)."""
+        with self._lock:
+            if self._held is session:
+                self._held = None
+            for key in [k for k, s in self._sessions.items() if s is session]:
+                del self._sessions[key]
+        session.close()
+
     def forget_sessions(self) -> None:
         """Close every query session (features in memory and on disk); the model stays loaded."""
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+        self._held = None
 
     def forget_supports(self) -> None:
         """Drop the support features held in memory (saved ones stay saved)."""
@@ -212,7 +232,10 @@ class Runner:
         session = VolumeSession(predictor, query, request.frames.axis, normalization, supports=self._supports)
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)[1].close()
+            oldest = next((k for k, s in self._sessions.items() if k != key and s is not self._held), None)
+            if oldest is None:
+                break
+            self._sessions.pop(oldest).close()
         return session, False
 
     def _read_query(self, path: str, frames: FrameOptions = FrameOptions()):

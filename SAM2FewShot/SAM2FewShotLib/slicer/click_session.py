@@ -34,7 +34,7 @@ from .mrml_volume import node_ijk_to_ras, volume_from_node
 from .panel import PanelChoices, format_slices, model_options, slice_digests
 from .segment_slices import read_segment, read_slice, slice_digest, write_slice, write_volume_mask
 from .session_link import SessionLink, SessionVolume
-from .volume_store import grid_of, jobs_root
+from .volume_store import grid_of
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class ClickSession(SessionLink):
 
     def __init__(self, scene, runs, choices: Callable[[], PanelChoices] = PanelChoices,
                  before_change: Callable[[object], None] = lambda node: None,
-                 on_message: Callable[[str], None] = log.info, pause_s: float | None = None, volume_root=jobs_root):
-        super().__init__(runs, on_message, pause_s, volume_root)
+                 on_message: Callable[[str], None] = log.info, pause_s: float | None = None):
+        super().__init__(runs, on_message, pause_s)
         self.scene, self.choices, self.before_change = scene, choices, before_change
         self.records: dict[tuple[str, str], SegmentRecord] = {}
         self.last_mask: dict | None = None  # the last mask event, without its bits

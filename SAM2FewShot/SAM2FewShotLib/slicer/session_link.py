@@ -2,11 +2,13 @@
 
 Runs on the panel's own worker client (the RunController's, shared through shared_client.py: one worker
 and one model serve the panel and the effect). The volume goes to the worker once, as a file written on a
-thread through a VolumeStore of its own (``store``, removed when the session ends). Requests made before
-the session is open wait for it. A worker that lost the session (a panel job on another model ended it, a
-cancelled run or a new cache folder stopped the worker) gets it back: the session is opened again, the
-subclass's ``restore_masks`` (the user's slices) are sent, then the requests that were lost, once.
-No Qt: click_session.ClickSession builds on it, the effect's timer calls ``poll()``.
+thread into the panel's VolumeStore (the RunController's ``volumes``: a volume the panel ran on is not
+written again, nor this one by the panel's next Apply), kept under the session's own name until it ends.
+Requests made before the session is open wait for it. A worker that lost the session (a panel job on
+another model ended it, a cancelled run or a new cache folder stopped the worker) gets it back: the
+session is opened again, the subclass's ``restore_masks`` (the user's slices) are sent, then the
+requests that were lost, once. No Qt: click_session.ClickSession builds on it, the effect's timer calls
+``poll()``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..run.request import FrameOptions
 from .click_geometry import plane_for_axis
 from .mrml_volume import volume_from_node
 from .shared_client import shared
-from .volume_store import Preparation, VolumeStore, jobs_root
+from .volume_store import Preparation, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,10 @@ class Request:
 class SessionLink:
     """One live session on the RunController's worker; subclasses answer masks and results."""
 
-    def __init__(self, runs, on_message: Callable[[str], None] = log.info, pause_s: float | None = None,
-                 volume_root=jobs_root):
+    def __init__(self, runs, on_message: Callable[[str], None] = log.info, pause_s: float | None = None):
         self.runs, self.on_message, self.pause_s = runs, on_message, pause_s
-        self.store = VolumeStore(volume_root, keep=1)
+        self.store: VolumeStore = runs.volumes
+        self._store_user = ""  # the name the session's volume file is kept under, new for each opening
         self.info: dict = {}  # the last session event (session_open or session_status)
         self.message = ""
         self.session_id: str | None = None
@@ -74,6 +76,11 @@ class SessionLink:
         """Something is on its way (a status or a close is not waited for)."""
         return bool(self._preparing or self._waiting or any(r.kind not in ("status", "close")
                                                             for r in self._outstanding.values()))
+
+    @property
+    def volume_files(self) -> list:
+        """The volume file this session keeps in the store (none before it opens or after it ends)."""
+        return self.store.kept(self._store_user) if self._store_user else []
 
     @property
     def is_open(self) -> bool:
@@ -114,10 +121,11 @@ class SessionLink:
             self._submit(Request("close", lambda i, s: sp.SessionClose(id=i, session=s)), session)
         for request in self._outstanding.values():
             _remove_folder(request)
-        if self._preparing is not None:
-            self._preparing.drop(self.store.clear)  # removed once written, never under the writer
+        user = self._store_user
+        if self._preparing is not None:  # released once written, never under the writer
+            self._preparing.drop(lambda: self.store.release(user))
         else:
-            self.store.clear()
+            self.store.release(user)
         self._outstanding = {i: r for i, r in self._outstanding.items() if r.kind == "close"}
         self.volume, self._preparing, self._open_id, self.session_id = None, None, None, None
         self._waiting, self._restore, self.info = [], False, {}
@@ -130,7 +138,17 @@ class SessionLink:
         state = self.volume
         volume, state.voxels = state.voxels or volume_from_node(state.node), None  # in memory until written
         self._view = view
-        self._preparing = Preparation(lambda: self.store.file_for(volume))
+        before, user = self._store_user, f"session-{time.time_ns()}"
+        self._store_user = user
+        self._preparing = Preparation(lambda: self._volume_file(volume, user, before))
+
+    def _volume_file(self, volume: Volume, user: str, before: str) -> object:
+        """The volume's file kept under ``user``; the one of an earlier opening (a lost session's) let go
+        after, so the same volume is not written again."""
+        path = self.store.file_for(volume, user)
+        if before:
+            self.store.release(before)
+        return path
 
     def send(self, kind: str, make, record=None, data=None) -> None:
         """A request for the session: now when it is open, else once it is (opened if need be)."""

@@ -6,7 +6,10 @@ geometry, into a folder of this Slicer process in the cache (``cache_dir()/jobs`
 panel's settings choose), after a check that the disk has room; the next Apply on the same volume finds
 its file and writes nothing. The folder records its owner like a job folder (run/job_folders.py): it is
 removed when the scene closes or the module stops, and a crashed Slicer's is swept at the next start.
-Only the last KEEP volumes are kept. No Qt.
+
+One store serves the panel's runs and the SAM2 effect's live session (the RunController's ``volumes``), so
+a volume both use is written once. Each keeps files under a name of its own (a *user*): the panel its last
+KEEP volumes, a live session its one until it ends (``release``). A file goes when no user keeps it. No Qt.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from ..common.cache import cache_dir
 from ..common.errors import InputError
 from ..io.volume import Volume
 
-KEEP = 3  # volumes kept: a query, its support, and the one before (Apply on another volume and back)
+KEEP = 3  # volumes a user keeps: a query, its support, and the one before (Apply on another volume and back)
+RUNS = "runs"  # the panel's runs, the store's default user
 FREE_MARGIN_BYTES = 512 * 2 ** 20  # left free beyond the file itself: the disk is the user's too
 JOBS_FOLDER = "jobs"
 
@@ -65,32 +69,58 @@ class VolumeStore:
     def __init__(self, root: Callable[[], Path] = jobs_root, keep: int = KEEP):
         self._root, self.keep = root, keep
         self._folder = None  # run.client.JobFolder
+        self._kept: dict[str, list[Path]] = {}  # user -> its files, the most recently used first
+        self._writing: dict[Path, int] = {}  # files being written (by how many threads): nobody keeps them yet
         self._lock = threading.Lock()
 
     @property
     def folder(self) -> Path | None:
         return None if self._folder is None else self._folder.path
 
-    def file_for(self, volume: Volume) -> Path:
-        """The volume's file, written now unless an earlier run wrote it (call it off the GUI thread)."""
+    def file_for(self, volume: Volume, user: str = RUNS) -> Path:
+        """The volume's file, written now unless a run or a session wrote it (call it off the GUI thread);
+        ``user`` keeps it (its last ``keep`` files) until it releases it or the store is cleared."""
         key = volume_key(volume)
         with self._lock:
             folder = self._open()
             path = folder / f"{key}.nrrd"
             if path.is_file():
-                os.utime(path)  # the most recently used: kept when older ones go
+                os.utime(path)
+                self._keep(user, path)
                 return path
             require_free_space(folder, volume.array.nbytes)
+            self._writing[path] = self._writing.get(path, 0) + 1
         from ..io.volume_io import write_volume
 
-        write_volume(volume, path, compress=False)  # atomic: a half-written file never has the final name
+        try:
+            write_volume(volume, path, compress=False)  # atomic: a half-written file never has the final name
+        finally:
+            with self._lock:
+                self._writing[path] -= 1
+                if not self._writing[path]:
+                    del self._writing[path]
         with self._lock:
-            self._trim(keep_also=path)
+            if self._folder is not None and path.parent == self._folder.path:  # not cleared meanwhile
+                self._keep(user, path)
+            else:
+                path.unlink(missing_ok=True)
         return path
+
+    def kept(self, user: str = RUNS) -> list[Path]:
+        """The files ``user`` keeps, the most recently used first."""
+        with self._lock:
+            return list(self._kept.get(user, ()))
+
+    def release(self, user: str) -> None:
+        """``user`` needs its files no more (a live session ended): those no other user keeps are removed."""
+        with self._lock:
+            self._kept.pop(user, None)
+            self._remove_unkept()
 
     def clear(self) -> None:
         """Remove every file (scene closed, module stopped): a volume is never kept beyond its scene."""
         with self._lock:
+            self._kept.clear()
             if self._folder is not None:
                 self._folder.remove()
                 self._folder = None
@@ -105,13 +135,21 @@ class VolumeStore:
             except OSError as exc:
                 raise InputError(f"cannot write into the cache folder {root} ({exc.strerror or exc}): choose "
                                  "another cache folder in the module's settings") from exc
-            self._folder = JobFolder(root)
+            self._folder, self._kept = JobFolder(root), {}
         return self._folder.path
 
-    def _trim(self, keep_also: Path) -> None:
-        files = sorted(self._folder.path.glob("*.nrrd"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in [f for f in files if f != keep_also][max(self.keep - 1, 0):]:
-            old.unlink(missing_ok=True)
+    def _keep(self, user: str, path: Path) -> None:
+        files = [path] + [f for f in self._kept.get(user, ()) if f != path]
+        self._kept[user] = files[:max(self.keep, 1)]
+        self._remove_unkept()
+
+    def _remove_unkept(self) -> None:
+        if self._folder is None:
+            return
+        kept = {f for files in self._kept.values() for f in files} | set(self._writing)
+        for old in self._folder.path.glob("*.nrrd"):
+            if old not in kept:
+                old.unlink(missing_ok=True)
 
 
 class Preparation:
