@@ -58,7 +58,8 @@ case guide SAM2 (matched support, registration). Runs in the background: Apply b
 results go into the query's own result segmentation, replacing only what earlier runs wrote there
 (Undo takes a result back). Correct a few slices with the Segment Editor, then <b>Refine</b>.
 <b>Prompt points</b> and <b>boxes</b> (Propagate, Markups): a selected point includes, an unselected one excludes;
-a ROI is a box on the slice through its centre, and its segment stays within the slices the ROI spans. Each goes to
+a ROI is a box on the slice through its centre, and its segment stays within the slices the ROI spans (Refine
+too, widened to slices you correct outside it). Each goes to
 the segment its (or its list's) name names, or to the only checked segment. Needs 3D Slicer 5.10 or later.
 """
         self.parent.acknowledgementText = """

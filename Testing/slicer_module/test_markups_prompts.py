@@ -32,6 +32,7 @@ from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402
     register_segmentation_converters,
 )
 from SAM2FewShotLib.slicer.mrml_volume import volume_from_node, volume_to_node  # noqa: E402
+from SAM2FewShotLib.slicer.segment_slices import read_segment, write_slice  # noqa: E402
 
 SHAPE = (8, 32, 32)  # k, j, i: 3 mm slices along k, the slicing (auto) axis
 PROPAGATE = get_method("propagate")
@@ -130,7 +131,7 @@ def test_a_roi_is_a_box_on_its_centre_slice_and_its_extent_bounds_its_segment(qu
         {"label": 1, "box_ijk": [[11, 9, 4], [19, 15, 4]], "points_ijk": [[14, 12, 4]], "point_labels": [1]},
         {"label": 2, "points_ijk": [[2, 2, 0]], "point_labels": [1]},
     ]
-    assert got.bounds == {1: (3, 5)} and got.slice_bounds() == "1:3-5"
+    assert got.bounds == {1: (3, 5)} and scene_io.RunInputs(v, slice_bounds=got.bounds).slice_bounds_text() == "1:3-5"
     assert got.slices() == {1: frozenset({4}), 2: frozenset({0})}
     edge = roi(scene, "structure_1", world_of(v, (30.0, -3.0, 7.0)), (6.0, 10.0, 12.0))  # partly outside: clipped
     clipped = markups_prompts(v, "query", query["segments"], 0, None, [edge])
@@ -250,19 +251,38 @@ def test_points_and_a_roi_propagate_through_the_worker_and_the_roi_bounds_its_se
         controller.start_run(CHOICES, query["node"], segmentation, None, prompt_points=points,
                              prompt_boxes=[box])
         wait(controller, timeout=120)
+        assert recorder.finished[-1][0], recorder.finished
+        last = controller.last
+        applied = labels_from_segmentation(last.output_node, query["image"], last.segment_ids).volume.array
+        refined = refine_with_a_slice_drawn_outside_the_roi(controller, recorder, query, last)
     finally:
         controller.shutdown()
-    assert recorder.finished[-1][0], recorder.finished
-    last = controller.last
     output = last.output_node
     assert [output.GetSegmentation().GetSegment(i).GetName() for i in last.segment_ids] == ["structure_1",
                                                                                           "structure_2"]
-    result = labels_from_segmentation(output, query["image"], last.segment_ids).volume.array
-    assert not (result[[0, 1, 2, 6, 7]] == 1).any()  # structure_1 only within its ROI's slices
-    assert (result[4] == 1).any()  # its box's slice (random weights give it a positive object score everywhere)
-    assert (result[2] == 2).any()  # the point's slice has structure_2
+    assert not (applied[[0, 1, 2, 6, 7]] == 1).any()  # structure_1 only within its ROI's slices
+    assert (applied[4] == 1).any()  # its box's slice (random weights give it a positive object score everywhere)
+    assert (applied[2] == 2).any()  # the point's slice has structure_2
     prompted = {s.name: sorted(last.prompt_slices[i]) for s, i in zip(truth.segments, last.segment_ids, strict=True)}
     assert prompted == {"structure_1": [4], "structure_2": [2]}
     sources = {t["slice"]: t["objects"]["structure_1"]["source"] for t in last.report["slices"]}
     assert sources[0] == sources[7] == "outside its slice bounds" and sources[4] == "box prompt"
     assert sources[2] == "outside its slice bounds" and sources[3].startswith("backward from slice 4")
+    assert last.slice_bounds == {last.segment_ids[0]: (3, 5)}
+    assert not refined[[0, 1, 2, 7]].any()  # Refine keeps the ROI's bounds, widened to the drawn slice 6
+    drawn = np.zeros(SHAPE[1:], bool)
+    drawn[10:16, 10:16] = True  # the user's slice, kept (less what structure_2 holds: one label per voxel)
+    assert refined[6].any() and not (refined[6] & ~drawn).any()
+    assert controller.last.slice_bounds == {last.segment_ids[0]: (3, 6)}
+
+
+def refine_with_a_slice_drawn_outside_the_roi(controller, recorder, query, last) -> np.ndarray:
+    """structure_1 drawn by the user on slice 6, outside its ROI's slices 3-5, then Refine: structure_1 after."""
+    output, ids = last.output_node, list(last.segment_ids)
+    mask = np.zeros(SHAPE[1:], bool)
+    mask[10:16, 10:16] = True
+    write_slice(output, ids[0], query["volume"], 0, 6, mask)
+    controller.start_refine(CHOICES)
+    wait(controller, timeout=120)
+    assert recorder.finished[-1][0], recorder.finished
+    return read_segment(output, ids[0], query["image"])

@@ -43,10 +43,6 @@ class MarkupsPrompts:
         """The prompts file's content (methods/propagate.py reads it)."""
         return {"prompts": [dict(e) for e in self.entries]}
 
-    def slice_bounds(self) -> str:
-        """The propagate method's ``slice_bounds`` parameter: "1:10-20;2:5-9"."""
-        return ";".join(f"{v}:{a}-{b}" for v, (a, b) in sorted(self.bounds.items()))
-
     def slices(self) -> dict[int, frozenset]:
         """label value -> the slices with its points or box (the run's prompt slices)."""
         out: dict[int, set] = {}

@@ -121,8 +121,8 @@ class RunController:
         folder = JobFolder()
         job_id = f"job-{time.time_ns()}"
         self.run = scene_io.PendingRun(job_id, folder, self.scene, query_node, grid_of(inputs.query), output_node,
-                                       prompt_slices, targets, time.monotonic(), inputs.frame)
-        bounds = inputs.markups.slice_bounds() if inputs.markups is not None else ""
+                                       prompt_slices, targets, time.monotonic(), inputs.frame, inputs.slice_bounds)
+        bounds = inputs.slice_bounds_text()
         params = {k: v for k, v in (("mask_slices", inputs.mask_slices), ("slice_bounds", bounds)) if v} or None
         self._preparing = Preparation(lambda: panel.build_job(
             job_id, choices, folder.path, *scene_io.write_inputs(inputs, folder.path, self.volumes), inputs.library,

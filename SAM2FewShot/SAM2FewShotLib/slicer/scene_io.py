@@ -42,6 +42,11 @@ class RunInputs:
     frame: Frame | None = None  # the time point the query was copied from, when it is a sequence's proxy
     notes: list = field(default_factory=list)  # what reading the volumes did to them (mrml_volume), for the report
     markups: MarkupsPrompts | None = None  # propagate: points and boxes from Markups nodes (markups_prompts.py)
+    slice_bounds: dict = field(default_factory=dict)  # propagate: label value -> (first, last) slice (a ROI's extent)
+
+    def slice_bounds_text(self) -> str:
+        """The propagate method's ``slice_bounds`` parameter: "1:10-20;2:5-9"."""
+        return ";".join(f"{v}:{a}-{b}" for v, (a, b) in sorted(self.slice_bounds.items()))
 
 
 @dataclass
@@ -62,6 +67,7 @@ class PendingRun:
     targets: dict | None  # a refine: label value -> the segment id it replaces
     start_time: float
     frame: Frame | None = None  # the query's time point (a sequence's proxy): the result goes only there
+    slice_bounds: dict = field(default_factory=dict)  # label value -> (first, last) slice it was bounded to
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Inserted:
     prompt_slices: dict[str, frozenset]  # segment id -> slices that were its prompts so far (all refines)
     change: Change | None = None  # what the insertion changed, for the panel's message and undo
     frame: Frame | None = None  # the query's time point (a sequence's proxy): Refine is made on it
+    slice_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)  # segment id -> its ROI's slices
 
 
 def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segment_ids: Sequence[str] | None = None,
@@ -97,6 +104,7 @@ def gather_inputs(method: MethodSpec, query_node, segmentation_node=None, segmen
         cut = slicing_axis(query, inputs.plane if axis == "auto" else axis)
         inputs.markups = markups_prompts(query, query_node.GetName(), inputs.prompts.segments, cut, prompt_points,
                                          list(prompt_boxes), prompt_slices_of(inputs, cut))
+        inputs.slice_bounds = dict(inputs.markups.bounds)
     inputs.frame, inputs.notes = frame, notes
     return inputs
 
@@ -179,16 +187,20 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
     node = change.node
     if run.targets is not None and last is not None:  # a refine: the run it refines stays tracked
         ids = list(last.segment_ids)
-        prompt_slices = dict(last.prompt_slices)
+        prompt_slices, bounds = dict(last.prompt_slices), dict(last.slice_bounds)
     else:
-        ids, prompt_slices = [], {}
+        ids, prompt_slices, bounds = [], {}, {}
     ids += [i for i in change.written if i not in ids]
     for segment, segment_id in zip(labels.segments, change.written, strict=True):
         prompt_slices[segment_id] = frozenset(run.prompt_slices.get(segment.value, ()))
+        bounds.pop(segment_id, None)
+        if segment.value in run.slice_bounds:
+            bounds[segment_id] = run.slice_bounds[segment.value]
     inserted = labels_from_segmentation(node, run.query, ids).volume.array  # as read back from the node
     axis = result_axis(report, run.query)
     digests = {i: slice_digests(inserted == value, axis) for value, i in enumerate(ids, start=1)}
-    return Inserted(run.query_node, node, ids, digests, run.query, report, prompt_slices, change, run.frame)
+    return Inserted(run.query_node, node, ids, digests, run.query, report, prompt_slices, change, run.frame,
+                    {i: b for i, b in bounds.items() if i in ids})
 
 
 def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dict[int, frozenset], list[int]]:
@@ -208,7 +220,7 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
     axis = result_axis(last.report, last.query)
     now = np.moveaxis(current.volume.array, axis, 0)
     prompts = np.zeros_like(now)
-    segments, targets, chosen, corrected = [], {}, {}, set()
+    segments, targets, chosen, corrected, bounds = [], {}, {}, set(), {}
     for value, segment_id in enumerate(ids, start=1):
         edited = changed_slices(now == value, last.slice_digests[segment_id], 0)
         if not edited:
@@ -220,6 +232,9 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
             prompts[t][now[t] == value] = new_value
         segments.append(dataclasses.replace(current.segments[value - 1], value=new_value))
         targets[new_value], chosen[new_value] = segment_id, frozenset(slices)
+        if segment_id in last.slice_bounds:  # its ROI still bounds it, widened to the slices the user corrected
+            first, end = last.slice_bounds[segment_id]
+            bounds[new_value] = (min(first, slices[0]), max(end, slices[-1]))
     if not segments:
         raise InputError("no slice differs from the last result: correct some slices with the Segment Editor first")
     if not prompts.any():
@@ -232,7 +247,7 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
         raise InputError(f"the volume '{last.query_node.GetName()}' was resampled or moved since the last result: "
                          "run Apply again instead of Refine")
     inputs = RunInputs(query, prompts=LabelMap(last.query.with_array(array), tuple(segments)),
-                       mask_slices=mask_slices, frame=last.frame, notes=notes)
+                       mask_slices=mask_slices, frame=last.frame, notes=notes, slice_bounds=bounds)
     return inputs, targets, chosen, sorted(corrected)
 
 
