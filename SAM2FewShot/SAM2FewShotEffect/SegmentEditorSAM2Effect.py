@@ -45,7 +45,8 @@ and writes into those segments; slices it filled are not prompts for the next Pr
 <li><b>Shift + left click</b> or <b>right click:</b> exclude point.
 <li><b>Left drag:</b> box (the slice starts afresh from it).
 <li><b>P:</b> Propagate. <b>C:</b> Clear prompts (the segments keep their voxels).
-<li><b>Ctrl+Z</b> (or Z): undo, <b>Ctrl+Y</b> (or Y): redo: the Segment Editor's own, for every change.
+<li><b>Ctrl+Z</b> (or Z): undo, <b>Ctrl+Y</b> (or Y): redo: the Segment Editor's own, for every change. A click
+taken back is forgotten; on a slice corrected with another effect, the next click refines the correction.
 </ul><p>Keys act while the mouse is over a slice view. Prompts are on the slices of the view first clicked
 in (axial, coronal or sagittal, as the volume lies); an oblique view, or another orientation while
 prompts exist, is refused (Clear prompts to change). Uses the model chosen in the SAM2 Few-Shot module;

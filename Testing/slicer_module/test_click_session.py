@@ -210,6 +210,42 @@ def test_a_click_writes_its_slice_only_and_a_second_click_uses_cached_features(f
     assert len(w["changes"]) == 3
 
 
+def test_a_click_taken_back_with_undo_is_forgotten_and_a_drawn_over_slice_is_refined(fresh):
+    """Ctrl+Z after clicks: the next click there starts afresh (it does not refine the undone ones) and their
+    points are no longer shown; drawn over with another effect: the next click refines the drawing."""
+    w = fresh
+    session, seg, segment = w["session"], w["seg"], w["ids"][0]
+    record_of = lambda: session.records[(seg.GetID(), segment)]  # noqa: E731
+
+    def clicks_on_3(*points):
+        for x, y, include in points:
+            click(w, 3, x, y, include)
+        settle(session)
+        return read_segment(seg, segment, w["image"])[3]
+
+    drawn = np.zeros(SHAPE[1:], bool)
+    drawn[8:20, 8:20] = True
+    assert clicks_on_3((12.0, 10.0, 1), (4.0, 4.0, 0)).any()
+    write_slice(seg, segment, w["image"], 0, 3, np.zeros(SHAPE[1:], bool))  # Ctrl+Z twice: as before the clicks
+    assert session.marks(seg, segment) == []  # their points are no longer shown
+    again = clicks_on_3((20.0, 20.0, 0))
+    assert [(m.t, m.kind) for m in session.marks(seg, segment)] == [(3, "exclude")]
+    write_slice(seg, segment, w["image"], 0, 3, drawn)  # corrected with another effect (Paint, Erase)
+    assert session.marks(seg, segment) == []
+    refined = clicks_on_3((14.0, 14.0, 1))
+    assert session.user_slices(seg, segment) == {3: "click"}
+
+    session.clear()  # the references, from a worker that forgot every prompt
+    settle(session)
+    write_slice(seg, segment, w["image"], 0, 3, drawn)
+    session.send("mask", lambda i, s: sp.SessionMask(id=i, session=s, slice=3, object=record_of().obj,
+                                                      shape=drawn.shape, bits=sp.pack_mask(drawn)))
+    assert np.array_equal(clicks_on_3((14.0, 14.0, 1)), refined)  # the click refined the drawing
+    session.clear()
+    settle(session)
+    assert np.array_equal(clicks_on_3((20.0, 20.0, 0)), again)  # the undone clicks played no part
+
+
 def test_views_that_are_not_the_session_plane_and_a_running_panel_are_refused(fresh):
     w = fresh
     session, ijk = w["session"], w["ijk"]

@@ -74,6 +74,23 @@ class SegmentRecord:
         old = self.prompts.get(t)
         self.prompts[t] = SlicePrompt("click", written, old.prior if old is not None else prior)
 
+    def since_click(self, t: int, now: bytes) -> str:
+        """What became of slice ``t`` since the effect last wrote a click's mask there (``now``: its digest):
+        "none" (no click prompt there), "same", "undone" (back to before the clicks: Ctrl+Z) or "drawn"
+        (changed with another effect, or partly undone). An undone or drawn slice loses its points and box:
+        undone, it is no prompt any more; drawn, the drawing is (the caller sends it)."""
+        prompt = self.prompts.get(t)
+        if prompt is None or prompt.source != "click":
+            return "none"
+        if now == prompt.digest:
+            return "same"
+        self.marks[:] = [m for m in self.marks if m.t != t]
+        if now == prompt.prior:
+            del self.prompts[t]
+            return "undone"
+        self.prompts[t] = SlicePrompt("drawn", now, prompt.prior)
+        return "drawn"
+
     def review(self, mask: np.ndarray, axis: int) -> Review:
         """The user's slices found by comparing the segment's (k, j, i) ``mask`` with the record; the record
         takes them as prompts (the caller sends them to the worker)."""

@@ -66,15 +66,21 @@ class ClickSession(SessionLink):
         return {} if record is None else record.user_slices()
 
     def marks(self, seg_node, segment_id: str) -> list[Mark]:
-        """The segment's points and boxes since the last Clear, to show in the views."""
+        """The segment's points and boxes since the last Clear, to show in the views: those of slices still as
+        their last click left them (a click taken back with Ctrl+Z, or drawn over, shows no point)."""
         record = self.records.get((seg_node.GetID(), segment_id)) if seg_node is not None else None
-        return [] if record is None else list(record.marks)
+        if record is None or self.volume is None or not _has_segment(record):
+            return []
+        current = {t for t in {m.t for m in record.marks}
+                   if t in record.prompts and record.prompts[t].digest == self._slice_digest(record, t)}
+        return [m for m in record.marks if m.t in current]
 
     # ---------------------------------------------------------------------------- the user's actions
 
     def click(self, volume_node, seg_node, segment_id: str, slice_to_ras, ras, include: bool = True):
         """An include (or exclude) point at world position ``ras`` on the view; its SlicePoint."""
         volume, record, point = self._target(volume_node, seg_node, segment_id, slice_to_ras, ras)
+        self._since_click(record, point.t)
         record.marks.append(Mark("include" if include else "exclude", point.t, tuple(map(float, ras[:3]))))
         self._click(record, point.t, points=((point.x, point.y, int(include)),))
         return point
@@ -84,6 +90,7 @@ class ClickSession(SessionLink):
         volume, record, a = self._target(volume_node, seg_node, segment_id, slice_to_ras, ras_a)
         t, box = geo.box_on_slice(a, geo.to_slice(ras_b, volume.grid.ijk_to_ras(), volume.axis,
                                                   volume.grid.array.shape))
+        self._since_click(record, t, refine=False)
         record.marks[:] = [m for m in record.marks if m.t != t]
         record.marks.append(Mark("box", t, tuple(map(float, ras_a[:3])), tuple(map(float, ras_b[:3]))))
         self._click(record, t, box=box)
@@ -202,6 +209,23 @@ class ClickSession(SessionLink):
             self.records[key] = SegmentRecord(seg_node, segment_id, self._next_object, shape[axis], empty)
             self._next_object += 1
         return self.records[key]
+
+    def _slice_digest(self, record: SegmentRecord, t: int) -> bytes:
+        return slice_digest(read_slice(record.node, record.segment_id, self.volume.grid, self.volume.axis, t))
+
+    def _since_click(self, record: SegmentRecord, t: int, refine: bool = True) -> None:
+        """Before a click on slice ``t``: what the user did there since the last click reaches the worker
+        first. Taken back with Ctrl+Z, the worker forgets those clicks (the new one starts afresh); drawn
+        over, the drawing is the mask the click refines (a box starts afresh anyway: ``refine`` False)."""
+        if t not in record.prompts or not self.is_open:  # not open: a reopened session gets the slices as masks
+            return
+        mask = read_slice(record.node, record.segment_id, self.volume.grid, self.volume.axis, t)
+        change = record.since_click(t, slice_digest(mask))
+        if change == "undone" or (change == "drawn" and not refine):
+            self.send("clear", lambda i, s, o=record.obj: sp.SessionClear(id=i, session=s, object=o, slice=t))
+        elif change == "drawn":
+            self.send("mask", lambda i, s, o=record.obj, m=mask: sp.SessionMask(
+                id=i, session=s, slice=t, object=o, shape=m.shape, bits=sp.pack_mask(m)))
 
     def _click(self, record: SegmentRecord, t: int, points=(), box=None) -> None:
         self.send("click", lambda i, s: sp.SessionClick(id=i, session=s, slice=t, object=record.obj, points=points,
