@@ -29,6 +29,7 @@ from SAM2FewShotLib.slicer.mrml_volume import matrix_to_numpy
 
 EFFECT_NAME = "SAM2"  # not translated: modules find effects by name
 POLL_MS = 100
+MARKS_DELAY_MS = 150  # after the segmentation's last change event (an undo sends several)
 DRAG_PIXELS = 5  # a press and release further apart than this is a box
 MARK_PIXELS = 5
 COLORS = {"include": (70, 220, 70), "exclude": (240, 60, 60), "box": (250, 210, 50), "drag": (240, 240, 240)}
@@ -73,6 +74,11 @@ class SegmentEditorSAM2Effect(AbstractScriptedSegmentEditorEffect):
         self.releaseTimer.setSingleShot(True)
         self.releaseTimer.setInterval(int(RELEASE_AFTER_S * 1000))
         self.releaseTimer.connect("timeout()", self.release)
+        self.marksTimer = qt.QTimer()  # the points shown follow the segment (Ctrl+Z), once its events settle
+        self.marksTimer.setSingleShot(True)
+        self.marksTimer.setInterval(MARKS_DELAY_MS)
+        self.marksTimer.connect("timeout()", self.refreshMarks)
+        self.observedSegmentation, self.segmentationObservations = None, []
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -88,10 +94,11 @@ class SegmentEditorSAM2Effect(AbstractScriptedSegmentEditorEffect):
         return HELP
 
     def cleanup(self):
-        self.pollTimer.stop()
-        self.releaseTimer.stop()
-        self.pollTimer.disconnect("timeout()", self.poll)
-        self.releaseTimer.disconnect("timeout()", self.release)
+        self.observeSegmentation(False)
+        for timer, slot in ((self.pollTimer, self.poll), (self.releaseTimer, self.release),
+                            (self.marksTimer, self.refreshMarks)):
+            timer.stop()
+            timer.disconnect("timeout()", slot)
 
     def setupOptionsFrame(self):
         self.propagateButton = qt.QPushButton("Propagate")
@@ -117,7 +124,8 @@ class SegmentEditorSAM2Effect(AbstractScriptedSegmentEditorEffect):
         pass
 
     def updateGUIFromMRML(self):
-        pass
+        if self.scriptedEffect.active():  # the segmentation chosen in the editor may have changed
+            self.observeSegmentation(True)
 
     def updateMRMLFromGUI(self):
         pass
@@ -128,10 +136,13 @@ class SegmentEditorSAM2Effect(AbstractScriptedSegmentEditorEffect):
         for name in layout.sliceViewNames() if layout else []:
             self.pipelineFor(layout.sliceWidget(name))
         self.refreshMarks()
+        self.observeSegmentation(True)
         if self.session(create=False) is not None:
             self.pollTimer.start()
 
     def deactivate(self):
+        self.observeSegmentation(False)
+        self.marksTimer.stop()
         for sliceWidget, pipeline in self.pipelines.items():
             self.scriptedEffect.removeActor2D(sliceWidget, pipeline.actor)
         self.pipelines, self.drag = {}, None
@@ -316,6 +327,25 @@ class SegmentEditorSAM2Effect(AbstractScriptedSegmentEditorEffect):
             self.refreshMarks([viewWidget])
 
     # --- the prompts in the views --------------------------------------------------------------------
+
+    def observeSegmentation(self, enabled):
+        """Watch the edited segmentation while active, as Slicer's AutoComplete effect base does (SegmentModified,
+        SourceRepresentationModified): a click taken back with Ctrl+Z, or drawn over, hides its points."""
+        import vtkSegmentationCorePython as vtkSegmentationCore
+
+        parameters = self.scriptedEffect.parameterSetNode()
+        node = parameters.GetSegmentationNode() if enabled and parameters is not None else None
+        segmentation = node.GetSegmentation() if node is not None else None
+        if segmentation is self.observedSegmentation:
+            return
+        for tag in self.segmentationObservations:
+            self.observedSegmentation.RemoveObserver(tag)
+        self.observedSegmentation, self.segmentationObservations = segmentation, []
+        if segmentation is not None:
+            for event in (vtkSegmentationCore.vtkSegmentation.SegmentModified,
+                          vtkSegmentationCore.vtkSegmentation.SourceRepresentationModified):
+                self.segmentationObservations.append(
+                    segmentation.AddObserver(event, lambda caller, eventId: self.marksTimer.start()))
 
     def pipelineFor(self, sliceWidget):
         if sliceWidget not in self.pipelines:

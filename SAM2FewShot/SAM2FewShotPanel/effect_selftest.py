@@ -118,6 +118,13 @@ def _walk(test, logic, layout, name, register):
     np.testing.assert_array_equal(propagated[[6, 12]], clicked[[6, 12]])  # the prompted slices, verbatim
     editor.undo()  # Ctrl+Z: the Segment Editor's own undo takes the propagation back
     np.testing.assert_array_equal(labels(), clicked)
+    editor.undo()  # Ctrl+Z again: the box on slice 6 taken back, its rectangle leaves the view
+    deadline = time.monotonic() + 1.0  # the marks follow once the segmentation's change events settle
+    while time.monotonic() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    test.assertEqual([m.t for m in session.marks(seg, segment_id)], [12, 12])
+    test.assertEqual(effect.pipelines[red].polyData.GetNumberOfLines(), 0, "an undone box is still shown")
     key("c")  # Clear prompts
     test.assertEqual((session.user_slices(seg, segment_id), session.marks(seg, segment_id)), ({}, []))
     test.assertEqual(effect.pipelines[red].polyData.GetNumberOfLines(), 0)
