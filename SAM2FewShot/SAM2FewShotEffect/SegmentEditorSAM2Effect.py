@@ -35,7 +35,7 @@ MARK_PIXELS = 5
 COLORS = {"include": (70, 220, 70), "exclude": (240, 60, 60), "box": (250, 210, 50), "drag": (240, 240, 240)}
 _USED = {}  # "logic": the module Logic whose ClickSession the effect uses
 ICON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Icons",
-                    "SAM2FewShot.png")
+                    "SegmentEditorSAM2Effect.png")  # a slice, a segment, an include point, the pointer
 HELP = """<html>Segment the selected segment with SAM2 (Segment Anything 2), slice by slice, then through the
 volume. Click on a slice view: SAM2's mask of the segment on that slice appears, and each further click
 refines it. <b>Propagate</b> fills the volume both ways from every slice you prompted (clicked or boxed,
