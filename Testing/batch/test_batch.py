@@ -190,11 +190,10 @@ def test_each_case_records_what_ran_and_a_cohort_is_not_mixed_unless_asked(cohor
 
 # --- Ray ---------------------------------------------------------------------------------------------
 
-ray = pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")
-
 
 @pytest.mark.xdist_group("ray")  # one local Ray cluster at a time on the machine (run_tests.sh: --dist loadgroup)
 def test_ray_gives_the_local_outputs_and_survives_a_killed_actor(cohort, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")  # here: the tests above run
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "cohort-test-token")  # so that this test can join the cohort's cluster
     slower = ["--image-size", "256"]  # cases long enough that both actors are mid-case when one is killed
