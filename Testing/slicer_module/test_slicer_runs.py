@@ -4,6 +4,7 @@ Refine do, minus the Qt timer (the tests call poll() as the timer would)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402 - once slicer-co
     add_labels_to_segmentation,
     labels_from_segmentation,
     register_segmentation_converters,
+    segment_masks,
     write_segments,
 )
 from SAM2FewShotLib.slicer.mrml_volume import volume_to_node  # noqa: E402 - once slicer-core is known to be there
@@ -170,12 +172,19 @@ def test_apply_leaves_the_scene_alone_until_the_result_arrives_then_adds_it(firs
 
 
 def edit(output, image, ids, change):
-    """The user corrects the output with the Segment Editor: ``change(array)`` edits its labels."""
+    """The user corrects the output with the Segment Editor: ``change(array)`` edits a label map of it, and each
+    segment changes on the slices where its voxels did, and only there (segments may overlap after a Refine:
+    the editor touches what is painted, not the voxels another segment covers elsewhere)."""
     edited = labels_from_segmentation(output, image, ids)
-    array = edited.volume.array.copy()
+    before, array = edited.volume.array, edited.volume.array.copy()
     change(array)
-    write_segments(output, LabelMap(edited.volume.with_array(array), edited.segments),
-                   {n: i for n, i in enumerate(ids, start=1)})
+    for value, (segment_id, own) in enumerate(segment_masks(output, image, ids), start=1):
+        slices = [t for t in range(array.shape[0]) if not np.array_equal(array[t] == value, before[t] == value)]
+        if slices:
+            own[slices] = array[slices] == value
+            segment = dataclasses.replace(edited.segments[value - 1], value=1)
+            write_segments(output, LabelMap(edited.volume.with_array(own.astype(np.uint8)), (segment,)),
+                           {1: segment_id})
     return array
 
 
@@ -216,7 +225,7 @@ def test_refine_keeps_the_prompts_and_every_correction_and_leaves_untouched_segm
 
     edit(output, world["image"], ids, erase_slice_1)
     controller.start_refine(CHOICES)
-    assert any("from corrected slices 1" in line for line in recorder.logs)
+    assert any("from corrected slices 1" in line for line in recorder.logs), [x for x in recorder.logs if "Refin" in x]
     wait(controller)
     again = labels_from_segmentation(output, world["image"], ids).volume.array
     assert not (again[1] == 1).any()  # the erased slice stays empty

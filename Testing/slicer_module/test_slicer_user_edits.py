@@ -28,7 +28,7 @@ slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
 
-from SAM2FewShotLib.io.volume_io import write_labels  # noqa: E402 - once slicer-core is known to be there
+from SAM2FewShotLib.io.volume_io import read_labels, write_labels  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer import result_segments, undo_store, user_edits  # noqa: E402
 from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402
     add_labels_to_segmentation,
@@ -49,9 +49,10 @@ class StandInWorker:
     """Answers each submitted job with the next prepared result, as the worker's files and events."""
 
     def __init__(self, folder: Path):
-        self.folder, self.results, self.events = folder, [], []
+        self.folder, self.results, self.events, self.prompts = folder, [], [], []
 
     def submit(self, job) -> str:
+        self.prompts.append(read_labels(job.prompt_labels) if job.prompt_labels else None)  # gone after the run
         labels_path = write_labels(self.results.pop(0), self.folder / f"{job.id}.seg.nrrd")
         report = self.folder / f"{job.id}.json"
         report.write_text(json.dumps({"method": "propagate", "session": {"axis": "k"}}), encoding="utf-8")
@@ -132,13 +133,18 @@ def mask(node, image, name: str) -> np.ndarray:
 
 def user_edit(node, image, name: str) -> np.ndarray:
     """The user paints a square into the segment, as a Segment Editor effect writes it; the new mask."""
-    new = mask(node, image, name).astype(np.uint8)
-    new[3, 2:6, 2:6] = 1
+    new = mask(node, image, name)
+    new[3, 2:6, 2:6] = True
+    paint(node, image, name, new)
+    return new
+
+
+def paint(node, image, name: str, new: np.ndarray) -> None:
+    """The segment becomes ``new``, as a Segment Editor effect writes it (other segments untouched)."""
     modifier = geometry_image(image.ijk_to_ras(), new.shape)
-    fill_image(modifier, new)
+    fill_image(modifier, new.astype(np.uint8))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(modifier, node, segment_id(node, name), logic.MODE_REPLACE)
-    return new.astype(bool)
 
 
 def state(node, image) -> list[tuple]:
@@ -312,3 +318,25 @@ def test_closing_the_scene_deletes_its_history_and_stale_sessions_are_pruned(sce
     assert folder.is_dir()
     world["scene"].Clear(0)
     assert not folder.exists() and not world["controller"].can_undo()
+
+
+def test_refine_sends_a_corrected_slice_whole_where_another_segment_overlaps_it(scene_world):
+    """Segments may overlap in Slicer: Liver drawn over Spleen on one slice is sent whole as Liver's prompt
+    (a label map of the segmentation would give those voxels to one of them only)."""
+    world, image, labels = scene_world, scene_world["image"], scene_world["labels"]
+    apply(world, labels)
+    output = world["controller"].output_node()
+    spleen = mask(output, image, "Spleen")
+    t = int(np.argmax(spleen.sum(axis=(1, 2))))
+    liver = mask(output, image, "Liver")
+    liver[t] |= spleen[t]  # drawn over the spleen, which keeps its voxels
+    paint(output, image, "Liver", liver)
+    assert np.array_equal(mask(output, image, "Spleen"), spleen) and np.array_equal(mask(output, image, "Liver"), liver)
+    world["worker"].results.append(only(labels, "Liver"))
+    world["controller"].start_refine(CHOICES)
+    while world["controller"].poll():
+        pass
+    assert world["finished"][-1][0], world["finished"][-1]
+    sent = world["worker"].prompts[-1]
+    assert [s.name for s in sent.segments] == ["Liver"]
+    assert np.array_equal(sent.volume.array[t] == 1, liver[t])  # every voxel the user drew there

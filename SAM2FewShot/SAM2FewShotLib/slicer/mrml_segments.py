@@ -72,6 +72,30 @@ def labels_from_segmentation(
     segment without voxels is kept. Repeated segment names get " (2)", " (3)"... appended.
     """
     require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
+    ids = _chosen_ids(seg_node, segment_ids)
+    out = np.zeros(reference.array.shape, dtype=np.uint8 if len(ids) < 256 else np.uint16)
+    for value, (_, mask) in enumerate(segment_masks(seg_node, reference, ids), start=1):
+        out[mask] = value
+    return LabelMap(reference.with_array(out), segments_of(seg_node, ids))
+
+
+def segments_of(seg_node, segment_ids: Sequence[str]) -> tuple[Segment, ...]:
+    """The segments' names, colours and terminology, valued 1..N in the order of ``segment_ids`` (repeated
+    names get " (2)", " (3)"...): what labels_from_segmentation gives them."""
+    segments: list[Segment] = []
+    for value, segment_id in enumerate(segment_ids, start=1):
+        segment = seg_node.GetSegmentation().GetSegment(segment_id)
+        name = unique_name(segment.GetName() or segment_id, {s.name for s in segments})
+        segments.append(Segment(value, name, _color(segment), _terminology(segment)))
+    return tuple(segments)
+
+
+def segment_masks(seg_node, reference: Volume,
+                  segment_ids: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, the segment's own (k, j, i) mask on ``reference``) for each chosen segment, one at a time: each
+    segment whole where segments overlap (a label map keeps one per voxel). A labelmap layer shared by
+    consecutive segments is resampled once, and only one layer is held at a time."""
+    require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
     register_segmentation_converters()
     segmentation = seg_node.GetSegmentation()
     ids = _chosen_ids(seg_node, segment_ids)
@@ -79,19 +103,14 @@ def labels_from_segmentation(
         raise InputError(f"segmentation '{seg_node.GetName()}' cannot be converted to a binary labelmap")
     to_world = _transform_between(seg_node.GetParentTransformNode(), None)
     geometry = geometry_image(reference.ijk_to_ras(), reference.array.shape)
-    out = np.zeros(reference.array.shape, dtype=np.uint8 if len(ids) < 256 else np.uint16)
-    resampled: dict[str, np.ndarray] = {}
-    segments: list[Segment] = []
-    for value, segment_id in enumerate(ids, start=1):
+    key, values = None, None
+    for segment_id in ids:
         segment = segmentation.GetSegment(segment_id)
         layer = segment.GetRepresentation(_labelmap_name())
-        key = layer.GetAddressAsString("vtkObject") if layer is not None else ""
-        if key not in resampled:
-            resampled[key] = _resample(layer, geometry, to_world, reference.array.shape)
-        out[resampled[key] == segment.GetLabelValue()] = value
-        name = unique_name(segment.GetName() or segment_id, {s.name for s in segments})
-        segments.append(Segment(value, name, _color(segment), _terminology(segment)))
-    return LabelMap(reference.with_array(out), tuple(segments))
+        layer_key = layer.GetAddressAsString("vtkObject") if layer is not None else ""
+        if layer_key != key:
+            key, values = layer_key, _resample(layer, geometry, to_world, reference.array.shape)
+        yield segment_id, values == segment.GetLabelValue()
 
 
 def add_labels_to_segmentation(

@@ -21,7 +21,7 @@ from ..io.volume import LabelMap, Volume
 from ..methods.registry import MethodSpec
 from ..run.reports import result_axis
 from .markups_prompts import MarkupsPrompts, markups_prompts
-from .mrml_segments import labels_from_segmentation
+from .mrml_segments import labels_from_segmentation, segment_masks, segments_of
 from .mrml_volume import volume_from_node
 from .panel import changed_slices, library_cases, slice_center_ras, slice_digests
 from .result_segments import Change, insert, same_node
@@ -196,9 +196,8 @@ def finish_run(run: PendingRun, labels: LabelMap, report: dict, last: Inserted |
         bounds.pop(segment_id, None)
         if segment.value in run.slice_bounds:
             bounds[segment_id] = run.slice_bounds[segment.value]
-    inserted = labels_from_segmentation(node, run.query, ids).volume.array  # as read back from the node
-    axis = result_axis(report, run.query)
-    digests = {i: slice_digests(inserted == value, axis) for value, i in enumerate(ids, start=1)}
+    axis = result_axis(report, run.query)  # each segment as read back from the node, whole where they overlap
+    digests = {i: slice_digests(mask, axis) for i, mask in segment_masks(node, run.query, ids)}
     return Inserted(run.query_node, node, ids, digests, run.query, report, prompt_slices, change, run.frame,
                     {i: b for i, b in bounds.items() if i in ids})
 
@@ -216,21 +215,24 @@ def refine_inputs(last: Inserted, scene) -> tuple[RunInputs, dict[int, str], dic
         raise InputError("the query volume or the segmentation of the last result is no longer in the scene")
     check_refine_frame(last.frame, last.query_node)
     ids = [i for i in last.segment_ids if last.output_node.GetSegmentation().GetSegment(i) is not None]
-    current = labels_from_segmentation(last.output_node, last.query, ids)
     axis = result_axis(last.report, last.query)
-    now = np.moveaxis(current.volume.array, axis, 0)
-    prompts = np.zeros_like(now)
+    dims = last.query.array.shape
+    shape = (dims[axis], *(n for a, n in enumerate(dims) if a != axis))  # slices first, as np.moveaxis puts them
+    prompts = np.zeros(shape, dtype=np.uint8 if len(ids) < 256 else np.uint16)
+    named = segments_of(last.output_node, ids)
     segments, targets, chosen, corrected, bounds = [], {}, {}, set(), {}
-    for value, segment_id in enumerate(ids, start=1):
-        edited = changed_slices(now == value, last.slice_digests[segment_id], 0)
+    # each segment read whole: a corrected slice keeps the voxels another segment overlaps there
+    for value, (segment_id, mask) in enumerate(segment_masks(last.output_node, last.query, ids), start=1):
+        own = np.moveaxis(mask, axis, 0)
+        edited = changed_slices(own, last.slice_digests[segment_id], 0)
         if not edited:
             continue
         corrected.update(edited)
         slices = sorted(set(edited) | last.prompt_slices.get(segment_id, frozenset()))
         new_value = len(segments) + 1
         for t in slices:
-            prompts[t][now[t] == value] = new_value
-        segments.append(dataclasses.replace(current.segments[value - 1], value=new_value))
+            prompts[t][own[t]] = new_value
+        segments.append(dataclasses.replace(named[value - 1], value=new_value))
         targets[new_value], chosen[new_value] = segment_id, frozenset(slices)
         if segment_id in last.slice_bounds:  # its ROI still bounds it, widened to the slices the user corrected
             first, end = last.slice_bounds[segment_id]
