@@ -228,7 +228,10 @@ def test_a_click_taken_back_with_undo_is_forgotten_and_a_drawn_over_slice_is_ref
     assert clicks_on_3((12.0, 10.0, 1), (4.0, 4.0, 0)).any()
     write_slice(seg, segment, w["image"], 0, 3, np.zeros(SHAPE[1:], bool))  # Ctrl+Z twice: as before the clicks
     assert session.marks(seg, segment) == []  # their points are no longer shown
-    again = clicks_on_3((20.0, 20.0, 0))
+    click(w, 3, 20.0, 20.0, include=False)
+    assert [(m.t, m.kind) for m in session.marks(seg, segment)] == [(3, "exclude")]  # shown before SAM2 answers
+    settle(session)
+    again = read_segment(seg, segment, w["image"])[3]
     assert [(m.t, m.kind) for m in session.marks(seg, segment)] == [(3, "exclude")]
     write_slice(seg, segment, w["image"], 0, 3, drawn)  # corrected with another effect (Paint, Erase)
     assert session.marks(seg, segment) == []

@@ -66,14 +66,18 @@ class ClickSession(SessionLink):
         return {} if record is None else record.user_slices()
 
     def marks(self, seg_node, segment_id: str) -> list[Mark]:
-        """The segment's points and boxes since the last Clear, to show in the views: those of slices still as
-        their last click left them (a click taken back with Ctrl+Z, or drawn over, shows no point)."""
+        """The segment's points and boxes since the last Clear, to show in the views: those of a click on its
+        way, and of slices still as their last click left them (a click taken back with Ctrl+Z, or drawn
+        over, shows no point)."""
         record = self.records.get((seg_node.GetID(), segment_id)) if seg_node is not None else None
         if record is None or self.volume is None or not _has_segment(record):
             return []
-        current = {t for t in {m.t for m in record.marks}
-                   if t in record.prompts and record.prompts[t].digest == self._slice_digest(record, t)}
-        return [m for m in record.marks if m.t in current]
+        shown = set()
+        for t in {m.t for m in record.marks}:
+            prompt = record.prompts.get(t)
+            if prompt is None or (prompt.source == "click" and prompt.digest == self._slice_digest(record, t)):
+                shown.add(t)
+        return [m for m in record.marks if m.t in shown]
 
     # ---------------------------------------------------------------------------- the user's actions
 
