@@ -6,6 +6,7 @@ the transforms and label maps the bridge's tests move around. Needs slicer-core 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from phantoms import OBLIQUE, phantom, rotation
 from SAM2FewShotLib.io.volume import LabelMap, Segment, Volume
@@ -16,6 +17,17 @@ try:
     HAVE_MRML = hasattr(slicer, "vtkMRMLScene")
 except ImportError:
     HAVE_MRML = False
+
+
+
+def require_mrml():
+    """Slicer's ``slicer`` module with its MRML classes (slicer-core), or the calling test (or test module, when
+    called at its top) skipped saying what to install."""
+    slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+    return slicer
+
 
 if HAVE_MRML:
     import vtk

@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
+from mrml_oracle import require_mrml
 from phantoms import OBLIQUE, REPO, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap
@@ -22,9 +23,7 @@ from SAM2FewShotLib.slicer.click_geometry import SlicePoint, box_on_slice, plane
 from SAM2FewShotLib.slicer.click_prompts import SegmentRecord
 from SAM2FewShotLib.slicer.panel import PanelChoices, slice_digests
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
 from SAM2FewShotLib.run import session_protocol as sp  # noqa: E402
 from SAM2FewShotLib.run.client import WorkerClient, WorkerError  # noqa: E402

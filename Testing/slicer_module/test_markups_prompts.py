@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from mrml_oracle import linear_transform, require_mrml
 from phantoms import OBLIQUE, RAS_FLIP, phantom, rotation
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap
@@ -17,13 +18,10 @@ from SAM2FewShotLib.methods.propagate import Params, parse_slice_bounds, read_pr
 from SAM2FewShotLib.methods.registry import get_method
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
 from test_slicer_runs import Recorder, make_controller, wait  # noqa: E402 - its helpers only
 
-from mrml_oracle import linear_transform  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer import scene_io  # noqa: E402
 from SAM2FewShotLib.slicer.markups_prompts import markups_prompts  # noqa: E402
 from SAM2FewShotLib.slicer.mrml_segments import (  # noqa: E402

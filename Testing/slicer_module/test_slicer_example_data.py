@@ -14,14 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from mrml_oracle import require_mrml
 from phantoms import REPO, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.example_data import DEMO_QUERY, DEMO_SUPPORT
 from SAM2FewShotLib.io.volume_io import read_labels, read_volume, write_volume
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
 from SAM2FewShotLib.run.client import WorkerClient  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer import example_data  # noqa: E402 - once slicer-core is known to be there

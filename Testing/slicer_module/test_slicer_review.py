@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mrml_oracle import exported, ijk_to_ras_of, require_mrml, segment_names
 from phantoms import phantom
 from SAM2FewShotLib.batch.lock import FolderLock
 from SAM2FewShotLib.batch.manifest import LOCK
@@ -18,11 +19,8 @@ from SAM2FewShotLib.cli.main import main
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels, write_volume
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
-from mrml_oracle import exported, ijk_to_ras_of, segment_names  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer import review as review_mod  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer.mrml_segments import register_segmentation_converters  # noqa: E402
 from SAM2FewShotLib.slicer.review import CohortReview, corrected_labels, review_message  # noqa: E402

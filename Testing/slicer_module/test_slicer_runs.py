@@ -15,14 +15,13 @@ import numpy as np
 import psutil
 import pytest
 
+from mrml_oracle import require_mrml
 from phantoms import REPO, phantom
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
 from SAM2FewShotLib.run.client import WorkerClient  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.run.reports import report_axis  # noqa: E402

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mrml_oracle import require_mrml
 from SAM2FewShotLib.run.reports import SliceFlag
 from SAM2FewShotLib.slicer.module_reload import PACKAGES, drop_modules, modules_to_drop
 
@@ -16,10 +17,7 @@ FLAGS = [SliceFlag(3, "Liver", 0.5, 40, "propagated"), SliceFlag(5, "Liver", -1.
 
 
 def mrml():
-    slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-    if not hasattr(slicer, "vtkMRMLScene"):
-        pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)")
-    return slicer
+    return require_mrml()
 
 
 @pytest.fixture

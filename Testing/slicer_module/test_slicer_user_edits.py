@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mrml_oracle import require_mrml
 from phantoms import REPO, phantom
 from SAM2FewShotLib.common.cache import cache_dir
 from SAM2FewShotLib.common.errors import InputError
 from SAM2FewShotLib.io.volume import LabelMap, Segment
 from SAM2FewShotLib.slicer.panel import PanelChoices
 
-slicer = pytest.importorskip("slicer", reason="Slicer's MRML is not importable (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module found has no MRML classes (pip install slicer-core)", allow_module_level=True)
+slicer = require_mrml()
 
 from SAM2FewShotLib.io.volume_io import read_labels, write_labels  # noqa: E402 - once slicer-core is known to be there
 from SAM2FewShotLib.slicer import result_segments, undo_store, user_edits  # noqa: E402
