@@ -15,7 +15,6 @@ KEEP volumes, a live session its one until it ends (``release``). A file goes wh
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -85,7 +84,6 @@ class VolumeStore:
             folder = self._open()
             path = folder / f"{key}.nrrd"
             if path.is_file():
-                os.utime(path)
                 self._keep(user, path)
                 return path
             require_free_space(folder, volume.array.nbytes)
